@@ -1,0 +1,55 @@
+"""AdamW with decoupled weight decay (llm.c's `gpt2_update`), plus the global gradient norm."""
+
+import numpy as np
+from numba import prange
+
+from llmpy.kernels.compile import kernel
+
+CHUNK = 16384
+
+
+@kernel
+def adamw_update(params, grads, m, v, learning_rate, beta1, beta2, eps, weight_decay,
+                 bias_correction1, bias_correction2, grad_scale):
+    """One AdamW step over flat (N,) float32 arrays, in place on params, m, v.
+
+    g = grads * grad_scale (gradient clipping); m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+    params -= lr * (m / bias_correction1 / (sqrt(v / bias_correction2) + eps) + weight_decay * params).
+    bias_correction_k = 1 - beta_k^step, computed by the caller.
+    """
+    N = params.shape[0]
+    b1 = np.float32(beta1)
+    b2 = np.float32(beta2)
+    one = np.float32(1.0)
+    lr = np.float32(learning_rate)
+    wd = np.float32(weight_decay)
+    e = np.float32(eps)
+    c1 = np.float32(1.0 / bias_correction1)
+    c2 = np.float32(1.0 / bias_correction2)
+    gs = np.float32(grad_scale)
+    for chunk in prange((N + CHUNK - 1) // CHUNK):
+        for i in range(chunk * CHUNK, min(N, (chunk + 1) * CHUNK)):
+            g = grads[i] * gs
+            mi = b1 * m[i] + (one - b1) * g
+            vi = b2 * v[i] + (one - b2) * g * g
+            m[i] = mi
+            v[i] = vi
+            p = params[i]
+            params[i] = p - lr * ((mi * c1) / (np.sqrt(vi * c2) + e) + wd * p)
+
+
+@kernel
+def sum_of_squares(x):
+    """Sum of x (N,)^2 accumulated in float64 (for the global gradient norm)."""
+    N = x.shape[0]
+    num_chunks = (N + CHUNK - 1) // CHUNK
+    partial = np.zeros(num_chunks, dtype=np.float64)
+    for chunk in prange(num_chunks):
+        acc = 0.0
+        for i in range(chunk * CHUNK, min(N, (chunk + 1) * CHUNK)):
+            acc += np.float64(x[i]) * np.float64(x[i])
+        partial[chunk] = acc
+    total = 0.0
+    for chunk in range(num_chunks):
+        total += partial[chunk]
+    return total

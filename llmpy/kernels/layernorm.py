@@ -1,0 +1,90 @@
+"""LayerNorm over channels: out = (x - mean) * rstd * weight + bias, eps = 1e-5."""
+
+import numpy as np
+from numba import prange
+
+from llmpy.kernels.compile import kernel
+
+EPS = 1e-5
+CHANNEL_BLOCK = 64
+
+
+@kernel
+def layernorm_forward(out, mean, rstd, inp, weight, bias):
+    """out (N, C), mean (N,), rstd (N,) from inp (N, C), weight (C,), bias (C,). Writes all three."""
+    N, C = inp.shape
+    for n in prange(N):
+        x = inp[n]
+        total = np.float32(0.0)
+        for c in range(C):
+            total += x[c]
+        m = total / C
+        variance = np.float32(0.0)
+        for c in range(C):
+            d = x[c] - m
+            variance += d * d
+        variance /= C
+        s = np.float32(1.0) / np.sqrt(variance + np.float32(EPS))
+        for c in range(C):
+            out[n, c] = (x[c] - m) * s * weight[c] + bias[c]
+        mean[n] = m
+        rstd[n] = s
+
+
+@kernel
+def layernorm_backward_input(dinp, dout, inp, weight, mean, rstd, accumulate):
+    """Input gradient of a block of rows: dinp (N, C) += or = f(dout (N, C), inp, weight (C,), mean, rstd).
+
+    Accumulates into dinp if `accumulate` (the residual stream also receives the skip path), else writes.
+    """
+    N, C = inp.shape
+    for n in prange(N):
+        m = mean[n]
+        s = rstd[n]
+        dnorm_mean = np.float32(0.0)
+        dnorm_norm_mean = np.float32(0.0)
+        for c in range(C):
+            norm = (inp[n, c] - m) * s
+            dnorm = weight[c] * dout[n, c]
+            dnorm_mean += dnorm
+            dnorm_norm_mean += dnorm * norm
+        dnorm_mean /= C
+        dnorm_norm_mean /= C
+        for c in range(C):
+            norm = (inp[n, c] - m) * s
+            dnorm = weight[c] * dout[n, c]
+            g = (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s
+            if accumulate:
+                dinp[n, c] += g
+            else:
+                dinp[n, c] = g
+
+
+@kernel
+def layernorm_backward_params(dweight, dbias, dout, inp, mean, rstd, c0, c1, accumulate):
+    """Weight and bias gradients for channels [c0, c1): dweight (C,), dbias (C,) reduced over the N rows
+    of dout (N, C), inp (N, C), mean (N,), rstd (N,). Accumulates if `accumulate`, else writes.
+    Each channel block is owned by one thread; rows are summed in order.
+    """
+    N = inp.shape[0]
+    num_blocks = (c1 - c0 + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+    for block in prange(num_blocks):
+        start = c0 + block * CHANNEL_BLOCK
+        stop = min(start + CHANNEL_BLOCK, c1)
+        width = stop - start
+        dw = np.zeros(width, dtype=np.float32)
+        db = np.zeros(width, dtype=np.float32)
+        for n in range(N):
+            m = mean[n]
+            s = rstd[n]
+            for j in range(width):
+                g = dout[n, start + j]
+                dw[j] += g * (inp[n, start + j] - m) * s
+                db[j] += g
+        for j in range(width):
+            if accumulate:
+                dweight[start + j] += dw[j]
+                dbias[start + j] += db[j]
+            else:
+                dweight[start + j] = dw[j]
+                dbias[start + j] = db[j]

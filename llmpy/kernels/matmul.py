@@ -1,0 +1,77 @@
+"""Linear layer: out (N, OC) = inp (N, C) @ weight (OC, C).T + bias (OC,).
+
+The GEMMs go to numpy's OpenBLAS (`np.matmul(..., out=)` into preallocated buffers; its thread count
+is the execution model's business, set with threadpoolctl). Bias passes are numba kernels.
+"""
+
+import numpy as np
+from numba import prange
+
+from llmpy.kernels.compile import kernel
+
+CHANNEL_BLOCK = 64
+
+
+@kernel
+def bias_add(out, bias):
+    """out (N, OC) += bias (OC,) on every row."""
+    N, OC = out.shape
+    for n in prange(N):
+        for o in range(OC):
+            out[n, o] += bias[o]
+
+
+@kernel
+def bias_backward(dbias, dout, o0, o1, accumulate):
+    """dbias[o0:o1] (+)= sum over rows of dout (N, OC)[:, o0:o1]. One thread owns each channel block and
+    sums rows in order, so the result does not depend on the thread count."""
+    N = dout.shape[0]
+    num_blocks = (o1 - o0 + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+    for block in prange(num_blocks):
+        start = o0 + block * CHANNEL_BLOCK
+        stop = min(start + CHANNEL_BLOCK, o1)
+        width = stop - start
+        acc = np.zeros(width, dtype=np.float32)
+        for n in range(N):
+            for j in range(width):
+                acc[j] += dout[n, start + j]
+        for j in range(width):
+            if accumulate:
+                dbias[start + j] += acc[j]
+            else:
+                dbias[start + j] = acc[j]
+
+
+def matmul_forward(out, inp, weight, bias, parallel=False):
+    """out (N, OC) = inp (N, C) @ weight (OC, C).T (+ bias (OC,) unless None). Writes `out`."""
+    np.matmul(inp, weight.T, out=out)
+    if bias is not None:
+        bias_add.variant(parallel)(out, bias)
+
+
+def matmul_backward_input(dinp, dout, weight):
+    """dinp (N, C) = dout (N, OC) @ weight (OC, C). Writes: in GPT-2 every matmul input has this as its
+    only gradient, so no zeroing is needed."""
+    np.matmul(dout, weight, out=dinp)
+
+
+def matmul_backward_weight(dweight, dbias, dout, inp, accumulate, parallel=False, o0=0, o1=None, scratch=None):
+    """Weight and bias gradients for output channels [o0, o1):
+    dweight (OC, C)[o0:o1] (+)= dout[:, o0:o1].T @ inp (N, C); dbias (OC,)[o0:o1] (+)= dout[:, o0:o1] summed
+    over rows (skipped when dbias is None). Writes unless `accumulate` (gradient accumulation), which adds
+    through `scratch` (a float32 buffer of at least (o1-o0)*C elements; allocated if None).
+    """
+    if o1 is None:
+        o1 = dweight.shape[0]
+    target = dweight[o0:o1]
+    if accumulate:
+        if scratch is None:
+            product = dout[:, o0:o1].T @ inp
+        else:
+            product = scratch[: target.size].reshape(target.shape)
+            np.matmul(dout[:, o0:o1].T, inp, out=product)
+        target += product
+    else:
+        np.matmul(dout[:, o0:o1].T, inp, out=target)
+    if dbias is not None:
+        bias_backward.variant(parallel)(dbias, dout, o0, o1, accumulate)
