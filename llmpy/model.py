@@ -23,7 +23,7 @@ class GPT2:
     the `kernels` set (serial or parallel variants) and the thread settings are the execution model's.
     """
 
-    def __init__(self, config: GPT2Config, B: int, T: int, kernels: KernelSet | None = None):
+    def __init__(self, config: GPT2Config, B: int, T: int, kernels: KernelSet | None = None, training: bool = True):
         if B <= 0 or T <= 0:
             raise ValueError(f"batch size B={B} and sequence length T={T} must be positive")
         if T > config.max_seq_len:
@@ -33,9 +33,10 @@ class GPT2:
         self.T = T
         self.kernels = kernels if kernels is not None else KernelSet(parallel=False)
         self.params = parameter_buffer(config)
-        self.grads = parameter_buffer(config)
+        # Inference (training=False) needs neither gradient buffer.
+        self.grads = parameter_buffer(config) if training else None
         self.acts = activation_buffer(config, B, T)
-        self.grad_acts = activation_buffer(config, B, T)
+        self.grad_acts = activation_buffer(config, B, T) if training else None
         self.observer: KernelObserver | None = None
         self._views: dict[tuple[int, int], tuple[FlatBuffer, FlatBuffer]] = {(B, T): (self.acts, self.grad_acts)}
         self._inputs: np.ndarray | None = None
@@ -76,7 +77,7 @@ class GPT2:
         if (b, t) not in self._views:
             size = sum(math.prod(s) for s in activation_shapes(self.config, b, t).values())
             acts = activation_buffer(self.config, b, t, self.acts.flat[:size])
-            grad_acts = activation_buffer(self.config, b, t, self.grad_acts.flat[:size])
+            grad_acts = None if self.grad_acts is None else activation_buffer(self.config, b, t, self.grad_acts.flat[:size])
             self._views[(b, t)] = (acts, grad_acts)
         return self._views[(b, t)]
 
@@ -171,7 +172,8 @@ class GPT2:
     def zero_grad(self) -> None:
         """Zero every parameter gradient (llm.c's gpt2_zero_grad). Not needed before a backward that
         writes its gradients (`accumulate_gradients=False`)."""
-        self.grads.flat.fill(0.0)
+        if self.grads is not None:
+            self.grads.flat.fill(0.0)
 
     def backward(self, accumulate_gradients: bool = False) -> None:
         """Gradients of the mean loss of the last forward (which must have had targets).
@@ -179,6 +181,8 @@ class GPT2:
         With `accumulate_gradients=False` every parameter gradient is written, so no zero_grad pass is
         needed; with True they are added to (gradient accumulation micro-steps). Activation gradients
         are always written (see each kernel's docstring for how)."""
+        if self.grads is None:
+            raise RuntimeError("backward() on a model built with training=False")
         if self._targets is None or self._inputs is None:
             raise RuntimeError("backward() needs a forward pass with targets first")
         inputs, targets = self._inputs, self._targets

@@ -35,18 +35,20 @@ class AdamW:
     def grad_norm(self, grads: FlatBuffer) -> float:
         return math.sqrt(self.kernels.sum_of_squares(grads.flat))
 
-    def update(self, params: FlatBuffer, grads: FlatBuffer, learning_rate: float) -> None:
-        """One AdamW step in place on `params` (llm.c's gpt2_update; step counts from 1)."""
+    def update(self, params: FlatBuffer, grads: FlatBuffer, learning_rate: float, grad_scale: float = 1.0) -> None:
+        """One AdamW step in place on `params` (llm.c's gpt2_update; step counts from 1).
+
+        The gradient used is grads * grad_scale (1/micro-steps under gradient accumulation), further
+        scaled down when its global norm exceeds `grad_clip`."""
         cfg = self.config
         self.step += 1
         bias_correction1 = 1.0 - cfg.beta1 ** self.step
         bias_correction2 = 1.0 - cfg.beta2 ** self.step
-        grad_scale = 1.0
         if cfg.grad_clip > 0.0:
-            norm = self.grad_norm(grads)
+            norm = self.grad_norm(grads) * grad_scale
             self.last_grad_norm = norm
             if norm > cfg.grad_clip:
-                grad_scale = cfg.grad_clip / norm
+                grad_scale *= cfg.grad_clip / norm
         update = self.kernels.adamw_update
         if not cfg.decay_matrices_only or cfg.weight_decay == 0.0:
             update(params.flat, grads.flat, self.m.flat, self.v.flat, learning_rate, cfg.beta1, cfg.beta2, cfg.eps,

@@ -1,0 +1,216 @@
+"""`llmpy train`: llm.c's training loop (train_gpt2.c) on a chosen execution model."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from llmpy.config import PRESETS, GPT2Config, preset
+from llmpy.execution import MODES, THREADING_LAYERS, ExecutionModel, make_execution_model
+from llmpy.metrics import StepStats, measure_peak_gflops, step_flops
+from llmpy.model import GPT2
+from llmpy.optim import AdamW, AdamWConfig, LearningRateSchedule
+
+DEFAULT_DATA_DIR = "data"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-dir", default=os.environ.get("LLMPY_DATA_DIR", DEFAULT_DATA_DIR),
+                      help="folder of prepared datasets (default: ./data, or $LLMPY_DATA_DIR); with no dataset "
+                           "there, an offline corpus of Python standard-library docstrings is built first")
+    data.add_argument("--train-data", help="glob pattern of training shards (overrides --data-dir)")
+    data.add_argument("--val-data", help="glob pattern of validation shards (default: the training set's val split)")
+    data.add_argument("--shuffle", action="store_true", help="shuffle shards and windows each epoch (seeded)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--init-from", metavar="MODEL_BIN", help="start from an llm.c model checkpoint")
+    model.add_argument("--model", default="d12", choices=sorted(PRESETS),
+                       help="preset for random init when --init-from is not given (default d12 = GPT-2 124M)")
+    model.add_argument("--seed", type=int, default=42, help="seed of the random init, shuffling and sampling")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("-B", "--batch-size", type=int, default=4, help="sequences per micro-batch (default 4)")
+    run.add_argument("-T", "--seq-len", type=int, default=64, help="tokens per sequence (default 64)")
+    run.add_argument("--steps", type=int, default=40, help="optimizer steps (default 40)")
+    run.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    run.add_argument("--mode", default="sequential", choices=MODES, help="execution model (default sequential)")
+    run.add_argument("--threads", type=int, default=1, help="threads for forkjoin (numba and BLAS; default 1)")
+    run.add_argument("--threading-layer", default="omp", choices=THREADING_LAYERS,
+                     help="numba threading layer for forkjoin (default omp)")
+
+    opt = parser.add_argument_group("optimizer (AdamW; defaults are llm.c's)")
+    opt.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    opt.add_argument("--beta1", type=float, default=0.9)
+    opt.add_argument("--beta2", type=float, default=0.999)
+    opt.add_argument("--eps", type=float, default=1e-8)
+    opt.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (default 0)")
+    opt.add_argument("--decay-matrices-only", action="store_true",
+                     help="apply weight decay to 2-D weight matrices only (default: all parameters, as llm.c)")
+    opt.add_argument("--grad-clip", type=float, default=0.0, help="clip the global gradient norm (0 = off)")
+    opt.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"))
+    opt.add_argument("--warmup-steps", type=int, default=0)
+    opt.add_argument("--final-lr-fraction", type=float, default=0.0,
+                     help="cosine schedule ends at lr * this (default 0)")
+
+    report = parser.add_argument_group("reporting and output")
+    report.add_argument("--val-every", type=int, default=10, help="validation every N steps (default 10; 0 = off)")
+    report.add_argument("--val-batches", type=int, default=5, help="batches per validation (default 5)")
+    report.add_argument("--sample-every", type=int, default=20, help="sample every N steps (default 20; 0 = off)")
+    report.add_argument("--sample-length", type=int, default=64, help="tokens per sample (default 64)")
+    report.add_argument("--peak-gflops", type=float,
+                        help="machine peak for MFU in GFLOP/s (default: measured float32 GEMM peak, cached)")
+    report.add_argument("--output", default=os.path.join("out", "model.bin"),
+                        help="model checkpoint written at the end (default out/model.bin; '' = none)")
+    report.add_argument("--checkpoint-every", type=int, default=0, help="also write the checkpoint every N steps")
+    report.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@dataclass
+class TrainResult:
+    train_losses: list[float] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    samples: list[str] = field(default_factory=list)
+    steps: list[StepStats] = field(default_factory=list)
+
+
+def _load_data(args, vocab_size: int, B: int, T: int, say):
+    from llmpy.data import DataLoader, find_dataset, prepare_default_corpus
+
+    train_pattern, val_pattern = args.train_data, args.val_data
+    if train_pattern is None:
+        dataset = find_dataset(args.data_dir)
+        if dataset is None:
+            start = time.perf_counter()
+            dataset = prepare_default_corpus(args.data_dir)
+            say(f"no prepared dataset in {args.data_dir}/: built the offline default corpus 'pydocs' (Python "
+                f"standard-library docstrings, {dataset.num_train_tokens + dataset.num_val_tokens:,} GPT-2 tokens, "
+                f"{time.perf_counter() - start:.1f} s); `llmpy prepare tinyshakespeare` for llm.c's default data")
+        train_pattern = dataset.train_pattern
+        val_pattern = val_pattern or dataset.val_pattern
+        say(f"dataset: {dataset.name} ({dataset.num_train_tokens:,} train / {dataset.num_val_tokens:,} val tokens)")
+    train = DataLoader(train_pattern, B, T, shuffle=args.shuffle, seed=args.seed, vocab_size=vocab_size)
+    val = DataLoader(val_pattern, B, T, vocab_size=vocab_size) if val_pattern and args.val_every > 0 else None
+    return train, val
+
+
+def build_model(args, execution: ExecutionModel, B: int, T: int) -> GPT2:
+    from llmpy.formats import read_model
+
+    if args.init_from:
+        config, params = read_model(args.init_from)
+        model = GPT2(config, B, T, execution.kernels)
+        model.load_parameters(params)
+    else:
+        model = GPT2(preset(args.model), B, T, execution.kernels)
+        model.init_random(args.seed)
+    return model
+
+
+def _check_args(args) -> None:
+    for name in ("batch_size", "seq_len", "steps", "grad_accum", "val_batches", "sample_length"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("val_every", "sample_every", "checkpoint_every", "warmup_steps"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+
+
+def validation_loss(model: GPT2, loader, batches: int) -> float:
+    loader.reset()
+    total = 0.0
+    for _ in range(batches):
+        inputs, targets = loader.next_batch()
+        total += model.forward(inputs, targets)
+    return total / batches
+
+
+def run(args, out=sys.stdout) -> TrainResult:
+    from tqdm import tqdm
+
+    from llmpy.formats import write_model
+    from llmpy.sample import generate, token_decoder
+
+    _check_args(args)
+    B, T = args.batch_size, args.seq_len
+    progress = None
+
+    def say(line: str) -> None:
+        if progress is not None:
+            progress.write(line, file=out)
+        else:
+            print(line, file=out, flush=True)
+
+    execution = make_execution_model(args.mode, args.threads, args.threading_layer)
+    try:
+        model = build_model(args, execution, B, T)
+        config: GPT2Config = model.config
+        train_loader, val_loader = _load_data(args, config.vocab_size, B, T, say)
+        optimizer = AdamW(model.params, AdamWConfig(args.beta1, args.beta2, args.eps, args.weight_decay,
+                                                    args.decay_matrices_only, args.grad_clip), execution.kernels)
+        schedule = LearningRateSchedule(args.lr, args.warmup_steps, args.steps, args.lr_schedule,
+                                        args.final_lr_fraction)
+        peak = args.peak_gflops or measure_peak_gflops(execution.threads)
+        decode = token_decoder(config.vocab_size)
+        flops = step_flops(config, B, T) * args.grad_accum
+        say(f"model: {config.num_layers} layers, {config.num_heads} heads, {config.channels} channels, "
+            f"{model.num_parameters:,} parameters; B={B}, T={T}, grad_accum={args.grad_accum}")
+        say(f"execution: {execution.describe()}; MFU against {peak:.1f} GFLOP/s"
+            f"{'' if args.peak_gflops else ' (measured float32 GEMM peak)'}")
+        result = TrainResult()
+        rng = np.random.default_rng(args.seed)
+        progress = tqdm(total=args.steps, unit="step", disable=args.no_progress, file=sys.stderr, leave=False,
+                        dynamic_ncols=True)
+        for step in range(args.steps + 1):
+            last = step == args.steps
+            if val_loader is not None and (step % args.val_every == 0 or last):
+                val_loss = validation_loss(model, val_loader, args.val_batches)
+                result.val_losses.append((step, val_loss))
+                say(f"val loss {val_loss:.6f}")
+            if args.sample_every > 0 and ((step > 0 and step % args.sample_every == 0) or last):
+                tokens = generate(model, [], args.sample_length, rng=rng)
+                text = decode(tokens)
+                result.samples.append(text)
+                say("generating:\n---\n" + text + "\n---")
+            if last:
+                break
+            start = time.perf_counter()
+            loss = 0.0
+            for micro_step in range(args.grad_accum):
+                inputs, targets = train_loader.next_batch()
+                loss += model.forward(inputs, targets) / args.grad_accum
+                model.backward(accumulate_gradients=micro_step > 0)
+            optimizer.update(model.params, model.grads, schedule(step), grad_scale=1.0 / args.grad_accum)
+            elapsed = time.perf_counter() - start
+            stats = StepStats(step + 1, loss, elapsed, B * T * args.grad_accum, flops, execution.cores, peak)
+            result.steps.append(stats)
+            result.train_losses.append(loss)
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"step {step + 1}: loss is {loss}; lower --lr or enable --grad-clip")
+            say(f"step {stats.step:4d}/{args.steps}: train loss {loss:.6f} ({stats.ms:.0f} ms, "
+                f"{stats.tokens_per_second:,.0f} tok/s, {stats.tokens_per_second_per_core:,.0f} tok/s/core, "
+                f"MFU {100 * stats.mfu:.1f}%)")
+            progress.update(1)
+            if args.output and args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+                write_model(args.output, config, model.params.flat)
+        progress.close()
+        progress = None
+        measured = result.steps[1:] if len(result.steps) > 1 else result.steps  # first step warms up caches
+        if measured:
+            ms = np.median([s.ms for s in measured])
+            say(f"median step {ms:.0f} ms, {np.median([s.tokens_per_second for s in measured]):,.0f} tok/s, "
+                f"MFU {100 * np.median([s.mfu for s in measured]):.1f}% (over {len(measured)} steps after the first)")
+        if args.output:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+            write_model(args.output, config, model.params.flat)
+            say(f"wrote {args.output}")
+        return result
+    finally:
+        if progress is not None:
+            progress.close()
+        execution.close()
