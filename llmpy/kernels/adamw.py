@@ -8,7 +8,7 @@ from llmpy.kernels.compile import kernel
 CHUNK = 16384
 
 
-@kernel
+@kernel(fastmath=False)
 def adamw_update(params, grads, m, v, learning_rate, beta1, beta2, eps, weight_decay,
                  bias_correction1, bias_correction2, grad_scale):
     """One AdamW step over flat (N,) float32 arrays, in place on params, m, v.

@@ -63,8 +63,9 @@ def attention_backward(dqkv, dpreatt, datt, dout, qkv, att, num_heads, b0, b1, t
     """Gradients for sequences [b0, b1) and query rows [t0, t1).
 
     dout (B, T, C); qkv (B, T, 3C); att (B, NH, T, T). dqkv (B, T, 3C) accumulates: a key/value row
-    gets a share from every later query row. With `accumulate=False` (only allowed with t0 == 0) the
-    kernel first zeroes dqkv rows [0, t1) of the heads it owns, so no separate zeroing pass is needed.
+    gets a share from every later query row. With `accumulate=False` the kernel first zeroes all T rows
+    of dqkv for the (sequence, head) pairs it owns, so no separate zeroing pass is needed; when a
+    sequence is split into query blocks, that call must come first for each (sequence, head).
     datt, dpreatt (B, NH, T, T) are written for the query rows (scratch, kept for llm.c's layout).
     One (sequence, head) pair per parallel item: heads own disjoint channels of dqkv, so no races.
     """
@@ -79,7 +80,7 @@ def attention_backward(dqkv, dpreatt, datt, dout, qkv, att, num_heads, b0, b1, t
         k_off = C + h * hs
         v_off = 2 * C + h * hs
         if not accumulate:
-            for t in range(t1):
+            for t in range(dqkv.shape[1]):
                 for i in range(hs):
                     dqkv[b, t, q_off + i] = 0.0
                     dqkv[b, t, k_off + i] = 0.0

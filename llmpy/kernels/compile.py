@@ -16,7 +16,9 @@ from typing import Callable
 
 from numba import njit
 
-# Reassociation lets LLVM vectorise reductions; NaN/Inf semantics are kept (no nnan/ninf).
+# Reassociation lets LLVM vectorise reductions; NaN/Inf semantics are kept (no nnan/ninf). Elementwise
+# kernels need none of it to vectorise, and with it LLVM contracts `(1-b)*g + b*m` into different FMAs
+# in the two variants (constants are visible to one, not the other), so the variants would disagree.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
@@ -31,12 +33,20 @@ class KernelVariants:
         return self.parallel if parallel else self.serial
 
 
-def kernel(fn: Callable) -> KernelVariants:
-    parallel = njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)(fn)
+def kernel(fn: Callable | None = None, *, fastmath: bool = True):
+    """`@kernel` for kernels with reductions (fast math), `@kernel(fastmath=False)` for elementwise ones
+    (IEEE arithmetic: the serial and parallel variants give bitwise equal results)."""
+    if fn is None:
+        return lambda f: _compile_variants(f, FASTMATH if fastmath else False)
+    return _compile_variants(fn, FASTMATH if fastmath else False)
+
+
+def _compile_variants(fn: Callable, fastmath) -> KernelVariants:
+    parallel = njit(parallel=True, cache=True, nogil=True, fastmath=fastmath)(fn)
     serial_fn = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
     serial_fn.__qualname__ = fn.__qualname__ + "_serial"
     serial_fn.__doc__ = fn.__doc__
-    serial = njit(parallel=False, cache=True, nogil=True, fastmath=FASTMATH)(serial_fn)
+    serial = njit(parallel=False, cache=True, nogil=True, fastmath=fastmath)(serial_fn)
     return KernelVariants(fn.__name__, parallel, serial, fn)
 
 

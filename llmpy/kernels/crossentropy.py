@@ -29,7 +29,7 @@ def crossentropy_forward(probs, losses, logits, targets, vocab_size):
         losses[n] = -np.log(probs[n, targets[n]])
 
 
-@kernel
+@kernel(fastmath=False)
 def crossentropy_backward(dlogits, probs, targets, dloss, vocab_size):
     """dlogits (N, Vp) = (probs - onehot(targets)) * dloss for the real vocabulary, 0 in the padding.
     dloss is the scalar gradient of the mean loss w.r.t. each row's loss (1 / (B*T)). Writes."""

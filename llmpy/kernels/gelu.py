@@ -11,7 +11,7 @@ GELU_SCALE = math.sqrt(2.0 / math.pi)
 CHUNK = 4096
 
 
-@kernel
+@kernel(fastmath=False)
 def gelu_forward(out, inp):
     """out (N,) = gelu(inp (N,)), both flat views of the same shape. Writes."""
     N = inp.shape[0]
@@ -25,7 +25,7 @@ def gelu_forward(out, inp):
             out[i] = half * x * (one + np.tanh(s * (x + k * x * x * x)))
 
 
-@kernel
+@kernel(fastmath=False)
 def gelu_backward(dinp, inp, dout):
     """dinp (N,) = gelu'(inp (N,)) * dout (N,), flat views. Writes: the MLP's pre-activation has no other
     gradient, so no zeroing is needed."""

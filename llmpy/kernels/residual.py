@@ -7,7 +7,7 @@ from llmpy.kernels.compile import kernel
 CHUNK = 4096
 
 
-@kernel
+@kernel(fastmath=False)
 def residual_forward(out, a, b):
     """out (N,) = a (N,) + b (N,), flat views. Writes."""
     N = out.shape[0]
@@ -16,7 +16,7 @@ def residual_forward(out, a, b):
             out[i] = a[i] + b[i]
 
 
-@kernel
+@kernel(fastmath=False)
 def residual_backward(da, db, dout):
     """da (N,) = dout, db (N,) = dout (flat views). Writes both: the skip path is each one's first
     gradient; the layernorm that also reads `a` adds its part afterwards."""
