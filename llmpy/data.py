@@ -478,6 +478,24 @@ class DataLoader:
                 "prepare the data again with the GPT-2 tokenizer"
             )
 
+    def position(self) -> tuple[int, int, int]:
+        """(epoch, shard position in the epoch's order, next sample index): where `seek` resumes."""
+        return self.epoch, self.current_shard_position, self.current_sample_idx
+
+    def seek(self, epoch: int, shard_position: int, sample_index: int) -> None:
+        """Continue from a `position()` of an earlier run with the same shards, B, T, ranks and seed."""
+        if epoch < 0 or not 0 <= shard_position < len(self.files):
+            raise DataError(f"cannot resume {self.pattern!r} at epoch {epoch}, shard position {shard_position}: "
+                            f"there are {len(self.files)} shards")
+        self.epoch = epoch
+        self._start_epoch()
+        if shard_position:
+            self._load_shard(shard_position)
+        if not 0 <= sample_index <= self.shard_num_samples[self.current_shard]:
+            raise DataError(f"cannot resume {self.files[self.current_shard]} at sample {sample_index}: it has "
+                            f"{self.shard_num_samples[self.current_shard]} batches (different B, T or data?)")
+        self.current_sample_idx = sample_index
+
     # -- batches ------------------------------------------------------------
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,9 @@ Every file is a 1024-byte header (256 little-endian 32-bit ints) followed by a p
                  per token: uint8 length (> 0), then that many bytes
     token shard  magic 20240520  int32 [magic, version=1, num_tokens]
                  num_tokens uint16
+    run state    magic 20241122  int32 [magic, version=1, step, num_parameters (low, high 31 bits),
+                 seed, data epoch, data shard position, data sample index]   (llmpy's own)
+                 AdamW m (num_parameters float32), v (num_parameters float32)
 
 Readers check the header, then the exact file size, before touching the payload; any problem
 raises FormatError naming the file, the field, what was expected and what was found.
@@ -50,6 +53,11 @@ SHARD_VERSION = 1
 # llm.c's dev/data/data_common.py writes LLaMA-3 shards (uint32 tokens) under this magic.
 LLAMA3_SHARD_MAGIC = 20240801
 SHARD_KIND = "llm.c token shard"
+
+# llmpy's training state beside a model checkpoint (llm.c's CPU trainer has none; its CUDA state file
+# holds mixed-precision fields that do not apply here, so this is a format of our own).
+RUN_STATE_MAGIC = 20241122
+RUN_STATE_VERSION = 1
 
 INT32_MAX = 2**31 - 1
 UINT16_MAX = 2**16 - 1
@@ -516,3 +524,56 @@ def write_debug_state(path, config: GPT2Config, inputs, targets, logits, loss: f
         path,
         (header, inputs.astype(I32), targets.astype(I32), logits.astype(F32), loss_array.reshape(1), grads.astype(F32)),
     )
+
+
+# ----------------------------------------------------------------------------
+# run state (llmpy's own: what a resumed run needs beside the model checkpoint)
+
+
+@dataclass
+class RunState:
+    """Optimizer and data-loader position after `step` optimizer steps."""
+
+    step: int
+    seed: int
+    data_epoch: int
+    data_shard_position: int
+    data_sample_index: int
+    m: np.ndarray  # (num_parameters,) float32, AdamW first moment
+    v: np.ndarray  # (num_parameters,) float32, AdamW second moment
+
+
+def read_run_state(path, num_parameters: int) -> RunState:
+    """Read a run state for a model of `num_parameters` parameters (layout: see the module docstring)."""
+    with _open_for_read(path) as (f, size):
+        header = _read_header(f, path, size, RUN_STATE_MAGIC, I32, "llmpy run state file")
+        if header[1] != RUN_STATE_VERSION:
+            raise FormatError(f"{path}: header version: expected {RUN_STATE_VERSION}, found {header[1]}")
+        step = _check_positive(path, "step", header[2])
+        found = int(header[3]) | (int(header[4]) << 31)
+        if found != num_parameters:
+            raise FormatError(
+                f"{path}: header num_parameters: expected {num_parameters} (the model checkpoint's), found {found}"
+            )
+        for index, field in ((5, "seed"), (6, "data epoch"), (7, "data shard position"), (8, "data sample index")):
+            if header[index] < 0:
+                raise FormatError(f"{path}: header {field}: expected a non-negative integer, found {header[index]}")
+        _check_file_size(path, size, HEADER_BYTES + 8 * num_parameters, f"{HEADER_BYTES} + 2*4*{num_parameters}",
+                         f"AdamW m and v for {num_parameters} parameters")
+        m = _read_array(f, path, F32, num_parameters, "m")
+        v = _read_array(f, path, F32, num_parameters, "v")
+    return RunState(step, int(header[5]), int(header[6]), int(header[7]), int(header[8]), m, v)
+
+
+def write_run_state(path, state: RunState) -> None:
+    """Atomically write a run state."""
+    m, v = np.asarray(state.m), np.asarray(state.v)
+    if m.ndim != 1 or m.shape != v.shape:
+        raise ValueError(f"write_run_state: m and v must be 1-D of one size, got {m.shape} and {v.shape}")
+    fields = (state.step, state.seed, state.data_epoch, state.data_shard_position, state.data_sample_index)
+    if state.step < 1 or min(fields) < 0 or max(fields) > INT32_MAX:
+        raise ValueError(f"write_run_state: step must be >= 1 and every field in [0, 2^31), got {fields}")
+    n = m.size
+    header = _header([RUN_STATE_MAGIC, RUN_STATE_VERSION, state.step, n & INT32_MAX, n >> 31, state.seed,
+                      state.data_epoch, state.data_shard_position, state.data_sample_index], I32)
+    atomic_write_bytes(path, (header, m.astype(F32, copy=False), v.astype(F32, copy=False)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import sys
 import time
@@ -67,7 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="machine peak for MFU in GFLOP/s (default: measured float32 GEMM peak, cached)")
     report.add_argument("--output", default=os.path.join("out", "model.bin"),
                         help="model checkpoint written at the end (default out/model.bin; '' = none)")
-    report.add_argument("--checkpoint-every", type=int, default=0, help="also write the checkpoint every N steps")
+    report.add_argument("--checkpoint-every", type=int, default=0,
+                        help="every N steps write a resumable checkpoint (model + optimizer and data position) "
+                             "to --checkpoint-dir (0 = off)")
+    report.add_argument("--checkpoint-dir", default=os.path.join("out", "checkpoints"),
+                        help="folder of model_STEP.bin / state_STEP.bin checkpoints (default out/checkpoints)")
+    report.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2; 0 = all)")
+    report.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in --checkpoint-dir (same data, B, T)")
     report.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -102,8 +110,14 @@ def _load_data(args, vocab_size: int, B: int, T: int, say):
 def build_model(args, execution: ExecutionModel, B: int, T: int) -> GPT2:
     from llmpy.formats import read_model
 
-    if args.init_from:
-        config, params = read_model(args.init_from)
+    init_from = args.init_from
+    if args.resume:
+        found = latest_checkpoint(args.checkpoint_dir)
+        if found is None:
+            raise ValueError(f"--resume: no checkpoint (state_STEP.bin with its model_STEP.bin) in {args.checkpoint_dir}")
+        init_from = found[1]
+    if init_from:
+        config, params = read_model(init_from)
         model = GPT2(config, B, T, execution.kernels)
         model.load_parameters(params)
     else:
@@ -116,9 +130,43 @@ def _check_args(args) -> None:
     for name in ("batch_size", "seq_len", "steps", "grad_accum", "val_batches", "sample_length"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("val_every", "sample_every", "checkpoint_every", "warmup_steps"):
+    if args.resume and args.init_from:
+        raise ValueError("--resume continues from the checkpoint's own model; drop --init-from")
+    for name in ("val_every", "sample_every", "checkpoint_every", "warmup_steps", "keep_checkpoints"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+
+
+def latest_checkpoint(directory: str) -> tuple[int, str, str] | None:
+    """(step, model path, state path) of the newest complete checkpoint in `directory`, if any."""
+    steps = []
+    for path in glob.glob(os.path.join(glob.escape(directory), "state_*.bin")):
+        digits = os.path.basename(path)[len("state_"):-len(".bin")]
+        if digits.isdigit():
+            steps.append(int(digits))
+    for step in sorted(steps, reverse=True):
+        model_path = os.path.join(directory, f"model_{step:08d}.bin")
+        if os.path.isfile(model_path):
+            return step, model_path, os.path.join(directory, f"state_{step:08d}.bin")
+    return None
+
+
+def save_checkpoint(directory: str, step: int, model: GPT2, optimizer: AdamW, loader, seed: int, keep: int) -> None:
+    """model_STEP.bin, then state_STEP.bin: both written atomically, the state last, so a state file
+    always has its complete model beside it, whenever the run is killed."""
+    from llmpy.formats import RunState, write_model, write_run_state
+
+    os.makedirs(directory, exist_ok=True)
+    write_model(os.path.join(directory, f"model_{step:08d}.bin"), model.config, model.params.flat)
+    write_run_state(os.path.join(directory, f"state_{step:08d}.bin"),
+                    RunState(step, seed, *loader.position(), optimizer.m.flat, optimizer.v.flat))
+    if keep:
+        states = sorted(glob.glob(os.path.join(glob.escape(directory), "state_*.bin")))
+        for old in states[:-keep]:
+            os.remove(old)  # state first: a model without its state is never taken for a checkpoint
+            old_model = old.replace(os.sep + "state_", os.sep + "model_")
+            if os.path.exists(old_model):
+                os.remove(old_model)
 
 
 def validation_loss(model: GPT2, loader, batches: int) -> float:
@@ -133,7 +181,7 @@ def validation_loss(model: GPT2, loader, batches: int) -> float:
 def run(args, out=sys.stdout) -> TrainResult:
     from tqdm import tqdm
 
-    from llmpy.formats import write_model
+    from llmpy.formats import read_run_state, write_model
     from llmpy.sample import generate, token_decoder
 
     _check_args(args)
@@ -162,18 +210,29 @@ def run(args, out=sys.stdout) -> TrainResult:
             f"{model.num_parameters:,} parameters; B={B}, T={T}, grad_accum={args.grad_accum}")
         say(f"execution: {execution.describe()}; MFU against {peak:.1f} GFLOP/s"
             f"{'' if args.peak_gflops else ' (measured float32 GEMM peak)'}")
+        first_step = 0
+        if args.resume:
+            step, _, state_path = latest_checkpoint(args.checkpoint_dir)
+            state = read_run_state(state_path, model.num_parameters)
+            optimizer.m.flat[...] = state.m
+            optimizer.v.flat[...] = state.v
+            optimizer.step = first_step = state.step
+            train_loader.seek(state.data_epoch, state.data_shard_position, state.data_sample_index)
+            say(f"resumed from {state_path} after step {state.step}")
+            if first_step >= args.steps:
+                raise ValueError(f"the checkpoint is at step {first_step}; ask for more --steps than that")
         result = TrainResult()
-        rng = np.random.default_rng(args.seed)
-        progress = tqdm(total=args.steps, unit="step", disable=args.no_progress, file=sys.stderr, leave=False,
-                        dynamic_ncols=True)
-        for step in range(args.steps + 1):
+        progress = tqdm(total=args.steps, initial=first_step, unit="step", disable=args.no_progress, file=sys.stderr,
+                        leave=False, dynamic_ncols=True)
+        for step in range(first_step, args.steps + 1):
             last = step == args.steps
             if val_loader is not None and (step % args.val_every == 0 or last):
                 val_loss = validation_loss(model, val_loader, args.val_batches)
                 result.val_losses.append((step, val_loss))
                 say(f"val loss {val_loss:.6f}")
             if args.sample_every > 0 and ((step > 0 and step % args.sample_every == 0) or last):
-                tokens = generate(model, [], args.sample_length, rng=rng)
+                # seeded by step, so a resumed run samples what the uninterrupted one would
+                tokens = generate(model, [], args.sample_length, rng=np.random.default_rng([args.seed, step]))
                 text = decode(tokens)
                 result.samples.append(text)
                 say("generating:\n---\n" + text + "\n---")
@@ -196,8 +255,9 @@ def run(args, out=sys.stdout) -> TrainResult:
                 f"{stats.tokens_per_second:,.0f} tok/s, {stats.tokens_per_second_per_core:,.0f} tok/s/core, "
                 f"MFU {100 * stats.mfu:.1f}%)")
             progress.update(1)
-            if args.output and args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
-                write_model(args.output, config, model.params.flat)
+            if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+                save_checkpoint(args.checkpoint_dir, step + 1, model, optimizer, train_loader, args.seed,
+                                args.keep_checkpoints)
         progress.close()
         progress = None
         measured = result.steps[1:] if len(result.steps) > 1 else result.steps  # first step warms up caches

@@ -164,3 +164,54 @@ def test_verify_against_a_reference_debug_state(tmp_path):
     (tmp_path / "s3.bin").write_bytes(truncated)
     result = llmpy("verify", "--model", "m.bin", "--state", "s3.bin", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "s3.bin" in result.stderr and "Traceback" not in result.stderr
+
+
+CHECKPOINTED = ["train", "--model", "d2", "--lr", "1e-3", "--val-every", "0", "--sample-every", "0", "--no-progress",
+                "--output", "", "--shuffle", "--checkpoint-dir", "ckpt", "--keep-checkpoints", "1"]
+
+
+def test_resume_continues_exactly_where_the_checkpoint_left_off(text_dataset, tmp_path):
+    data = ["--data-dir", text_dataset / "data"]
+    whole = train_losses(llmpy(*CHECKPOINTED, *data, "--steps", "6", cwd=tmp_path).stdout)
+    first = llmpy(*CHECKPOINTED, *data, "--steps", "3", "--checkpoint-every", "3", cwd=tmp_path)
+    assert train_losses(first.stdout) == whole[:3]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["model_00000003.bin", "state_00000003.bin"]
+    resumed = llmpy(*CHECKPOINTED, *data, "--steps", "6", "--resume", cwd=tmp_path)
+    assert "resumed from" in resumed.stdout
+    # same kernels, same order, same AdamW moments and data position: bitwise the same losses
+    assert train_losses(resumed.stdout) == whole[3:]
+
+
+def test_a_killed_run_keeps_its_last_checkpoint(text_dataset, tmp_path):
+    import signal
+    import time
+
+    from llmpy.formats import read_model, read_run_state
+
+    command = [sys.executable, "-m", "llmpy.cli", *CHECKPOINTED, "--data-dir", str(text_dataset / "data"),
+               "--steps", "100000", "--checkpoint-every", "2"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "ckpt" / "state_00000006.bin").exists():
+            assert process.poll() is None, "training exited early"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert not [n for n in names if n.endswith(".tmp")] or all(n.startswith(".") for n in names if n.endswith(".tmp"))
+    states = [n for n in names if n.startswith("state_")]
+    assert states, names
+    step = int(states[-1][len("state_"):-len(".bin")])
+    config, params = read_model(tmp_path / "ckpt" / f"model_{step:08d}.bin")
+    state = read_run_state(tmp_path / "ckpt" / f"state_{step:08d}.bin", config.num_parameters())
+    assert state.step == step and np.isfinite(params).all() and np.abs(state.v).max() > 0
+    resumed = llmpy(*CHECKPOINTED, "--data-dir", text_dataset / "data", "--steps", step + 2, "--resume", cwd=tmp_path)
+    assert len(train_losses(resumed.stdout)) == 2
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    result = llmpy("train", "--resume", "--checkpoint-dir", "nothing_here", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr

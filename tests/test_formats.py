@@ -551,3 +551,47 @@ def test_atomic_write_respects_umask_permissions(tmp_path):
     finally:
         os.umask(old_umask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+# ----------------------------------------------------------------------------
+# run state
+
+
+def _run_state(n=10, step=7):
+    from llmpy.formats import RunState
+
+    rng = np.random.default_rng(3)
+    return RunState(step=step, seed=42, data_epoch=1, data_shard_position=0, data_sample_index=5,
+                    m=rng.standard_normal(n).astype(np.float32), v=rng.random(n).astype(np.float32))
+
+
+def test_run_state_round_trip_and_layout(tmp_path):
+    from llmpy.formats import read_run_state, write_run_state
+
+    state = _run_state()
+    path = tmp_path / "state.bin"
+    write_run_state(path, state)
+    raw = path.read_bytes()
+    assert len(raw) == 1024 + 2 * 4 * 10
+    assert struct.unpack("<9i", raw[:36]) == (20241122, 1, 7, 10, 0, 42, 1, 0, 5)
+    back = read_run_state(path, 10)
+    assert (back.step, back.seed, back.data_epoch, back.data_shard_position, back.data_sample_index) == (7, 42, 1, 0, 5)
+    np.testing.assert_array_equal(back.m, state.m)
+    np.testing.assert_array_equal(back.v, state.v)
+
+
+def test_run_state_bad_files(tmp_path):
+    from llmpy.formats import read_run_state, write_run_state
+
+    path = tmp_path / "state.bin"
+    write_run_state(path, _run_state())
+    with pytest.raises(FormatError, match=r"state\.bin: header num_parameters: expected 11"):
+        read_run_state(path, 11)
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(FormatError, match=r"state\.bin: file size: .*truncated"):
+        read_run_state(path, 10)
+    raw = bytearray((tmp_path / "state.bin").read_bytes())
+    raw[0:4] = struct.pack("<i", 20240326)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match=r"state\.bin: header magic: expected 20241122"):
+        read_run_state(path, 10)

@@ -381,3 +381,23 @@ def test_dataloader_on_prepared_dataset_in_odd_directory(tmp_path):
     train = read_shard(tmp_path / "run [1]" / "text_train.bin")
     np.testing.assert_array_equal(x.ravel(), train[:16])
     np.testing.assert_array_equal(y.ravel(), train[1:17])
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_dataloader_seek_resumes_the_same_sequence(tmp_path, shuffle):
+    write_shard(tmp_path / "d_000.bin", np.arange(0, 1000))
+    write_shard(tmp_path / "d_001.bin", np.arange(2000, 2500))
+    pattern = str(tmp_path / "d_*.bin")
+    # stop at several places: inside the first shard, at a shard boundary, in the next epoch
+    for consumed in (5, 62, 93, 130):
+        original = DataLoader(pattern, 2, 4, shuffle=shuffle, seed=3)
+        windows(original, consumed)
+        position = original.position()
+        expected = windows(original, 40)
+        resumed = DataLoader(pattern, 2, 4, shuffle=shuffle, seed=3)
+        resumed.seek(*position)
+        assert windows(resumed, 40) == expected, consumed
+    with pytest.raises(DataError, match="cannot resume"):
+        DataLoader(pattern, 2, 4).seek(0, 5, 0)
+    with pytest.raises(DataError, match="cannot resume"):
+        DataLoader(pattern, 2, 4).seek(0, 0, 10_000)
