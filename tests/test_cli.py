@@ -53,6 +53,14 @@ def test_every_subcommand_has_help(tmp_path):
         assert "usage: llmpy" in result.stdout
 
 
+def test_installed_console_command(tmp_path):
+    script = Path(sys.executable).parent / "llmpy"
+    if not script.exists():
+        pytest.skip("llmpy is not installed as a console script in this environment")
+    result = subprocess.run([str(script), "train", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--threading-layer" in result.stdout
+
+
 def test_prepare_train_sample(text_dataset):
     result = llmpy("train", "--model", "d2", "--steps", "16", "--lr", "1e-3", "--val-every", "8", "--sample-every",
                    "8", "--sample-length", "8", "--no-progress", cwd=text_dataset)
