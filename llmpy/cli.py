@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import llmpy  # noqa: F401  (sets the thread-pool environment before numpy loads)
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (FormatError, DataError, ExecutionError, TokenizerError, ValueError, FloatingPointError) as error:
+        if os.environ.get("LLMPY_DEBUG"):
+            raise
         print(f"llmpy {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
