@@ -51,8 +51,55 @@ def _verify(args) -> int:
     return 0 if verify.run(args) else 1
 
 
+def _bench(args) -> int:
+    from llmpy import bench
+
+    bench.run(args)
+    return 0
+
+
+def _analyze(args) -> int:
+    from llmpy.analysis import analyze, write_analysis
+
+    print(analyze(args.trace_dir))
+    paths = write_analysis(args.trace_dir)
+    print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
+def _plot(args) -> int:
+    from llmpy import plots
+
+    if args.kind == "timeline":
+        from llmpy.trace import Trace
+
+        steps = None
+        if args.steps:
+            first, _, last = args.steps.partition(":")
+            steps = (int(first), int(last or first))
+        output = args.output or os.path.join(args.source, "timeline.png")
+        plots.timeline_png(Trace.load(args.source), output, steps=steps)
+        print(f"wrote {output}")
+    elif args.kind == "scaling":
+        import json
+
+        try:
+            with open(args.source) as f:
+                results = json.load(f)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{args.source}: cannot read benchmark results ({error}); write them with "
+                             "`llmpy bench --json FILE`") from None
+        paths = plots.scaling_pngs(results, args.output or os.path.dirname(os.path.abspath(args.source)))
+        print("wrote " + ", ".join(paths))
+    else:  # roofline
+        from llmpy.analysis import write_analysis
+
+        print("wrote " + write_analysis(args.source)["roofline_png"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from llmpy import sample, train, verify
+    from llmpy import bench, sample, train, verify
 
     parser = argparse.ArgumentParser(
         prog="llmpy",
@@ -86,6 +133,29 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_arguments(sample_parser)
     sample_parser.set_defaults(handler=_sample)
 
+    bench_parser = sub.add_parser("bench", help="time training steps over modes x threads x runtimes",
+                                  description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(handler=_bench)
+
+    analyze_parser = sub.add_parser("analyze", help="POP efficiency metrics and roofline of a trace",
+                                    description="Print the POP efficiency metrics (load balance, serialization, "
+                                                "parallel efficiency) per step and phase and the roofline table of "
+                                                "a trace written with --trace; writes pop.csv, roofline.csv and "
+                                                "roofline.png into the trace folder.")
+    analyze_parser.add_argument("trace_dir", help="folder written by `llmpy train --trace DIR` or `llmpy bench --trace`")
+    analyze_parser.set_defaults(handler=_analyze)
+
+    plot_parser = sub.add_parser("plot", help="timeline, scaling or roofline pictures (PNG)",
+                                 description="timeline TRACE_DIR: threads as rows, kernels as coloured bars; "
+                                             "scaling RESULTS.json: runtime, speedup and efficiency against threads "
+                                             "(from `llmpy bench --json`); roofline TRACE_DIR.")
+    plot_parser.add_argument("kind", choices=("timeline", "scaling", "roofline"))
+    plot_parser.add_argument("source", help="trace folder (timeline, roofline) or bench results JSON (scaling)")
+    plot_parser.add_argument("--output", help="PNG file (timeline) or folder (scaling); default beside the source")
+    plot_parser.add_argument("--steps", help="timeline: steps to show, N or FIRST:LAST (default all)")
+    plot_parser.set_defaults(handler=_plot)
+
     verify_parser = sub.add_parser("verify", help="check llmpy against llm.c's debug state (test_gpt2)",
                                    description=verify.__doc__)
     verify.add_arguments(verify_parser)
@@ -103,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.handler(args)
-    except (FormatError, DataError, ExecutionError, TokenizerError, ValueError, FloatingPointError) as error:
+    except (FormatError, DataError, ExecutionError, TokenizerError, ValueError, FloatingPointError,
+            RuntimeError) as error:
         if os.environ.get("LLMPY_DEBUG"):
             raise
         print(f"llmpy {args.command}: error: {error}", file=sys.stderr)

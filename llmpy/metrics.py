@@ -100,3 +100,160 @@ class StepStats:
 def step_flops(config: GPT2Config, B: int, T: int) -> float:
     """FLOPs of one forward+backward over B*T tokens by llm.c's count (6N + 6LCT per token)."""
     return float(config.flops_per_token(T) * B * T)
+
+
+def _cached(key: str, measure) -> float:
+    """A machine figure measured once per CPU model and key, then read from ~/.cache/llmpy."""
+    path = os.path.join(cache_dir(), "machine.json")
+    full_key = f"{_cpu_name()}|{key}"
+    try:
+        with open(path) as f:
+            cached = json.load(f)
+    except (OSError, ValueError):
+        cached = {}
+    if full_key in cached:
+        return float(cached[full_key])
+    value = float(measure())
+    cached[full_key] = value
+    try:
+        os.makedirs(cache_dir(), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(cached, f, indent=1)
+    except OSError:
+        pass
+    return value
+
+
+def measure_memory_bandwidth(threads: int) -> float:
+    """Best STREAM-triad rate (GB/s, a = b + s*c over 3 x 128 MiB float32 arrays) on `threads` numba
+    threads: the memory roof of the roofline. Measured once per CPU model and thread count, then cached."""
+
+    def measure() -> float:
+        import numba
+
+        n = 32 * 1024 * 1024
+        a = np.empty(n, dtype=np.float32)
+        b = np.ones(n, dtype=np.float32)
+        c = np.ones(n, dtype=np.float32)
+        previous = numba.get_num_threads()
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        try:
+            triad = _triad.variant(threads > 1)
+            triad(a, b, c, np.float32(3.0))
+            best = float("inf")
+            for _ in range(5):
+                start = time.perf_counter()
+                triad(a, b, c, np.float32(3.0))
+                best = min(best, time.perf_counter() - start)
+        finally:
+            numba.set_num_threads(previous)
+        return 3 * 4 * n / best / 1e9
+
+    return _cached(f"triad|{threads}", measure)
+
+
+def _make_triad():
+    from numba import prange
+
+    from llmpy.kernels.compile import kernel
+
+    @kernel(fastmath=False)
+    def stream_triad(a, b, c, s):
+        """a (N,) = b + s * c (the STREAM triad: 12 bytes per element)."""
+        for i in prange(a.shape[0]):
+            a[i] = b[i] + s * c[i]
+
+    return stream_triad
+
+
+_triad = _make_triad()
+
+
+@dataclass
+class KernelSummary:
+    """One kernel's share of the measured steps (means per step)."""
+
+    name: str
+    calls_per_step: float
+    ms_per_step: float
+    mean_us: float
+    share: float  # of the mean step time
+    gflops: float  # achieved GFLOP/s over its calls
+    gbytes: float  # achieved GB/s by its cost model
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def measured_steps(steps, skip_steps: int):
+    """The steps averaged over: all but the first `skip_steps` (warm-up), or the last one if that is all."""
+    return steps[skip_steps:] if len(steps) > skip_steps else steps[-1:]
+
+
+def kernel_summary(calls, steps, skip_steps: int = 1) -> list[KernelSummary]:
+    """Per-kernel totals from Recorder.calls over the measured steps, biggest first."""
+    kept = {s.step for s in measured_steps(steps, skip_steps)}
+    if not kept:
+        return []
+    step_seconds = sum(s.duration for s in steps if s.step in kept) / len(kept)
+    totals: dict[str, list[float]] = {}
+    for name, _phase, _layer, step, start, end, flops, moved in calls:
+        if step in kept:
+            entry = totals.setdefault(name, [0, 0.0, 0.0, 0.0])
+            entry[0] += 1
+            entry[1] += end - start
+            entry[2] += flops
+            entry[3] += moved
+    rows = []
+    for name, (count, seconds, flops, moved) in totals.items():
+        rows.append(KernelSummary(
+            name, count / len(kept), 1e3 * seconds / len(kept), 1e6 * seconds / count,
+            seconds / len(kept) / step_seconds if step_seconds else 0.0,
+            flops / seconds / 1e9 if seconds else 0.0, moved / seconds / 1e9 if seconds else 0.0,
+        ))
+    return sorted(rows, key=lambda r: -r.ms_per_step)
+
+
+def phase_summary(steps, skip_steps: int = 1) -> dict[str, float]:
+    """Mean ms per step of each phase (forward, zero_grad, backward, update) and of the whole step."""
+    kept = measured_steps(steps, skip_steps)
+    result: dict[str, float] = {}
+    for phase in ("forward", "zero_grad", "backward", "update"):
+        total = sum(s.phases[phase][1] - s.phases[phase][0] for s in kept if phase in s.phases)
+        result[phase] = 1e3 * total / len(kept) if kept else 0.0
+    result["step"] = 1e3 * sum(s.duration for s in kept) / len(kept) if kept else 0.0
+    return result
+
+
+def format_kernel_table(rows: list[KernelSummary], phases: dict[str, float]) -> str:
+    step = phases.get("step", 0.0)
+    lines = [f"{'kernel':28s} {'calls':>6s} {'ms/step':>9s} {'mean us':>9s} {'share':>6s} {'GFLOP/s':>8s} {'GB/s':>7s}"]
+    for r in rows:
+        lines.append(f"{r.name:28s} {r.calls_per_step:6.0f} {r.ms_per_step:9.1f} {r.mean_us:9.0f} "
+                     f"{100 * r.share:5.1f}% {r.gflops:8.1f} {r.gbytes:7.1f}")
+    inside = sum(r.ms_per_step for r in rows)
+    lines.append(f"{'all kernels':28s} {'':6s} {inside:9.1f} {'':9s} {100 * inside / step if step else 0:5.1f}%"
+                 f"   (rest of the step: Python between kernel calls)")
+    lines.append("phases, ms/step: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
+    return "\n".join(lines)
+
+
+def write_run_metrics(directory: str, summary: dict, step_rows: list[dict], kernel_rows: list[KernelSummary]) -> dict:
+    """metrics.json (summary, steps, kernels), steps.csv and kernels.csv in `directory`."""
+    import csv
+    import io
+
+    from llmpy.formats import atomic_write_bytes
+
+    os.makedirs(directory, exist_ok=True)
+    paths = {name: os.path.join(directory, name) for name in ("metrics.json", "steps.csv", "kernels.csv")}
+    document = {"summary": summary, "steps": step_rows, "kernels": [r.as_dict() for r in kernel_rows]}
+    atomic_write_bytes(paths["metrics.json"], json.dumps(document, indent=1).encode())
+    for name, rows in (("steps.csv", step_rows), ("kernels.csv", [r.as_dict() for r in kernel_rows])):
+        text = io.StringIO()
+        if rows:
+            writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        atomic_write_bytes(paths[name], text.getvalue().encode())
+    return paths

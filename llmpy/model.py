@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from time import perf_counter
 from typing import Callable
 
 import numpy as np
@@ -12,8 +11,9 @@ from llmpy.config import GPT2Config
 from llmpy.kernels import KernelSet
 from llmpy.layout import FlatBuffer, activation_buffer, activation_shapes, parameter_buffer
 
-# observer(kernel_name, layer, start_seconds, end_seconds); layer is -1 outside the transformer blocks.
-KernelObserver = Callable[[str, int, float, float], None]
+# observer(kernel_name, layer, kernel, args) runs kernel(*args) and returns its result, measuring it on the
+# way (llmpy.recorder.Recorder); layer is -1 outside the transformer blocks.
+KernelObserver = Callable[[str, int, Callable, tuple], object]
 
 
 class GPT2:
@@ -102,10 +102,7 @@ class GPT2:
     def _run(self, name: str, layer: int, fn: Callable, *args):
         if self.observer is None:
             return fn(*args)
-        start = perf_counter()
-        result = fn(*args)
-        self.observer(name, layer, start, perf_counter())
-        return result
+        return self.observer(name, layer, fn, args)
 
     # ------------------------------------------------------------------ forward
     def forward(self, inputs: np.ndarray, targets: np.ndarray | None = None) -> float | None:

@@ -31,9 +31,15 @@ class AdamW:
         self.v = FlatBuffer(params.shapes)
         self.step = 0
         self.last_grad_norm: float | None = None
+        self.observer = None  # as GPT2.observer: observer(name, layer, kernel, args) runs and measures a call
+
+    def _run(self, name: str, fn, *args):
+        if self.observer is None:
+            return fn(*args)
+        return self.observer(name, -1, fn, args)
 
     def grad_norm(self, grads: FlatBuffer) -> float:
-        return math.sqrt(self.kernels.sum_of_squares(grads.flat))
+        return math.sqrt(self._run("sum_of_squares", self.kernels.sum_of_squares, grads.flat))
 
     def update(self, params: FlatBuffer, grads: FlatBuffer, learning_rate: float, grad_scale: float = 1.0) -> None:
         """One AdamW step in place on `params` (llm.c's gpt2_update; step counts from 1).
@@ -51,14 +57,14 @@ class AdamW:
                 grad_scale *= cfg.grad_clip / norm
         update = self.kernels.adamw_update
         if not cfg.decay_matrices_only or cfg.weight_decay == 0.0:
-            update(params.flat, grads.flat, self.m.flat, self.v.flat, learning_rate, cfg.beta1, cfg.beta2, cfg.eps,
-                   cfg.weight_decay, bias_correction1, bias_correction2, grad_scale)
+            self._run("adamw_update", update, params.flat, grads.flat, self.m.flat, self.v.flat, learning_rate,
+                      cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, bias_correction1, bias_correction2, grad_scale)
             return
         for name in params:
             decay = cfg.weight_decay if name in MATRIX_PARAMETERS else 0.0
-            update(params[name].reshape(-1), grads[name].reshape(-1), self.m[name].reshape(-1),
-                   self.v[name].reshape(-1), learning_rate, cfg.beta1, cfg.beta2, cfg.eps, decay,
-                   bias_correction1, bias_correction2, grad_scale)
+            self._run("adamw_update", update, params[name].reshape(-1), grads[name].reshape(-1),
+                      self.m[name].reshape(-1), self.v[name].reshape(-1), learning_rate, cfg.beta1, cfg.beta2,
+                      cfg.eps, decay, bias_correction1, bias_correction2, grad_scale)
 
 
 @dataclass

@@ -13,7 +13,9 @@ import numpy as np
 
 from llmpy.config import PRESETS, GPT2Config, preset
 from llmpy.execution import MODES, THREADING_LAYERS, ExecutionModel, make_execution_model
-from llmpy.metrics import StepStats, measure_peak_gflops, step_flops
+from llmpy.metrics import (StepStats, format_kernel_table, kernel_summary, measure_peak_gflops, measured_steps,
+                           phase_summary, step_flops, write_run_metrics)
+from llmpy.recorder import Recorder
 from llmpy.model import GPT2
 from llmpy.optim import AdamW, AdamWConfig, LearningRateSchedule
 
@@ -65,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     report.add_argument("--sample-every", type=int, default=20, help="sample every N steps (default 20; 0 = off)")
     report.add_argument("--sample-length", type=int, default=64, help="tokens per sample (default 64)")
     report.add_argument("--peak-gflops", type=float,
-                        help="machine peak for MFU in GFLOP/s (default: measured float32 GEMM peak, cached)")
+                        help="peak GFLOP/s of one core; MFU counts it once per thread (default: the float32 GEMM "
+                             "peak measured on the threads used, cached)")
     report.add_argument("--output", default=os.path.join("out", "model.bin"),
                         help="model checkpoint written at the end (default out/model.bin; '' = none)")
     report.add_argument("--checkpoint-every", type=int, default=0,
@@ -77,6 +80,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     report.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in --checkpoint-dir (same data, B, T)")
     report.add_argument("--no-progress", action="store_true", help="no progress bar")
+    report.add_argument("--metrics-dir", default="out",
+                        help="where metrics.json, steps.csv and kernels.csv are written (default out; '' = none)")
+    report.add_argument("--warmup-report-steps", type=int, default=1,
+                        help="first steps left out of averages and tables (default 1)")
+    report.add_argument("--trace", metavar="DIR",
+                        help="record what every thread ran and write DIR/trace.json (Perfetto), DIR/trace.prv "
+                             "(Paraver) and DIR/events.json (for llmpy analyze / llmpy plot)")
 
 
 @dataclass
@@ -85,6 +95,9 @@ class TrainResult:
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)
     steps: list[StepStats] = field(default_factory=list)
+    kernels: list = field(default_factory=list)  # metrics.KernelSummary rows
+    phases: dict = field(default_factory=dict)  # mean ms per phase
+    trace_paths: dict = field(default_factory=dict)
 
 
 def _load_data(args, vocab_size: int, B: int, T: int, say):
@@ -132,9 +145,30 @@ def _check_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.resume and args.init_from:
         raise ValueError("--resume continues from the checkpoint's own model; drop --init-from")
-    for name in ("val_every", "sample_every", "checkpoint_every", "warmup_steps", "keep_checkpoints"):
+    for name in ("val_every", "sample_every", "checkpoint_every", "warmup_steps", "keep_checkpoints",
+                 "warmup_report_steps"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+
+
+def run_meta(args, config: GPT2Config, execution: ExecutionModel, peak: float, B: int, T: int) -> dict:
+    """What a run was, for metrics files and traces."""
+    return {
+        "model": args.init_from or args.model, "num_parameters": config.num_parameters(),
+        "num_layers": config.num_layers, "channels": config.channels, "mode": execution.name,
+        "threads": execution.threads, "runtime": execution.threading_layer if execution.name == "forkjoin" else "-",
+        "ranks": 1, "B": B, "T": T, "grad_accum": args.grad_accum, "peak_gflops": peak,
+        "warmup_steps": args.warmup_report_steps,
+    }
+
+
+def step_row(stats: StepStats, record) -> dict:
+    row = {"step": stats.step, "loss": stats.loss, "ms": stats.ms, "tokens_per_s": stats.tokens_per_second,
+           "tokens_per_s_per_core": stats.tokens_per_second_per_core, "mfu": stats.mfu}
+    for phase in ("forward", "zero_grad", "backward", "update"):
+        span = record.phases.get(phase)
+        row[f"{phase}_ms"] = 1e3 * (span[1] - span[0]) if span else 0.0
+    return row
 
 
 def latest_checkpoint(directory: str) -> tuple[int, str, str] | None:
@@ -203,7 +237,7 @@ def run(args, out=sys.stdout) -> TrainResult:
                                                     args.decay_matrices_only, args.grad_clip), execution.kernels)
         schedule = LearningRateSchedule(args.lr, args.warmup_steps, args.steps, args.lr_schedule,
                                         args.final_lr_fraction)
-        peak = args.peak_gflops or measure_peak_gflops(execution.threads)
+        peak = args.peak_gflops * execution.threads if args.peak_gflops else measure_peak_gflops(execution.threads)
         decode = token_decoder(config.vocab_size)
         flops = step_flops(config, B, T) * args.grad_accum
         say(f"model: {config.num_layers} layers, {config.num_heads} heads, {config.channels} channels, "
@@ -222,10 +256,13 @@ def run(args, out=sys.stdout) -> TrainResult:
             if first_step >= args.steps:
                 raise ValueError(f"the checkpoint is at step {first_step}; ask for more --steps than that")
         result = TrainResult()
+        recorder = Recorder(per_thread=bool(args.trace))
+        model.observer = optimizer.observer = recorder
         progress = tqdm(total=args.steps, initial=first_step, unit="step", disable=args.no_progress, file=sys.stderr,
                         leave=False, dynamic_ncols=True)
         for step in range(first_step, args.steps + 1):
             last = step == args.steps
+            recorder.enabled = False  # validation and samples are not part of the training step
             if val_loader is not None and (step % args.val_every == 0 or last):
                 val_loss = validation_loss(model, val_loader, args.val_batches)
                 result.val_losses.append((step, val_loss))
@@ -238,13 +275,19 @@ def run(args, out=sys.stdout) -> TrainResult:
                 say("generating:\n---\n" + text + "\n---")
             if last:
                 break
+            recorder.enabled = True
             start = time.perf_counter()
+            recorder.begin_step(step + 1)
             loss = 0.0
             for micro_step in range(args.grad_accum):
                 inputs, targets = train_loader.next_batch()
+                recorder.set_phase("forward")
                 loss += model.forward(inputs, targets) / args.grad_accum
+                recorder.set_phase("backward")
                 model.backward(accumulate_gradients=micro_step > 0)
+            recorder.set_phase("update")
             optimizer.update(model.params, model.grads, schedule(step), grad_scale=1.0 / args.grad_accum)
+            recorder.end_step(loss, B * T * args.grad_accum)
             elapsed = time.perf_counter() - start
             stats = StepStats(step + 1, loss, elapsed, B * T * args.grad_accum, flops, execution.cores, peak)
             result.steps.append(stats)
@@ -260,11 +303,31 @@ def run(args, out=sys.stdout) -> TrainResult:
                                 args.keep_checkpoints)
         progress.close()
         progress = None
-        measured = result.steps[1:] if len(result.steps) > 1 else result.steps  # first step warms up caches
+        skip = args.warmup_report_steps
+        measured = measured_steps(result.steps, skip)
         if measured:
             ms = np.median([s.ms for s in measured])
             say(f"median step {ms:.0f} ms, {np.median([s.tokens_per_second for s in measured]):,.0f} tok/s, "
-                f"MFU {100 * np.median([s.mfu for s in measured]):.1f}% (over {len(measured)} steps after the first)")
+                f"{np.median([s.tokens_per_second_per_core for s in measured]):,.0f} tok/s/core, "
+                f"MFU {100 * np.median([s.mfu for s in measured]):.1f}% (median of {len(measured)} steps)")
+            result.kernels = kernel_summary(recorder.calls, recorder.steps, skip)
+            result.phases = phase_summary(recorder.steps, skip)
+            say(format_kernel_table(result.kernels, result.phases))
+            meta = run_meta(args, config, execution, peak, B, T)
+            if args.metrics_dir:
+                step_rows = [step_row(stats, record) for stats, record in zip(result.steps, recorder.steps)]
+                summary = dict(meta, ms_per_step_median=float(ms), steps=len(result.steps), measured_steps=len(measured),
+                               tokens_per_s=float(np.median([s.tokens_per_second for s in measured])),
+                               mfu=float(np.median([s.mfu for s in measured])), phases_ms=result.phases)
+                paths = write_run_metrics(args.metrics_dir, summary, step_rows, result.kernels)
+                say(f"wrote {paths['metrics.json']}, {paths['steps.csv']}, {paths['kernels.csv']}")
+            if args.trace:
+                from llmpy.metrics import measure_memory_bandwidth
+
+                meta["bandwidth_gbs"] = measure_memory_bandwidth(execution.threads)
+                result.trace_paths = recorder.to_trace(meta).save(args.trace)
+                say(f"wrote trace to {args.trace}/ (trace.json for Perfetto, trace.prv for Paraver; "
+                    f"`llmpy analyze {args.trace}`)")
         if args.output:
             os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
             write_model(args.output, config, model.params.flat)

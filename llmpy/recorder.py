@@ -1,0 +1,148 @@
+"""Recording a run: every kernel call's wall time, cost and phase, and optionally each thread's CPU time in it.
+
+`Recorder` is the observer the model and the optimizer call every kernel through. With `per_thread=True` it
+also reads, before and after each call, the CPU-time clock of every thread of the process (Linux
+`clock_gettime` on the thread's CPU clock, about 0.4 us a read): the helper threads of numba's pool and of
+OpenBLAS sleep when idle (llmpy sets OMP_WAIT_POLICY=PASSIVE and a short OpenBLAS spin), so a thread's CPU
+time inside a call is the work it did there. That is what traces and the POP metrics show per thread.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from time import perf_counter
+from typing import Callable
+
+from llmpy.kernels.costs import kernel_cost
+from llmpy.trace import KernelEvent, StepRecord, Trace
+
+# A helper thread busy for less than this inside a call did not take part in it.
+MIN_THREAD_BUSY = 2e-6
+
+
+def _thread_cpu_clock(tid: int) -> int:
+    # Linux's clock id for "CPU time of thread tid": MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)
+    return (~tid << 3) | 6
+
+
+class ThreadClocks:
+    """CPU-time clocks of the process's threads other than the calling one."""
+
+    def __init__(self) -> None:
+        self.clock_ids: list[int] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Pick up threads started since (numba and OpenBLAS start their pools lazily)."""
+        main = threading.get_native_id()
+        try:
+            tids = sorted(int(t) for t in os.listdir("/proc/self/task") if int(t) != main)
+        except OSError:  # not Linux: no per-thread clocks, only the calling thread is measured
+            tids = []
+        self.clock_ids = [_thread_cpu_clock(tid) for tid in tids]
+
+    def read(self) -> list[float]:
+        values = []
+        for clock_id in self.clock_ids:
+            try:
+                values.append(time.clock_gettime(clock_id))
+            except OSError:  # the thread has ended
+                values.append(math.nan)
+        return values
+
+
+class Recorder:
+    """Observer of kernel calls (see GPT2.observer) that keeps a timeline of the run."""
+
+    def __init__(self, rank: int = 0, per_thread: bool = False):
+        self.origin = perf_counter()
+        self.rank = rank
+        self.per_thread = per_thread
+        self.enabled = True
+        # (name, phase, layer, step, start, end, flops, bytes), wall seconds since origin
+        self.calls: list[tuple[str, str, int, int, float, float, float, float]] = []
+        # (name, phase, layer, step, thread row, start, end): CPU time of each thread in each call
+        self.thread_events: list[tuple[str, str, int, int, int, float, float]] = []
+        self.steps: list[StepRecord] = []
+        self.step = 0
+        self.phase = "forward"
+        self._clocks = ThreadClocks() if per_thread else None
+        self._step_start = 0.0
+        self._phase_start = 0.0
+        self._phases: dict[str, tuple[float, float]] = {}
+
+    def now(self) -> float:
+        return perf_counter() - self.origin
+
+    # ------------------------------------------------------------ steps and phases
+    def begin_step(self, step: int) -> None:
+        if self._clocks is not None:
+            self._clocks.refresh()
+        self.step = step
+        self._phases = {}
+        self._step_start = self._phase_start = self.now()
+
+    def set_phase(self, phase: str) -> None:
+        now = self.now()
+        if self._phase_start < now and self.phase in self._phases:
+            start, _ = self._phases[self.phase]
+            self._phases[self.phase] = (start, now)
+        self.phase = phase
+        self._phase_start = now
+        self._phases.setdefault(phase, (now, now))
+
+    def end_step(self, loss: float, tokens: int) -> StepRecord:
+        end = self.now()
+        if self.phase in self._phases:
+            self._phases[self.phase] = (self._phases[self.phase][0], end)
+        record = StepRecord(self.step, self.rank, self._step_start, end, float(loss), int(tokens), dict(self._phases))
+        self.steps.append(record)
+        return record
+
+    # ------------------------------------------------------------ kernel calls
+    def __call__(self, name: str, layer: int, kernel: Callable, args: tuple):
+        if not self.enabled:
+            return kernel(*args)
+        clocks = self._clocks
+        if clocks is None:
+            start = perf_counter()
+            result = kernel(*args)
+            end = perf_counter()
+        else:
+            helpers_before = clocks.read()
+            main_before = time.thread_time()
+            start = perf_counter()
+            result = kernel(*args)
+            end = perf_counter()
+            main_busy = time.thread_time() - main_before
+            helpers_after = clocks.read()
+            self._record_threads(name, layer, start - self.origin, end - start, main_busy,
+                                 helpers_before, helpers_after)
+        flops, moved = kernel_cost(name, args)
+        self.calls.append((name, self.phase, layer, self.step, start - self.origin, end - self.origin, flops, moved))
+        return result
+
+    def _record_threads(self, name, layer, start, wall, main_busy, before, after) -> None:
+        busy = sorted((a - b for a, b in zip(after, before) if a - b > MIN_THREAD_BUSY), reverse=True)
+        events = self.thread_events
+        events.append((name, self.phase, layer, self.step, 0, start, start + min(main_busy, wall)))
+        for row, seconds in enumerate(busy, start=1):
+            events.append((name, self.phase, layer, self.step, row, start, start + min(seconds, wall)))
+
+    # ------------------------------------------------------------ results
+    def to_trace(self, meta: dict) -> Trace:
+        """The recorded run as a Trace: per-thread CPU events when recorded per thread, else one row of
+        wall-time events; flops and bytes on row 0."""
+        events: list[KernelEvent] = []
+        if self.per_thread:
+            costs = {(c[0], c[2], c[3], c[4]): (c[6], c[7]) for c in self.calls}
+            for name, phase, layer, step, row, start, end in self.thread_events:
+                flops, moved = costs.get((name, layer, step, start), (0.0, 0.0)) if row == 0 else (0.0, 0.0)
+                events.append(KernelEvent(name, phase, layer, step, self.rank, row, start, end, flops, moved))
+        else:
+            for name, phase, layer, step, start, end, flops, moved in self.calls:
+                events.append(KernelEvent(name, phase, layer, step, self.rank, 0, start, end, flops, moved))
+        return Trace(events, list(self.steps), dict(meta))
