@@ -98,7 +98,7 @@ def _run_worker(args) -> None:
     inputs = rng.integers(0, config.vocab_size, (B, T))
     targets = rng.integers(0, config.vocab_size, (B, T))
     kernel_sets = {False: KernelSet(parallel=False), True: KernelSet(parallel=True)}
-    recorders = {c: Recorder(per_thread=bool(args.trace)) for c in configs}
+    recorders = {c: Recorder(per_thread=bool(args.trace), threads=c[1]) for c in configs}
     peaks = {t: (args.peak_gflops * t if args.peak_gflops else measure_peak_gflops(t)) for _, t in configs}
     flops = step_flops(config, B, T)
 

@@ -57,10 +57,13 @@ class ThreadClocks:
 class Recorder:
     """Observer of kernel calls (see GPT2.observer) that keeps a timeline of the run."""
 
-    def __init__(self, rank: int = 0, per_thread: bool = False):
+    def __init__(self, rank: int = 0, per_thread: bool = False, threads: int | None = None):
+        """threads: the run's thread count; each call then shows at most threads - 1 helper rows, the
+        busiest (a helper of the other pool still winding down from the previous call is not work)."""
         self.origin = perf_counter()
         self.rank = rank
         self.per_thread = per_thread
+        self.max_helpers = None if threads is None else max(0, threads - 1)
         self.enabled = True
         # (name, phase, layer, step, start, end, flops, bytes), wall seconds since origin
         self.calls: list[tuple[str, str, int, int, float, float, float, float]] = []
@@ -127,6 +130,8 @@ class Recorder:
 
     def _record_threads(self, name, layer, start, wall, main_busy, before, after) -> None:
         busy = sorted((a - b for a, b in zip(after, before) if a - b > MIN_THREAD_BUSY), reverse=True)
+        if self.max_helpers is not None:
+            busy = busy[: self.max_helpers]
         events = self.thread_events
         events.append((name, self.phase, layer, self.step, 0, start, start + min(main_busy, wall)))
         for row, seconds in enumerate(busy, start=1):

@@ -256,7 +256,7 @@ def run(args, out=sys.stdout) -> TrainResult:
             if first_step >= args.steps:
                 raise ValueError(f"the checkpoint is at step {first_step}; ask for more --steps than that")
         result = TrainResult()
-        recorder = Recorder(per_thread=bool(args.trace))
+        recorder = Recorder(per_thread=bool(args.trace), threads=execution.threads)
         model.observer = optimizer.observer = recorder
         progress = tqdm(total=args.steps, initial=first_step, unit="step", disable=args.no_progress, file=sys.stderr,
                         leave=False, dynamic_ncols=True)

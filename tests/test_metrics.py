@@ -1,0 +1,135 @@
+"""Metrics recorded by every run, the cost model, the recorder's per-thread view, and `llmpy bench`."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from llmpy.config import GPT2Config
+from llmpy.execution import available_cores, make_execution_model
+from llmpy.kernels.costs import kernel_cost
+from llmpy.model import GPT2
+from llmpy.optim import AdamW
+from llmpy.recorder import Recorder
+from test_cli import llmpy, text_dataset  # noqa: F401  (fixture)
+
+CONFIG = GPT2Config(max_seq_len=32, vocab_size=500, padded_vocab_size=512, num_layers=2, num_heads=2, channels=32)
+
+
+def test_matmul_and_attention_costs_match_hand_counts():
+    N, C, OC = 6, 5, 7
+    out, inp, weight, bias = np.zeros((N, OC)), np.zeros((N, C)), np.zeros((OC, C)), np.zeros(OC)
+    # GEMM: N*OC dot products of length C, a multiply and an add each; bias: one add per output
+    assert kernel_cost("matmul_forward", (out, inp, weight, None)) == (2 * N * C * OC, 4 * (N * C + OC * C + N * OC))
+    flops, moved = kernel_cost("matmul_forward", (out, inp, weight, bias))
+    assert flops == 2 * N * C * OC + N * OC
+    # causal attention over T=4 query rows, 2 heads, 2 sequences: (1+2+3+4) query-key pairs per head
+    B, T, NH, hs = 2, 4, 2, 3
+    qkv = np.zeros((B, T, 3 * NH * hs))
+    att = np.zeros((B, NH, T, T))
+    flops, _ = kernel_cost("attention_forward", (np.zeros((B, T, NH * hs)), att, att, qkv, NH, 0, B, 0, T))
+    assert flops == B * NH * 10 * (4 * hs + 5)
+    # a block of query rows [2, 4) has (3+4) pairs per head
+    flops, _ = kernel_cost("attention_forward", (np.zeros((B, T, NH * hs)), att, att, qkv, NH, 0, B, 2, 4))
+    assert flops == B * NH * 7 * (4 * hs + 5)
+    assert kernel_cost("unknown_kernel", ()) == (0.0, 0.0)
+
+
+def _recorded_steps(mode, threads, per_thread, steps=3):
+    execution = make_execution_model(mode, threads)
+    try:
+        model = GPT2(CONFIG, 2, 16, execution.kernels)
+        model.init_random(0)
+        optimizer = AdamW(model.params, kernels=execution.kernels)
+        recorder = Recorder(per_thread=per_thread, threads=threads)
+        model.observer = optimizer.observer = recorder
+        rng = np.random.default_rng(0)
+        for step in range(1, steps + 1):
+            inputs, targets = rng.integers(0, CONFIG.vocab_size, (2, 2, 16))
+            recorder.begin_step(step)
+            recorder.set_phase("forward")
+            model.forward(inputs, targets)
+            recorder.set_phase("backward")
+            model.backward()
+            recorder.set_phase("update")
+            optimizer.update(model.params, model.grads, 1e-3)
+            recorder.end_step(model.mean_loss, 32)
+        return recorder
+    finally:
+        execution.close()
+
+
+def test_recorder_sees_every_kernel_call_in_its_phase():
+    recorder = _recorded_steps("sequential", 1, per_thread=False)
+    per_step = [c for c in recorder.calls if c[3] == 2]
+    L = CONFIG.num_layers
+    names = [c[0] for c in per_step]
+    assert names.count("matmul_forward") == 4 * L + 1
+    assert names.count("matmul_backward_weight") == 4 * L + 1
+    assert names.count("attention_backward") == L
+    assert names.count("adamw_update") == 1
+    phases = {c[0]: c[1] for c in per_step}
+    assert phases["encoder_forward"] == "forward" and phases["encoder_backward"] == "backward"
+    assert phases["adamw_update"] == "update"
+    for step in recorder.steps:
+        # the phases tile the step: they add up to it (within 5%, the issue's bound)
+        parts = sum(end - start for start, end in step.phases.values())
+        assert abs(parts - step.duration) <= 0.05 * step.duration
+        calls = [c for c in recorder.calls if c[3] == step.step]
+        assert all(step.start <= c[4] <= c[5] <= step.end for c in calls)
+        assert sum(c[5] - c[4] for c in calls) <= step.duration
+
+
+@pytest.mark.skipif(available_cores() < 2, reason="needs 2 cores")
+def test_per_thread_recording_shows_the_helper_threads():
+    recorder = _recorded_steps("forkjoin", 2, per_thread=True)
+    trace = recorder.to_trace({"threads": 2})
+    rows = {e.thread for e in trace.events}
+    assert rows == {0, 1}  # the GEMMs keep OpenBLAS's second thread busy; never more rows than threads
+    for row in rows:
+        spans = sorted((e.start, e.end) for e in trace.events if e.thread == row)
+        assert all(end <= next_start + 1e-9 for (_, end), (next_start, _) in zip(spans, spans[1:]))
+    # flops only on row 0, once per call
+    assert sum(e.flops for e in trace.events) == sum(c[6] for c in recorder.calls)
+
+
+def test_train_writes_metrics_that_add_up(text_dataset, tmp_path):  # noqa: F811
+    result = llmpy("train", "--model", "d2", "--steps", "4", "--val-every", "0", "--sample-every", "0",
+                   "--no-progress", "--output", "", "--data-dir", text_dataset / "data", "--metrics-dir", "m",
+                   cwd=tmp_path)
+    assert "kernel" in result.stdout and "matmul_forward" in result.stdout and "phases, ms/step" in result.stdout
+    document = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    steps = document["steps"]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    for s in steps:
+        parts = s["forward_ms"] + s["zero_grad_ms"] + s["backward_ms"] + s["update_ms"]
+        assert abs(parts - s["ms"]) <= 0.05 * s["ms"], s
+        assert s["tokens_per_s"] == pytest.approx(4 * 64 / (s["ms"] / 1e3), rel=1e-6)
+    kernels = document["kernels"]
+    assert {k["name"] for k in kernels} >= {"matmul_forward", "attention_forward", "adamw_update"}
+    assert 0.5 < sum(k["share"] for k in kernels) <= 1.0
+    with open(tmp_path / "m" / "steps.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    with open(tmp_path / "m" / "kernels.csv") as f:
+        assert {row["name"] for row in csv.DictReader(f)} == {k["name"] for k in kernels}
+
+
+def test_bench_matrix_writes_json_csv_and_plots(tmp_path):
+    threads = "1,2" if available_cores() >= 2 else "1"
+    result = llmpy("bench", "--model", "d2", "--steps", "2", "--threads", threads, "--runtime", "omp,tbb",
+                   "--json", "r.json", "--csv", "r.csv", "--plots", "plots", cwd=tmp_path)
+    results = json.loads((tmp_path / "r.json").read_text())
+    expected = {("sequential", "-", 1)} | {("forkjoin", rt, int(t)) for rt in ("omp", "tbb") for t in threads.split(",")}
+    assert {(r["mode"], r["runtime"], r["threads"]) for r in results} == expected
+    for r in results:
+        for field in ("model", "mode", "threads", "B", "T", "steps", "ms_per_step_median", "ms_per_step_min",
+                      "ms_per_step_max", "tokens_per_s", "mfu", "peak_rss_mb", "forward_ms", "backward_ms"):
+            assert field in r
+        assert r["ms_per_step_min"] <= r["ms_per_step_median"] <= r["ms_per_step_max"]
+        assert r["kernels"] and r["steps"] == 2
+    with open(tmp_path / "r.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(results)
+    pngs = list((tmp_path / "plots").glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000 for p in pngs)
+    assert "speedup" in result.stdout and "kernels: forkjoin tbb" in result.stdout
