@@ -133,3 +133,35 @@ def test_bench_matrix_writes_json_csv_and_plots(tmp_path):
     pngs = list((tmp_path / "plots").glob("*.png"))
     assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000 for p in pngs)
     assert "speedup" in result.stdout and "kernels: forkjoin tbb" in result.stdout
+
+
+def test_trace_of_a_real_run_exports_and_analyzes(text_dataset, tmp_path):  # noqa: F811
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    threads = min(2, available_cores())
+    mode = "forkjoin" if threads > 1 else "sequential"
+    llmpy("train", "--model", "d2", "--steps", "3", "--val-every", "0", "--sample-every", "0", "--no-progress",
+          "--output", "", "--metrics-dir", "", "--data-dir", text_dataset / "data", "--mode", mode, "--threads",
+          threads, "--trace", "tr", cwd=tmp_path)
+    trace_dir = tmp_path / "tr"
+    chrome = json.loads((trace_dir / "trace.json").read_text())
+    slices = [e for e in chrome["traceEvents"] if e.get("ph") == "X" and e.get("cat") in
+              ("forward", "backward", "update")]
+    per_step = [e for e in slices if e["args"]["step"] == 2 and e["args"]["thread"] == 0]
+    # d2 (2 layers): forward 1 + 10 per layer + 3, backward 5 + 16 per layer + 1, update 1 = 63 calls
+    assert len(per_step) == len([e for e in slices if e["args"]["step"] == 3 and e["args"]["thread"] == 0]) == 63
+    for tid in {e["tid"] for e in slices}:
+        spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in slices if e["tid"] == tid)
+        assert all(end <= start + 1e-3 for (_, end), (start, _) in zip(spans, spans[1:]))
+    ptd = shutil.which("ptd") or str(Path(sys.executable).parent / "ptd")
+    check = subprocess.run([ptd, "comprovar", "-e", str(trace_dir / "trace.prv")], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    analysis = llmpy("analyze", "tr", cwd=tmp_path)
+    assert "Load balance" in analysis.stdout or "LB" in analysis.stdout
+    for name in ("pop.csv", "roofline.csv", "roofline.png"):
+        assert (trace_dir / name).stat().st_size > 0
+    llmpy("plot", "timeline", "tr", "--steps", "2", cwd=tmp_path)
+    assert (trace_dir / "timeline.png").read_bytes()[:4] == b"\x89PNG"
