@@ -20,6 +20,7 @@ from llmpy.execution import make_execution_model
 from llmpy.model import GPT2
 from llmpy.optim import AdamW
 from llmpy.recorder import Recorder
+from llmpy.train import train_step
 
 
 def main() -> None:
@@ -45,18 +46,7 @@ def main() -> None:
         for name, recorder in variants.items():
             model.observer = optimizer.observer = recorder
             start = time.perf_counter()
-            if recorder is not None:
-                recorder.begin_step(round_index + 1)
-                recorder.set_phase("forward")
-            model.forward(inputs, targets)
-            if recorder is not None:
-                recorder.set_phase("backward")
-            model.backward()
-            if recorder is not None:
-                recorder.set_phase("update")
-            optimizer.update(model.params, model.grads, 1e-4)
-            if recorder is not None:
-                recorder.end_step(model.mean_loss, args.B * args.T)
+            train_step(model, optimizer, [(inputs, targets)], 1e-4, recorder, round_index + 1)
             if round_index > 0:
                 times[name].append(time.perf_counter() - start)
     base = float(np.median(times["none"]))

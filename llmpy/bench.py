@@ -83,6 +83,7 @@ def _run_worker(args) -> None:
     from llmpy.model import GPT2
     from llmpy.optim import AdamW
     from llmpy.recorder import Recorder
+    from llmpy.train import train_step
 
     runtime, _, spec = args.worker.partition(":")
     configs = [(mode, int(threads)) for mode, threads in (item.split("/") for item in spec.split(","))]
@@ -110,14 +111,7 @@ def _run_worker(args) -> None:
             if mode == "forkjoin":
                 numba.set_num_threads(threads)
             with threadpool_limits(limits=threads, user_api="blas"):
-                recorder.begin_step(round_index + 1)
-                recorder.set_phase("forward")
-                model.forward(inputs, targets)
-                recorder.set_phase("backward")
-                model.backward()
-                recorder.set_phase("update")
-                optimizer.update(model.params, model.grads, 1e-4)
-                recorder.end_step(model.mean_loss, B * T)
+                train_step(model, optimizer, [(inputs, targets)], 1e-4, recorder, round_index + 1)
 
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for mode, threads in configs:

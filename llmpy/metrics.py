@@ -30,42 +30,48 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure_peak_gflops(threads: int, use_cache: bool = True) -> float:
+def _cached(key: str, measure) -> float:
+    """A machine figure measured once per CPU model and key, then read from ~/.cache/llmpy."""
+    path = os.path.join(cache_dir(), "machine.json")
+    full_key = f"{_cpu_name()}|{key}"
+    try:
+        with open(path) as f:
+            cached = json.load(f)
+    except (OSError, ValueError):
+        cached = {}
+    if full_key in cached:
+        return float(cached[full_key])
+    value = float(measure())
+    cached[full_key] = value
+    try:
+        os.makedirs(cache_dir(), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(cached, f, indent=1)
+    except OSError:
+        pass
+    return value
+
+
+def measure_peak_gflops(threads: int) -> float:
     """Best float32 GEMM rate (GFLOP/s) of numpy's BLAS on `threads` threads: the roof MFU is read
     against unless a peak is given. Measured once per CPU model and thread count, then cached."""
-    key = f"{_cpu_name()}|sgemm|{threads}"
-    path = os.path.join(cache_dir(), "peak_gflops.json")
-    cached: dict[str, float] = {}
-    if use_cache:
-        try:
-            with open(path) as f:
-                cached = json.load(f)
-            if key in cached:
-                return float(cached[key])
-        except (OSError, ValueError):
-            cached = {}
-    n = 1024
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
-    out = np.empty((n, n), dtype=np.float32)
-    best = float("inf")
-    with threadpool_limits(limits=threads, user_api="blas"):
-        np.matmul(a, b, out=out)
-        for _ in range(5):
-            start = time.perf_counter()
+
+    def measure() -> float:
+        n = 1024
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((n, n), dtype=np.float32)
+        b = rng.standard_normal((n, n), dtype=np.float32)
+        out = np.empty((n, n), dtype=np.float32)
+        best = float("inf")
+        with threadpool_limits(limits=threads, user_api="blas"):
             np.matmul(a, b, out=out)
-            best = min(best, time.perf_counter() - start)
-    gflops = 2 * n**3 / best / 1e9
-    if use_cache:
-        cached[key] = gflops
-        try:
-            os.makedirs(cache_dir(), exist_ok=True)
-            with open(path, "w") as f:
-                json.dump(cached, f, indent=1)
-        except OSError:
-            pass  # a read-only home only costs a re-measurement next time
-    return gflops
+            for _ in range(5):
+                start = time.perf_counter()
+                np.matmul(a, b, out=out)
+                best = min(best, time.perf_counter() - start)
+        return 2 * n**3 / best / 1e9
+
+    return _cached(f"sgemm|{threads}", measure)
 
 
 @dataclass
@@ -100,28 +106,6 @@ class StepStats:
 def step_flops(config: GPT2Config, B: int, T: int) -> float:
     """FLOPs of one forward+backward over B*T tokens by llm.c's count (6N + 6LCT per token)."""
     return float(config.flops_per_token(T) * B * T)
-
-
-def _cached(key: str, measure) -> float:
-    """A machine figure measured once per CPU model and key, then read from ~/.cache/llmpy."""
-    path = os.path.join(cache_dir(), "machine.json")
-    full_key = f"{_cpu_name()}|{key}"
-    try:
-        with open(path) as f:
-            cached = json.load(f)
-    except (OSError, ValueError):
-        cached = {}
-    if full_key in cached:
-        return float(cached[full_key])
-    value = float(measure())
-    cached[full_key] = value
-    try:
-        os.makedirs(cache_dir(), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(cached, f, indent=1)
-    except OSError:
-        pass
-    return value
 
 
 def measure_memory_bandwidth(threads: int) -> float:

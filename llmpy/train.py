@@ -151,6 +151,30 @@ def _check_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
 
+def train_step(model: GPT2, optimizer: AdamW, batches, learning_rate: float, recorder: Recorder | None = None,
+               step: int = 0) -> float:
+    """One optimizer step over the micro-batches `batches` ((inputs, targets) pairs; gradients averaged
+    over them), with the phases marked on `recorder`. Returns the mean loss."""
+    batches = list(batches)
+    if recorder is not None:
+        recorder.begin_step(step)
+    loss = 0.0
+    for micro_step, (inputs, targets) in enumerate(batches):
+        if recorder is not None:
+            recorder.set_phase("forward")
+        loss += model.forward(inputs, targets) / len(batches)
+        if recorder is not None:
+            recorder.set_phase("backward")
+        model.backward(accumulate_gradients=micro_step > 0)
+    if recorder is not None:
+        recorder.set_phase("update")
+    optimizer.update(model.params, model.grads, learning_rate, grad_scale=1.0 / len(batches))
+    if recorder is not None:
+        tokens = sum(inputs.size for inputs, _ in batches)
+        recorder.end_step(loss, tokens)
+    return loss
+
+
 def run_meta(args, config: GPT2Config, execution: ExecutionModel, peak: float, B: int, T: int) -> dict:
     """What a run was, for metrics files and traces."""
     return {
@@ -277,17 +301,8 @@ def run(args, out=sys.stdout) -> TrainResult:
                 break
             recorder.enabled = True
             start = time.perf_counter()
-            recorder.begin_step(step + 1)
-            loss = 0.0
-            for micro_step in range(args.grad_accum):
-                inputs, targets = train_loader.next_batch()
-                recorder.set_phase("forward")
-                loss += model.forward(inputs, targets) / args.grad_accum
-                recorder.set_phase("backward")
-                model.backward(accumulate_gradients=micro_step > 0)
-            recorder.set_phase("update")
-            optimizer.update(model.params, model.grads, schedule(step), grad_scale=1.0 / args.grad_accum)
-            recorder.end_step(loss, B * T * args.grad_accum)
+            batches = (train_loader.next_batch() for _ in range(args.grad_accum))
+            loss = train_step(model, optimizer, batches, schedule(step), recorder, step + 1)
             elapsed = time.perf_counter() - start
             stats = StepStats(step + 1, loss, elapsed, B * T * args.grad_accum, flops, execution.cores, peak)
             result.steps.append(stats)

@@ -12,6 +12,7 @@ from llmpy.kernels.costs import kernel_cost
 from llmpy.model import GPT2
 from llmpy.optim import AdamW
 from llmpy.recorder import Recorder
+from llmpy.train import train_step
 from test_cli import llmpy, text_dataset  # noqa: F401  (fixture)
 
 CONFIG = GPT2Config(max_seq_len=32, vocab_size=500, padded_vocab_size=512, num_layers=2, num_heads=2, channels=32)
@@ -47,14 +48,7 @@ def _recorded_steps(mode, threads, per_thread, steps=3):
         rng = np.random.default_rng(0)
         for step in range(1, steps + 1):
             inputs, targets = rng.integers(0, CONFIG.vocab_size, (2, 2, 16))
-            recorder.begin_step(step)
-            recorder.set_phase("forward")
-            model.forward(inputs, targets)
-            recorder.set_phase("backward")
-            model.backward()
-            recorder.set_phase("update")
-            optimizer.update(model.params, model.grads, 1e-3)
-            recorder.end_step(model.mean_loss, 32)
+            train_step(model, optimizer, [(inputs, targets)], 1e-3, recorder, step)
         return recorder
     finally:
         execution.close()
