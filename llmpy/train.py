@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmpy.config import PRESETS, GPT2Config, preset
-from llmpy.execution import MODES, THREADING_LAYERS, ExecutionModel, make_execution_model
+from llmpy.execution import MODES, THREADING_LAYERS, ExecutionModel, available_cores, make_execution_model
 from llmpy.metrics import (StepStats, format_kernel_table, kernel_summary, measure_peak_gflops, measured_steps,
                            phase_summary, step_flops, write_run_metrics)
 from llmpy.recorder import Recorder
@@ -42,8 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("-T", "--seq-len", type=int, default=64, help="tokens per sequence (default 64)")
     run.add_argument("--steps", type=int, default=40, help="optimizer steps (default 40)")
     run.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    run.add_argument("--mode", default="sequential", choices=MODES, help="execution model (default sequential)")
-    run.add_argument("--threads", type=int, default=1, help="threads for forkjoin (numba and BLAS; default 1)")
+    run.add_argument("--mode", default="forkjoin", choices=MODES,
+                     help="execution model (default forkjoin, as llm.c's OpenMP build; sequential = 1 thread)")
+    run.add_argument("--threads", type=int,
+                     help="threads for forkjoin, numba and BLAS alike (default: every available core)")
     run.add_argument("--threading-layer", default="omp", choices=THREADING_LAYERS,
                      help="numba threading layer for forkjoin (default omp)")
 
@@ -252,7 +254,8 @@ def run(args, out=sys.stdout) -> TrainResult:
         else:
             print(line, file=out, flush=True)
 
-    execution = make_execution_model(args.mode, args.threads, args.threading_layer)
+    threads = args.threads if args.threads is not None else (1 if args.mode == "sequential" else available_cores())
+    execution = make_execution_model(args.mode, threads, args.threading_layer)
     try:
         model = build_model(args, execution, B, T)
         config: GPT2Config = model.config

@@ -79,7 +79,8 @@ def test_prepare_train_sample(text_dataset):
 def test_execution_models_give_the_same_losses(text_dataset):
     common = ["train", "--model", "d2", "--steps", "4", "--lr", "1e-3", "--val-every", "0", "--sample-every", "0",
               "--no-progress", "--output", ""]
-    runs = {"sequential": llmpy(*common, cwd=text_dataset)}
+    runs = {"sequential": llmpy(*common, "--mode", "sequential", cwd=text_dataset)}
+    assert "sequential, 1 thread" in runs["sequential"].stdout
     threads = min(2, available_cores())
     for layer in ("omp", "tbb"):
         runs[layer] = llmpy(*common, "--mode", "forkjoin", "--threads", threads, "--threading-layer", layer,
