@@ -129,7 +129,7 @@ def _run_worker(args) -> None:
             "tokens_per_s_per_core": B * T / median * 1e3 / threads,
             "mfu": flops / (median / 1e3) / (peaks[threads] * 1e9), "peak_gflops": peaks[threads],
             "peak_rss_mb": peak_rss_mb, "process_configs": len(configs),
-            "kernels": [k.as_dict() for k in kernel_summary(recorder.calls, recorder.steps, args.warmup)],
+            "kernels": [k.as_dict() for k in kernel_summary(recorder.kernel_totals, recorder.steps, args.warmup)],
         }
         if args.trace:
             directory = os.path.join(args.trace, f"{mode}-{result['runtime']}-{threads}")

@@ -174,18 +174,19 @@ def measured_steps(steps, skip_steps: int):
     return steps[skip_steps:] if len(steps) > skip_steps else steps[-1:]
 
 
-def kernel_summary(calls, steps, skip_steps: int = 1) -> list[KernelSummary]:
-    """Per-kernel totals from Recorder.calls over the measured steps, biggest first."""
-    kept = {s.step for s in measured_steps(steps, skip_steps)}
+def kernel_summary(kernel_totals: dict[int, dict[str, list[float]]], steps, skip_steps: int = 1) -> list[KernelSummary]:
+    """Per-kernel means over the measured steps, from Recorder.kernel_totals (step -> kernel -> [calls,
+    seconds, flops, bytes]), biggest first."""
+    kept = [s.step for s in measured_steps(steps, skip_steps)]
     if not kept:
         return []
     step_seconds = sum(s.duration for s in steps if s.step in kept) / len(kept)
     totals: dict[str, list[float]] = {}
-    for name, _phase, _layer, step, start, end, flops, moved in calls:
-        if step in kept:
+    for step in kept:
+        for name, (count, seconds, flops, moved) in kernel_totals.get(step, {}).items():
             entry = totals.setdefault(name, [0, 0.0, 0.0, 0.0])
-            entry[0] += 1
-            entry[1] += end - start
+            entry[0] += count
+            entry[1] += seconds
             entry[2] += flops
             entry[3] += moved
     rows = []

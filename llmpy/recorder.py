@@ -57,12 +57,18 @@ class ThreadClocks:
 class Recorder:
     """Observer of kernel calls (see GPT2.observer) that keeps a timeline of the run."""
 
-    def __init__(self, rank: int = 0, per_thread: bool = False, threads: int | None = None):
+    def __init__(self, rank: int = 0, per_thread: bool = False, threads: int | None = None,
+                 keep_calls: bool | None = None):
         """threads: the run's thread count; each call then shows at most threads - 1 helper rows, the
-        busiest (a helper of the other pool still winding down from the previous call is not work)."""
+        busiest (a helper of the other pool still winding down from the previous call is not work).
+        keep_calls: keep every call (needed for traces; default: with per_thread). Without it only
+        per-step, per-kernel totals are kept, so memory stays small however long the run."""
         self.origin = perf_counter()
         self.rank = rank
         self.per_thread = per_thread
+        self.keep_calls = per_thread if keep_calls is None else keep_calls
+        # step -> kernel name -> [calls, wall seconds, flops, bytes]
+        self.kernel_totals: dict[int, dict[str, list[float]]] = {}
         self.max_helpers = None if threads is None else max(0, threads - 1)
         self.enabled = True
         # (name, phase, layer, step, start, end, flops, bytes), wall seconds since origin
@@ -125,7 +131,16 @@ class Recorder:
             self._record_threads(name, layer, start - self.origin, end - start, main_busy,
                                  helpers_before, helpers_after)
         flops, moved = kernel_cost(name, args)
-        self.calls.append((name, self.phase, layer, self.step, start - self.origin, end - self.origin, flops, moved))
+        totals = self.kernel_totals.setdefault(self.step, {})
+        entry = totals.get(name)
+        if entry is None:
+            entry = totals[name] = [0, 0.0, 0.0, 0.0]
+        entry[0] += 1
+        entry[1] += end - start
+        entry[2] += flops
+        entry[3] += moved
+        if self.keep_calls:
+            self.calls.append((name, self.phase, layer, self.step, start - self.origin, end - self.origin, flops, moved))
         return result
 
     def _record_threads(self, name, layer, start, wall, main_busy, before, after) -> None:
@@ -141,6 +156,8 @@ class Recorder:
     def to_trace(self, meta: dict) -> Trace:
         """The recorded run as a Trace: per-thread CPU events when recorded per thread, else one row of
         wall-time events; flops and bytes on row 0."""
+        if not self.keep_calls:
+            raise RuntimeError("this Recorder kept only totals; create it with keep_calls=True to build a trace")
         events: list[KernelEvent] = []
         if self.per_thread:
             costs = {(c[0], c[2], c[3], c[4]): (c[6], c[7]) for c in self.calls}

@@ -328,7 +328,7 @@ def run(args, out=sys.stdout) -> TrainResult:
             say(f"median step {ms:.0f} ms, {np.median([s.tokens_per_second for s in measured]):,.0f} tok/s, "
                 f"{np.median([s.tokens_per_second_per_core for s in measured]):,.0f} tok/s/core, "
                 f"MFU {100 * np.median([s.mfu for s in measured]):.1f}% (median of {len(measured)} steps)")
-            result.kernels = kernel_summary(recorder.calls, recorder.steps, skip)
+            result.kernels = kernel_summary(recorder.kernel_totals, recorder.steps, skip)
             result.phases = phase_summary(recorder.steps, skip)
             say(format_kernel_table(result.kernels, result.phases))
             meta = run_meta(args, config, execution, peak, B, T)

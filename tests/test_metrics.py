@@ -43,7 +43,7 @@ def _recorded_steps(mode, threads, per_thread, steps=3):
         model = GPT2(CONFIG, 2, 16, execution.kernels)
         model.init_random(0)
         optimizer = AdamW(model.params, kernels=execution.kernels)
-        recorder = Recorder(per_thread=per_thread, threads=threads)
+        recorder = Recorder(per_thread=per_thread, threads=threads, keep_calls=True)
         model.observer = optimizer.observer = recorder
         rng = np.random.default_rng(0)
         for step in range(1, steps + 1):
@@ -73,6 +73,11 @@ def test_recorder_sees_every_kernel_call_in_its_phase():
         calls = [c for c in recorder.calls if c[3] == step.step]
         assert all(step.start <= c[4] <= c[5] <= step.end for c in calls)
         assert sum(c[5] - c[4] for c in calls) <= step.duration
+        # the totals every run keeps agree with the individual calls
+        totals = recorder.kernel_totals[step.step]
+        assert sum(t[0] for t in totals.values()) == len(calls)
+        assert sum(t[1] for t in totals.values()) == pytest.approx(sum(c[5] - c[4] for c in calls))
+    assert not Recorder().calls and Recorder().keep_calls is False
 
 
 @pytest.mark.skipif(available_cores() < 2, reason="needs 2 cores")
