@@ -56,7 +56,9 @@ def main() -> None:
         print(f"{name:18s} median {1e3 * median:8.1f} ms  min {1e3 * min(samples):8.1f} ms  "
               f"overhead {100 * (median - base) / base:+5.2f}% (median), "
               f"{100 * (min(samples) - min(times['none'])) / min(times['none']):+5.2f}% (min)")
-    print(f"kernel calls recorded per step: {len(variants['recorder'].calls) / (args.steps + 1):.0f}")
+    totals = variants["recorder"].kernel_totals
+    calls = sum(entry[0] for step in totals.values() for entry in step.values())
+    print(f"kernel calls recorded per step: {calls / len(totals):.0f}")
     execution.close()
 
 
