@@ -81,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     report.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2; 0 = all)")
     report.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in --checkpoint-dir (same data, B, T)")
-    report.add_argument("--no-progress", action="store_true", help="no progress bar")
+    report.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (it is shown only when stderr is a terminal anyway)")
     report.add_argument("--metrics-dir", default="out",
                         help="where metrics.json, steps.csv and kernels.csv are written (default out; '' = none)")
     report.add_argument("--warmup-report-steps", type=int, default=1,
@@ -285,8 +286,8 @@ def run(args, out=sys.stdout) -> TrainResult:
         result = TrainResult()
         recorder = Recorder(per_thread=bool(args.trace), threads=execution.threads)
         model.observer = optimizer.observer = recorder
-        progress = tqdm(total=args.steps, initial=first_step, unit="step", disable=args.no_progress, file=sys.stderr,
-                        leave=False, dynamic_ncols=True)
+        progress = tqdm(total=args.steps, initial=first_step, unit="step", file=sys.stderr, leave=False,
+                        dynamic_ncols=True, disable=True if args.no_progress else None)  # None: only on a terminal
         for step in range(first_step, args.steps + 1):
             last = step == args.steps
             recorder.enabled = False  # validation and samples are not part of the training step
