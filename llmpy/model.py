@@ -118,7 +118,7 @@ class GPT2:
         k = self.kernels
         acts, _ = self._buffers_for(b, t)
         p = self.params
-        L, C, NH, Vp = cfg.num_layers, cfg.channels, cfg.num_heads, cfg.padded_vocab_size
+        L, NH = cfg.num_layers, cfg.num_heads
         N = b * t
         rows = lambda x: x.reshape(N, -1)  # (b, t, X) -> (b*t, X)
         flat = lambda x: x.reshape(-1)

@@ -223,7 +223,7 @@ def test_prepare_tinyshakespeare_offline_error(tmp_path, monkeypatch):
 def test_default_corpus_deterministic(tmp_path):
     # Reduced cap keeps the test quick; the full default build takes a few seconds.
     a = prepare_default_corpus(tmp_path / "a", max_tokens=120_000)
-    b = prepare_default_corpus(tmp_path / "b", max_tokens=120_000)
+    prepare_default_corpus(tmp_path / "b", max_tokens=120_000)
     assert a.name == "pydocs"
     assert a.num_train_tokens + a.num_val_tokens == 120_000
     assert a.num_val_tokens == 12_000
