@@ -75,11 +75,19 @@ class Trace:
 
     def save(self, directory: str) -> dict[str, str]:
         """Write every form of the trace into `directory`; returns {form: path}."""
-        from llmpy.formats import atomic_write_bytes
         from llmpy.trace_export import write_chrome_trace, write_paraver
 
+        paths = {"events": self.save_events(directory)}
+        paths["chrome"] = write_chrome_trace(self, os.path.join(directory, CHROME_FILE))
+        paths.update(write_paraver(self, os.path.join(directory, PARAVER_BASENAME)))
+        return paths
+
+    def save_events(self, directory: str) -> str:
+        """Write llmpy's own form (events.json, what `load` reads) into `directory`; returns its path."""
+        from llmpy.formats import atomic_write_bytes
+
         os.makedirs(directory, exist_ok=True)
-        paths = {"events": os.path.join(directory, EVENTS_FILE)}
+        path = os.path.join(directory, EVENTS_FILE)
         payload = {
             "version": TRACE_FORMAT_VERSION,
             "meta": self.meta,
@@ -87,10 +95,8 @@ class Trace:
             "events": [list(asdict(e).values()) for e in self.events],
             "event_fields": list(KernelEvent.__dataclass_fields__),
         }
-        atomic_write_bytes(paths["events"], json.dumps(payload).encode())
-        paths["chrome"] = write_chrome_trace(self, os.path.join(directory, CHROME_FILE))
-        paths.update(write_paraver(self, os.path.join(directory, PARAVER_BASENAME)))
-        return paths
+        atomic_write_bytes(path, json.dumps(payload).encode())
+        return path
 
     @classmethod
     def load(cls, directory: str) -> "Trace":

@@ -4,9 +4,7 @@ PNGs of llmpy.plots."""
 from __future__ import annotations
 
 import csv
-import json
 import os
-from dataclasses import asdict
 
 import pytest
 
@@ -22,7 +20,7 @@ from llmpy.analysis import (
     write_analysis,
 )
 from llmpy.plots import roofline_png, scaling_bases, scaling_pngs, timeline_png
-from llmpy.trace import EVENTS_FILE, TRACE_FORMAT_VERSION, KernelEvent, StepRecord, Trace
+from llmpy.trace import KernelEvent, StepRecord, Trace
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -33,20 +31,6 @@ def ev(thread, start, end, name="k", phase="forward", step=1, rank=0, layer=0, f
 
 def step_record(step, start, end, rank=0, **phases):
     return StepRecord(step, rank, start, end, loss=1.0, tokens=256, phases=dict(phases))
-
-
-def save_events(trace: Trace, directory: str) -> None:
-    """events.json in Trace.save's layout (only that form: the analysis reads nothing else)."""
-    os.makedirs(directory, exist_ok=True)
-    payload = {
-        "version": TRACE_FORMAT_VERSION,
-        "meta": trace.meta,
-        "steps": [asdict(s) for s in trace.steps],
-        "events": [list(asdict(e).values()) for e in trace.events],
-        "event_fields": list(KernelEvent.__dataclass_fields__),
-    }
-    with open(os.path.join(directory, EVENTS_FILE), "w") as f:
-        json.dump(payload, f)
 
 
 def assert_png(path):
@@ -279,7 +263,7 @@ def test_scaling_base_is_sequential_when_present():
 
 def test_write_analysis_and_analyze(tmp_path):
     directory = str(tmp_path / "trace")
-    save_events(roofline_trace(), directory)
+    roofline_trace().save_events(directory)
     paths = write_analysis(directory)
     with open(paths["pop"]) as f:
         pop = list(csv.DictReader(f))
@@ -320,7 +304,6 @@ def test_warmup_defaults_to_meta_warmup_steps():
 
 
 def test_analysis_of_a_trace_written_by_trace_save(tmp_path):
-    pytest.importorskip("llmpy.trace_export")
     directory = str(tmp_path / "saved")
     roofline_trace().save(directory)
     paths = write_analysis(directory)
