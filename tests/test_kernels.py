@@ -782,28 +782,18 @@ def _assert_serial_parallel(parallel_result, serial_result, name, bitwise=True):
         close(parallel_result, serial_result, atol=VARIANT_ATOL, rtol=RTOL, err_msg=name)
 
 
-@pytest.mark.parametrize("case", sorted(ROW_CASES))
-def test_row_kernels_serial_equals_parallel(case):
-    make, run, outputs, _ = ROW_CASES[case]
+@pytest.mark.parametrize("table, case", [("rows", c) for c in sorted(ROW_CASES)]
+                         + [("channels", c) for c in sorted(CHANNEL_CASES)])
+def test_row_and_channel_kernels_serial_equals_parallel(table, case):
+    cases, seed, extent = (ROW_CASES, 50, N) if table == "rows" else (CHANNEL_CASES, 51, CW)
+    make, run, outputs, _ = cases[case]
     results = []
     for parallel in (False, True):
-        arrays = _fresh(make, 50)
-        run(arrays, parallel, 0, N)
+        arrays = _fresh(make, seed)
+        run(arrays, parallel, 0, extent)
         results.append(arrays)
     for name in outputs:
         _assert_serial_parallel(results[1][name], results[0][name], name, case not in NOT_BITWISE_ACROSS_VARIANTS)
-
-
-@pytest.mark.parametrize("case", sorted(CHANNEL_CASES))
-def test_channel_kernels_serial_equals_parallel(case):
-    make, run, outputs, _ = CHANNEL_CASES[case]
-    results = []
-    for parallel in (False, True):
-        arrays = _fresh(make, 51)
-        run(arrays, parallel, 0, CW)
-        results.append(arrays)
-    for name in outputs:
-        np.testing.assert_array_equal(results[1][name], results[0][name], err_msg=name)
 
 
 def test_attention_serial_equals_parallel():
