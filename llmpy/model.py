@@ -16,6 +16,25 @@ from llmpy.layout import FlatBuffer, activation_buffer, activation_shapes, param
 KernelObserver = Callable[[str, int, Callable, tuple], object]
 
 
+def init_parameters(params: FlatBuffer, config: GPT2Config, seed: int = 42) -> None:
+    """llm.c's train_gpt2.py init, in place: N(0, 0.02) weights and embeddings, residual projections scaled
+    by 1/sqrt(2L), zero biases, unit layernorm gains; the padded vocabulary rows stay zero."""
+    rng = np.random.default_rng(seed)
+    p = params
+    p.flat.fill(0.0)
+    std = 0.02
+    residual_std = std / math.sqrt(2 * config.num_layers)
+    V = config.vocab_size
+    p.wte[:V] = rng.standard_normal(p.wte[:V].shape, dtype=np.float32) * std
+    p.wpe[...] = rng.standard_normal(p.wpe.shape, dtype=np.float32) * std
+    p.qkvw[...] = rng.standard_normal(p.qkvw.shape, dtype=np.float32) * std
+    p.attprojw[...] = rng.standard_normal(p.attprojw.shape, dtype=np.float32) * residual_std
+    p.fcw[...] = rng.standard_normal(p.fcw.shape, dtype=np.float32) * std
+    p.fcprojw[...] = rng.standard_normal(p.fcprojw.shape, dtype=np.float32) * residual_std
+    for gain in (p.ln1w, p.ln2w, p.lnfw):
+        gain.fill(1.0)
+
+
 class GPT2:
     """Parameters, gradients, activations and their gradients for batches of up to B x T tokens.
 
@@ -49,22 +68,8 @@ class GPT2:
 
     # ------------------------------------------------------------------ initialisation
     def init_random(self, seed: int = 42) -> None:
-        """llm.c's train_gpt2.py init: N(0, 0.02) weights and embeddings, residual projections scaled by
-        1/sqrt(2L), zero biases, unit layernorm gains; the padded vocabulary rows stay zero."""
-        rng = np.random.default_rng(seed)
-        p = self.params
-        p.flat.fill(0.0)
-        std = 0.02
-        residual_std = std / math.sqrt(2 * self.config.num_layers)
-        V = self.config.vocab_size
-        p.wte[:V] = rng.standard_normal(p.wte[:V].shape, dtype=np.float32) * std
-        p.wpe[...] = rng.standard_normal(p.wpe.shape, dtype=np.float32) * std
-        p.qkvw[...] = rng.standard_normal(p.qkvw.shape, dtype=np.float32) * std
-        p.attprojw[...] = rng.standard_normal(p.attprojw.shape, dtype=np.float32) * residual_std
-        p.fcw[...] = rng.standard_normal(p.fcw.shape, dtype=np.float32) * std
-        p.fcprojw[...] = rng.standard_normal(p.fcprojw.shape, dtype=np.float32) * residual_std
-        for gain in (p.ln1w, p.ln2w, p.lnfw):
-            gain.fill(1.0)
+        """llm.c's train_gpt2.py init (see `init_parameters`)."""
+        init_parameters(self.params, self.config, seed)
 
     def load_parameters(self, flat: np.ndarray) -> None:
         if flat.shape != self.params.flat.shape:

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import statistics
 
 import numpy as np
 import pytest
@@ -164,3 +165,24 @@ def test_trace_of_a_real_run_exports_and_analyzes(text_dataset, tmp_path):  # no
         assert (trace_dir / name).stat().st_size > 0
     llmpy("plot", "timeline", "tr", "--steps", "2", cwd=tmp_path)
     assert (trace_dir / "timeline.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_vs_torch_pairs_each_configuration_with_the_torch_baseline(tmp_path):
+    pytest.importorskip("torch")
+    threads = "1,2" if available_cores() >= 2 else "1"
+    result = llmpy("bench", "--model", "d2", "--steps", "2", "--threads", threads, "--vs", "torch",
+                   "--json", "r.json", cwd=tmp_path)
+    results = json.loads((tmp_path / "r.json").read_text())
+    torch_rows = {r["threads"]: r for r in results if r["mode"] == "torch"}
+    assert sorted(torch_rows) == [int(t) for t in threads.split(",")]
+    llmpy_rows = [r for r in results if r["mode"] != "torch"]
+    for r in llmpy_rows:
+        baseline = torch_rows[r["threads"]]
+        assert r["torch_ms_per_step_median"] == baseline["ms_per_step_median"]
+        paired = [a / b for a, b in zip(r["ms_per_step"], baseline["ms_per_step"], strict=True)]
+        assert r["ratio_vs_torch"] == pytest.approx(statistics.median(paired))
+        assert baseline["peak_rss_mb"] > 0 and r["peak_rss_mb"] > 0
+    # same init and batch: the first step's loss (before any update) is the same model's loss in both
+    sequential = next(r for r in llmpy_rows if r["mode"] == "sequential")
+    assert sequential["first_loss"] == pytest.approx(torch_rows[1]["first_loss"], abs=1e-4)
+    assert "vs torch eager" in result.stdout and "ratio" in result.stdout
