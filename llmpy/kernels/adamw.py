@@ -28,14 +28,18 @@ def adamw_update(params, grads, m, v, learning_rate, beta1, beta2, eps, weight_d
     c2 = np.float32(1.0 / bias_correction2)
     gs = np.float32(grad_scale)
     for chunk in prange((N + CHUNK - 1) // CHUNK):
-        for i in range(chunk * CHUNK, min(N, (chunk + 1) * CHUNK)):
-            g = grads[i] * gs
-            mi = b1 * m[i] + (one - b1) * g
-            vi = b2 * v[i] + (one - b2) * g * g
-            m[i] = mi
-            v[i] = vi
-            p = params[i]
-            params[i] = p - lr * ((mi * c1) / (np.sqrt(vi * c2) + e) + wd * p)
+        # sliced so the inner loop indexes from 0: numba then drops negative-index handling and LLVM vectorises
+        start = chunk * CHUNK
+        stop = min(N, start + CHUNK)
+        p_chunk, g_chunk, m_chunk, v_chunk = params[start:stop], grads[start:stop], m[start:stop], v[start:stop]
+        for i in range(stop - start):
+            g = g_chunk[i] * gs
+            mi = b1 * m_chunk[i] + (one - b1) * g
+            vi = b2 * v_chunk[i] + (one - b2) * g * g
+            m_chunk[i] = mi
+            v_chunk[i] = vi
+            p = p_chunk[i]
+            p_chunk[i] = p - lr * ((mi * c1) / (np.sqrt(vi * c2) + e) + wd * p)
 
 
 @kernel
@@ -45,9 +49,10 @@ def sum_of_squares(x):
     num_chunks = (N + CHUNK - 1) // CHUNK
     partial = np.zeros(num_chunks, dtype=np.float64)
     for chunk in prange(num_chunks):
+        x_chunk = x[chunk * CHUNK:min(N, (chunk + 1) * CHUNK)]
         acc = 0.0
-        for i in range(chunk * CHUNK, min(N, (chunk + 1) * CHUNK)):
-            acc += np.float64(x[i]) * np.float64(x[i])
+        for i in range(x_chunk.shape[0]):
+            acc += np.float64(x_chunk[i]) * np.float64(x_chunk[i])
         partial[chunk] = acc
     total = 0.0
     for chunk in range(num_chunks):

@@ -41,15 +41,17 @@ def kernel(fn: Callable | None = None, *, fastmath: bool = True):
     return _compile_variants(fn, FASTMATH if fastmath else False)
 
 
+# error_model="numpy": a float division by zero gives inf/nan as in C, instead of numba's default Python
+# check (raise ZeroDivisionError), whose branch keeps LLVM from vectorising any loop that divides.
 def _compile_variants(fn: Callable, fastmath) -> KernelVariants:
-    parallel = njit(parallel=True, cache=True, nogil=True, fastmath=fastmath)(fn)
+    parallel = njit(parallel=True, cache=True, nogil=True, fastmath=fastmath, error_model="numpy")(fn)
     serial_fn = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
     serial_fn.__qualname__ = fn.__qualname__ + "_serial"
     serial_fn.__doc__ = fn.__doc__
-    serial = njit(parallel=False, cache=True, nogil=True, fastmath=fastmath)(serial_fn)
+    serial = njit(parallel=False, cache=True, nogil=True, fastmath=fastmath, error_model="numpy")(serial_fn)
     return KernelVariants(fn.__name__, parallel, serial, fn)
 
 
 def helper(fn: Callable) -> Callable:
     """An inlined building block called from kernels (no threading of its own)."""
-    return njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")(fn)
+    return njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always", error_model="numpy")(fn)
