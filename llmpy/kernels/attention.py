@@ -10,6 +10,7 @@ import numpy as np
 from numba import prange
 
 from llmpy.kernels.compile import kernel
+from llmpy.kernels.vector_math import exp_nonpositive
 
 
 @kernel
@@ -20,6 +21,7 @@ def attention_forward(out, preatt, att, qkv, num_heads, b0, b1, t0, t1):
     (preatt = q.k / sqrt(hs) for keys <= t; att = softmax of it, zero for keys > t, as llm.c stores them).
     """
     C = out.shape[2]
+    T = att.shape[3]
     hs = C // num_heads
     scale = np.float32(1.0 / math.sqrt(hs))
     rows = t1 - t0
@@ -28,34 +30,38 @@ def attention_forward(out, preatt, att, qkv, num_heads, b0, b1, t0, t1):
         b = b0 + item // (num_heads * rows)
         h = (item // rows) % num_heads
         t = t0 + item % rows
-        q_off = h * hs
-        k_off = C + h * hs
-        v_off = 2 * C + h * hs
+        # 1-D views indexed from 0 in the inner loops: numba drops negative-index handling, LLVM vectorises
+        query = qkv[b, t, h * hs:(h + 1) * hs]
+        preatt_row = preatt[b, h, t]
+        att_row = att[b, h, t]
         maxval = np.float32(-3.4e38)
         for t2 in range(t + 1):
+            key = qkv[b, t2, C + h * hs:C + (h + 1) * hs]
             dot = np.float32(0.0)
             for i in range(hs):
-                dot += qkv[b, t, q_off + i] * qkv[b, t2, k_off + i]
+                dot += query[i] * key[i]
             dot *= scale
-            preatt[b, h, t, t2] = dot
+            preatt_row[t2] = dot
             if dot > maxval:
                 maxval = dot
         total = np.float32(0.0)
         for t2 in range(t + 1):
-            e = np.exp(preatt[b, h, t, t2] - maxval)
-            att[b, h, t, t2] = e
+            e = exp_nonpositive(preatt_row[t2] - maxval)
+            att_row[t2] = e
             total += e
         inv = np.float32(1.0) / total
         for t2 in range(t + 1):
-            att[b, h, t, t2] *= inv
-        for t2 in range(t + 1, att.shape[3]):
-            att[b, h, t, t2] = 0.0
+            att_row[t2] *= inv
+        for t2 in range(t + 1, T):
+            att_row[t2] = 0.0
+        out_row = out[b, t, h * hs:(h + 1) * hs]
         for i in range(hs):
-            out[b, t, q_off + i] = 0.0
+            out_row[i] = 0.0
         for t2 in range(t + 1):
-            a = att[b, h, t, t2]
+            a = att_row[t2]
+            value = qkv[b, t2, 2 * C + h * hs:2 * C + (h + 1) * hs]
             for i in range(hs):
-                out[b, t, q_off + i] += a * qkv[b, t2, v_off + i]
+                out_row[i] += a * value[i]
 
 
 @kernel
@@ -76,34 +82,38 @@ def attention_backward(dqkv, dpreatt, datt, dout, qkv, att, num_heads, b0, b1, t
     for item in prange(work):
         b = b0 + item // num_heads
         h = item % num_heads
-        q_off = h * hs
-        k_off = C + h * hs
-        v_off = 2 * C + h * hs
+        q0, k0, v0 = h * hs, C + h * hs, 2 * C + h * hs
         if not accumulate:
             for t in range(dqkv.shape[1]):
+                dq_row, dk_row, dv_row = dqkv[b, t, q0:q0 + hs], dqkv[b, t, k0:k0 + hs], dqkv[b, t, v0:v0 + hs]
                 for i in range(hs):
-                    dqkv[b, t, q_off + i] = 0.0
-                    dqkv[b, t, k_off + i] = 0.0
-                    dqkv[b, t, v_off + i] = 0.0
+                    dq_row[i] = 0.0
+                    dk_row[i] = 0.0
+                    dv_row[i] = 0.0
         for t in range(t0, t1):
+            att_row, datt_row, dpreatt_row = att[b, h, t], datt[b, h, t], dpreatt[b, h, t]
+            dout_row = dout[b, t, q0:q0 + hs]
             # through out = att @ v
             for t2 in range(t + 1):
-                a = att[b, h, t, t2]
+                a = att_row[t2]
+                value, dvalue = qkv[b, t2, v0:v0 + hs], dqkv[b, t2, v0:v0 + hs]
                 dot = np.float32(0.0)
                 for i in range(hs):
-                    g = dout[b, t, q_off + i]
-                    dot += qkv[b, t2, v_off + i] * g
-                    dqkv[b, t2, v_off + i] += a * g
-                datt[b, h, t, t2] = dot
+                    g = dout_row[i]
+                    dot += value[i] * g
+                    dvalue[i] += a * g
+                datt_row[t2] = dot
             # through the softmax: dpreatt = att * (datt - sum(att * datt))
             weighted = np.float32(0.0)
             for t2 in range(t + 1):
-                weighted += att[b, h, t, t2] * datt[b, h, t, t2]
+                weighted += att_row[t2] * datt_row[t2]
             for t2 in range(t + 1):
-                dpreatt[b, h, t, t2] = att[b, h, t, t2] * (datt[b, h, t, t2] - weighted)
+                dpreatt_row[t2] = att_row[t2] * (datt_row[t2] - weighted)
             # through preatt = q.k * scale
+            query, dquery = qkv[b, t, q0:q0 + hs], dqkv[b, t, q0:q0 + hs]
             for t2 in range(t + 1):
-                d = dpreatt[b, h, t, t2] * scale
+                d = dpreatt_row[t2] * scale
+                key, dkey = qkv[b, t2, k0:k0 + hs], dqkv[b, t2, k0:k0 + hs]
                 for i in range(hs):
-                    dqkv[b, t, q_off + i] += d * qkv[b, t2, k_off + i]
-                    dqkv[b, t2, k_off + i] += d * qkv[b, t, q_off + i]
+                    dquery[i] += d * key[i]
+                    dkey[i] += d * query[i]

@@ -4,6 +4,7 @@ import numpy as np
 from numba import prange
 
 from llmpy.kernels.compile import kernel
+from llmpy.kernels.vector_math import exp_nonpositive
 
 
 @kernel
@@ -12,21 +13,23 @@ def crossentropy_forward(probs, losses, logits, targets, vocab_size):
     -log probs[n, targets[n]]; targets (N,) int32. Writes probs and losses."""
     N, Vp = logits.shape
     for n in prange(N):
+        # row views indexed from 0: numba drops negative-index handling and LLVM vectorises the loops
+        logits_row = logits[n, :vocab_size]
+        probs_row = probs[n]
         maxval = np.float32(-3.4e38)
         for v in range(vocab_size):
-            if logits[n, v] > maxval:
-                maxval = logits[n, v]
+            maxval = max(maxval, logits_row[v])
         total = np.float32(0.0)
         for v in range(vocab_size):
-            e = np.exp(logits[n, v] - maxval)
-            probs[n, v] = e
+            e = exp_nonpositive(logits_row[v] - maxval)
+            probs_row[v] = e
             total += e
         inv = np.float32(1.0) / total
         for v in range(vocab_size):
-            probs[n, v] *= inv
+            probs_row[v] *= inv
         for v in range(vocab_size, Vp):
-            probs[n, v] = 0.0
-        losses[n] = -np.log(probs[n, targets[n]])
+            probs_row[v] = 0.0
+        losses[n] = -np.log(probs_row[targets[n]])
 
 
 @kernel(fastmath=False)
@@ -36,8 +39,9 @@ def crossentropy_backward(dlogits, probs, targets, dloss, vocab_size):
     N, Vp = probs.shape
     scale = np.float32(dloss)
     for n in prange(N):
+        dlogits_row, probs_row = dlogits[n], probs[n]
         for v in range(vocab_size):
-            dlogits[n, v] = probs[n, v] * scale
-        dlogits[n, targets[n]] -= scale
+            dlogits_row[v] = probs_row[v] * scale
+        dlogits_row[targets[n]] -= scale
         for v in range(vocab_size, Vp):
-            dlogits[n, v] = 0.0
+            dlogits_row[v] = 0.0
