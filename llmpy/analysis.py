@@ -8,6 +8,7 @@ present in the trace. For a time region [t0, t1]:
 
   runtime   = t1 - t0                                   (wall time of the region)
   useful_i  = time thread row i spent in kernels inside [t0, t1]
+              (not in MPI calls: data-parallel runs record those as events named MPI_*)
               (its events clipped to the region; overlapping events of one row count once)
   LB        = mean_i(useful_i) / max_i(useful_i)        Load balance efficiency
   CommE     = max_i(useful_i) / runtime                 Communication efficiency
@@ -39,7 +40,7 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from llmpy.trace import KernelEvent, StepRecord, Trace
+from llmpy.trace import KernelEvent, StepRecord, Trace, is_communication
 
 TE_NOTE = ("TE (transfer efficiency) = 1: llmpy has no ideal-network model to separate transfer from "
            "serialization, so SerE = CommE")
@@ -116,7 +117,7 @@ class _BusyIndex:
         self.procs = processes(trace)
         by_proc: dict[Process, list[tuple[float, float]]] = defaultdict(list)
         for e in trace.events:
-            if e.end > e.start:
+            if e.end > e.start and not is_communication(e.name):  # time in MPI calls is not useful
                 by_proc[(e.rank, e.thread)].append((e.start, e.end))
         self._starts: dict[Process, list[float]] = {}
         self._ends: dict[Process, list[float]] = {}
@@ -316,7 +317,8 @@ def kernel_calls(events: list[KernelEvent]) -> list[tuple[KernelEvent, float, fl
     callers: dict[tuple, list[KernelEvent]] = defaultdict(list)
     helpers: list[KernelEvent] = []
     for e in events:
-        (callers[(e.rank, e.step, e.name, e.layer)] if e.thread == 0 else helpers).append(e)
+        # row 0 calls the kernels; in task mode every worker's event is a call of its own
+        (callers[(e.rank, e.step, e.name, e.layer)] if e.thread == 0 or e.task else helpers).append(e)
     starts: dict[tuple, list[float]] = {}
     for key, group in callers.items():
         group.sort(key=lambda e: e.start)
@@ -343,7 +345,7 @@ def roofline_rows(trace: Trace, skip_steps: int | None = None, peak_gflops: floa
     peak = peak_gflops if peak_gflops is not None else _meta_float(trace.meta, "peak_gflops")
     bw = bandwidth_gbs if bandwidth_gbs is not None else _meta_float(trace.meta, "bandwidth_gbs")
     kept = set(kept_steps(trace, skip_steps)[0]) if trace.steps else None
-    events = [e for e in trace.events if kept is None or e.step in kept]
+    events = [e for e in trace.events if (kept is None or e.step in kept) and not is_communication(e.name)]
     totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0, 0.0, 0.0])
     for caller, wall, cpu in kernel_calls(events):
         t = totals[caller.name]
@@ -438,14 +440,35 @@ def describe(trace: Trace, skip_steps: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def format_idle_table(rows: list[PopRow]) -> str:
+    """Per thread row (task mode: per worker): busy and idle time summed over the analysed steps (the per-step
+    rows of the POP table: time between steps, validation for instance, is not counted)."""
+    steps = [r.metrics for r in rows if r.step != TOTAL and r.region == "step"]
+    wall = sum(m.runtime for m in steps)
+    if wall <= 0:
+        return "(no steps analysed)"
+    useful: dict[Process, float] = defaultdict(float)
+    for m in steps:
+        for proc, seconds in m.useful.items():
+            useful[proc] += seconds
+    lines = [f"{'rank':>4s} {'thread':>6s} {'busy ms':>10s} {'idle ms':>10s} {'idle %':>7s}"]
+    for (rank, row), busy in sorted(useful.items()):
+        idle = max(0.0, wall - busy)
+        lines.append(f"{rank:4d} {row:6d} {1e3 * busy:10.2f} {1e3 * idle:10.2f} {100 * idle / wall:7.1f}")
+    lines.append(f"over {1e3 * wall:.2f} ms of wall time ({len(steps)} analysed steps)")
+    return "\n".join(lines)
+
+
 def analyze(trace_dir: str, skip_steps: int | None = None) -> str:
     """What `llmpy analyze TRACE_DIR` prints: the run, its POP efficiencies and its roofline."""
     trace = Trace.load(trace_dir)
     peak = _meta_float(trace.meta, "peak_gflops")
     bw = _meta_float(trace.meta, "bandwidth_gbs")
+    table = pop_table(trace, skip_steps)
     return "\n\n".join([
         describe(trace, skip_steps),
-        "POP efficiencies (processes = thread rows of all ranks)\n" + format_pop_table(pop_table(trace, skip_steps)),
+        "POP efficiencies (processes = thread rows of all ranks)\n" + format_pop_table(table),
+        "Idle time per thread (task mode: per worker)\n" + format_idle_table(table),
         "Roofline per kernel (non-warm-up steps)\n" + format_roofline(roofline_rows(trace, skip_steps), peak, bw),
     ])
 

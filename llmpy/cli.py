@@ -1,4 +1,4 @@
-"""The `llmpy` command: prepare, train, sample, verify."""
+"""The `llmpy` command: prepare, train, sample, verify, bench, analyze, plot, graph."""
 
 from __future__ import annotations
 
@@ -98,8 +98,30 @@ def _plot(args) -> int:
     return 0
 
 
+def _graph(args) -> int:
+    from llmpy.config import preset
+    from llmpy.execution.tasks import build_step_graph
+    from llmpy.model import GPT2
+    from llmpy.optim import AdamW
+
+    model = GPT2(preset(args.model), args.batch_size, args.seq_len)  # buffers stay untouched (lazily zero pages)
+    step = build_step_graph(model, AdamW(model.params), args.block_tokens)
+    graph = step.graph
+    print(f"{args.model}, B={args.batch_size}, T={args.seq_len}, K={step.block_tokens}: {len(graph)} tasks, "
+          f"{len(graph.edges())} edges, estimated critical path {1e3 * graph.critical_path():.1f} ms of "
+          f"{1e3 * sum(t.cost for t in graph.tasks):.1f} ms of work")
+    if args.output:
+        print(f"wrote {graph.save(args.output)}")
+    if args.png:
+        from llmpy.graph_plot import task_graph_png
+
+        print(f"wrote {task_graph_png(graph, args.layer, args.png)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llmpy import bench, sample, train, verify
+    from llmpy.config import PRESETS
 
     parser = argparse.ArgumentParser(
         prog="llmpy",
@@ -155,6 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     plot_parser.add_argument("--output", help="PNG file (timeline) or folder (scaling); default beside the source")
     plot_parser.add_argument("--steps", help="timeline: steps to show, N or FIRST:LAST (default all)")
     plot_parser.set_defaults(handler=_plot)
+
+    graph_parser = sub.add_parser("graph", help="the task graph of one training step (--mode tasks): DOT/JSON, PNG",
+                                  description="Build the task graph of one training step (forward, backward, AdamW "
+                                              "on blocks of K tokens) and write it as DOT (.dot/.gv) or JSON, and a "
+                                              "picture of one layer's tasks as PNG.")
+    graph_parser.add_argument("--model", default="d12", choices=sorted(PRESETS), help="model preset (default d12)")
+    graph_parser.add_argument("-B", "--batch-size", type=int, default=4, help="batch size (default 4)")
+    graph_parser.add_argument("-T", "--seq-len", type=int, default=64, help="sequence length (default 64)")
+    graph_parser.add_argument("--block-tokens", type=int, metavar="K", help="tokens per block (default: -T)")
+    graph_parser.add_argument("--output", help="graph file: .dot/.gv for Graphviz DOT, else JSON")
+    graph_parser.add_argument("--png", help="PNG picture of one layer's tasks")
+    graph_parser.add_argument("--layer", type=int, default=0, help="layer drawn in the PNG (default 0; -1: outside)")
+    graph_parser.set_defaults(handler=_graph)
 
     verify_parser = sub.add_parser("verify", help="check llmpy against llm.c's debug state (test_gpt2)",
                                    description=verify.__doc__)

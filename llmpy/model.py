@@ -15,6 +15,12 @@ from llmpy.layout import FlatBuffer, activation_buffer, activation_shapes, param
 # way (llmpy.recorder.Recorder); layer is -1 outside the transformer blocks.
 KernelObserver = Callable[[str, int, Callable, tuple], object]
 
+# gradients_ready(part) is called inside backward as soon as a group of parameter gradients is final for that
+# backward: part = L (num_layers) after the final layernorm (lnfw, lnfb), part = l after transformer block l
+# (the [l] slices of its 12 tensors), part = -1 after the encoder (wte, wpe). Data-parallel execution starts
+# each group's collective there (llmpy.execution.distributed); it must not write the gradients.
+GradientsReady = Callable[[int], None]
+
 
 def init_parameters(params: FlatBuffer, config: GPT2Config, seed: int = 42) -> None:
     """llm.c's train_gpt2.py init, in place: N(0, 0.02) weights and embeddings, residual projections scaled
@@ -57,6 +63,7 @@ class GPT2:
         self.acts = activation_buffer(config, B, T)
         self.grad_acts = activation_buffer(config, B, T) if training else None
         self.observer: KernelObserver | None = None
+        self.gradients_ready: GradientsReady | None = None
         self._views: dict[tuple[int, int], tuple[FlatBuffer, FlatBuffer]] = {(B, T): (self.acts, self.grad_acts)}
         self._inputs: np.ndarray | None = None
         self._targets: np.ndarray | None = None
@@ -207,6 +214,8 @@ class GPT2:
                   rows(a.residual3[L - 1]), p.lnfw, a.lnf_mean.reshape(-1), a.lnf_rstd.reshape(-1), False)
         self._run("layernorm_backward_params", -1, k.layernorm_backward_params, g.lnfw, g.lnfb, rows(d.lnf),
                   rows(a.residual3[L - 1]), a.lnf_mean.reshape(-1), a.lnf_rstd.reshape(-1), 0, C, acc)
+        if self.gradients_ready is not None:
+            self.gradients_ready(L)
         for l in reversed(range(L)):
             residual = a.encoded if l == 0 else a.residual3[l - 1]
             dresidual = d.encoded if l == 0 else d.residual3[l - 1]
@@ -241,5 +250,9 @@ class GPT2:
                       rows(residual), p.ln1w[l], ln1_mean, ln1_rstd, True)
             self._run("layernorm_backward_params", l, k.layernorm_backward_params, g.ln1w[l], g.ln1b[l],
                       rows(d.ln1[l]), rows(residual), ln1_mean, ln1_rstd, 0, C, acc)
+            if self.gradients_ready is not None:
+                self.gradients_ready(l)
         self._run("encoder_backward", -1, k.encoder_backward, g.wte, g.wpe, rows(d.encoded), inputs.reshape(-1), t,
                   0, C, acc)
+        if self.gradients_ready is not None:
+            self.gradients_ready(-1)

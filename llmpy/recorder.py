@@ -75,6 +75,8 @@ class Recorder:
         self.calls: list[tuple[str, str, int, int, float, float, float, float]] = []
         # (name, phase, layer, step, thread row, start, end): CPU time of each thread in each call
         self.thread_events: list[tuple[str, str, int, int, int, float, float]] = []
+        # (name, phase, layer, step, worker row, start, end, flops, bytes, task label): calls run by task workers
+        self.task_events: list[tuple[str, str, int, int, int, float, float, float, float, str]] = []
         self.steps: list[StepRecord] = []
         self.step = 0
         self.phase = "forward"
@@ -103,10 +105,14 @@ class Recorder:
         self._phase_start = now
         self._phases.setdefault(phase, (now, now))
 
-    def end_step(self, loss: float, tokens: int) -> StepRecord:
+    def end_step(self, loss: float, tokens: int, phases: dict[str, tuple[float, float]] | None = None) -> StepRecord:
+        """phases: (start, end) per phase in seconds since origin, for runs whose phases overlap (task
+        mode); default: the spans marked with set_phase."""
         end = self.now()
         if self.phase in self._phases:
             self._phases[self.phase] = (self._phases[self.phase][0], end)
+        if phases is not None:
+            self._phases = dict(phases)
         record = StepRecord(self.step, self.rank, self._step_start, end, float(loss), int(tokens), dict(self._phases))
         self.steps.append(record)
         return record
@@ -143,6 +149,24 @@ class Recorder:
             self.calls.append((name, self.phase, layer, self.step, start - self.origin, end - self.origin, flops, moved))
         return result
 
+    def record_task(self, name: str, phase: str, layer: int, row: int, start: float, end: float, flops: float,
+                    moved: float, task: str = "") -> None:
+        """A kernel call that a task worker ran (llmpy.execution.tasks): `row` is the worker, start and end are
+        perf_counter() seconds. Call from one thread (the task model folds its workers' logs in after a step)."""
+        if not self.enabled:
+            return
+        totals = self.kernel_totals.setdefault(self.step, {})
+        entry = totals.get(name)
+        if entry is None:
+            entry = totals[name] = [0, 0.0, 0.0, 0.0]
+        entry[0] += 1
+        entry[1] += end - start
+        entry[2] += flops
+        entry[3] += moved
+        if self.keep_calls:
+            self.task_events.append((name, phase, layer, self.step, row, start - self.origin, end - self.origin,
+                                     flops, moved, task))
+
     def _record_threads(self, name, layer, start, wall, main_busy, before, after) -> None:
         busy = sorted((a - b for a, b in zip(after, before) if a - b > MIN_THREAD_BUSY), reverse=True)
         if self.max_helpers is not None:
@@ -167,4 +191,6 @@ class Recorder:
         else:
             for name, phase, layer, step, start, end, flops, moved in self.calls:
                 events.append(KernelEvent(name, phase, layer, step, self.rank, 0, start, end, flops, moved))
+        for name, phase, layer, step, row, start, end, flops, moved, task in self.task_events:
+            events.append(KernelEvent(name, phase, layer, step, self.rank, row, start, end, flops, moved, task))
         return Trace(events, list(self.steps), dict(meta))

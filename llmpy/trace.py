@@ -10,6 +10,8 @@ Threads: row 0 of a rank is the thread that calls the kernels; rows 1.. are the 
 inside a parallel kernel (numba's pool or OpenBLAS's), ordered by how busy they were in that call. An event
 spans [start, end] where end - start is the CPU time that thread spent in the call (its useful time); row 0's
 event starts when the call starts. Times are seconds since the trace began.
+In task mode (`--mode tasks`) row r is task worker r, and every event is a whole kernel call on a block: it
+carries its task's name, its own flops and bytes, and its wall time.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ PARAVER_BASENAME = "trace"
 TRACE_FORMAT_VERSION = 1
 
 
+def is_communication(name: str) -> bool:
+    """Events named after an MPI function (MPI_Iallreduce, MPI_Waitall, ...) are a rank's communication (data-
+    parallel runs, llmpy.execution.distributed), not kernels: no useful time, no roofline row."""
+    return name.startswith("MPI_")
+
+
 @dataclass(frozen=True)
 class KernelEvent:
     name: str  # kernel, e.g. "matmul_forward"
@@ -37,6 +45,7 @@ class KernelEvent:
     end: float
     flops: float = 0.0  # floating-point operations of the whole call (on row 0 only; 0 on helper rows)
     bytes: float = 0.0  # bytes the whole call reads and writes, by the kernel's cost model (row 0 only)
+    task: str = ""  # task mode: the task's name (kernel, layer, block); each task event is a call of its own
 
     @property
     def duration(self) -> float:

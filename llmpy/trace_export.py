@@ -169,8 +169,8 @@ def _write_chrome_trace(trace, path: str) -> str:
                        "args": {"name": name}})
         events.append({"ph": "M", "name": "process_sort_index", "pid": pid, "tid": chrome_tid(rank, 0),
                        "args": {"sort_index": rank}})
-        tracks = [(row, f"thread {row} (calls kernels)" if row == 0 else f"thread {row}", row)
-                  for row in thread_rows]
+        tracks = [(row, f"worker {row}" if mode == "tasks" else f"thread {row} (calls kernels)" if row == 0
+                   else f"thread {row}", row) for row in thread_rows]
         if rank in ranks_with_steps:
             tracks.insert(0, (None, "steps", -1))
         for row, thread_name, sort_index in tracks:
@@ -211,6 +211,8 @@ def _write_chrome_trace(trace, path: str) -> str:
         flops = float(e.flops)
         if flops > 0 and math.isfinite(flops):
             args["gflop"] = flops / 1e9
+        if e.task:
+            args["task"] = str(e.task)
         timed.append((start, 2, {"ph": "X", "ts": _us(start), "dur": _us(end - start), "pid": chrome_pid(e.rank),
                                  "tid": chrome_tid(e.rank, e.thread), "name": str(e.name), "cat": str(e.phase),
                                  "args": args}))

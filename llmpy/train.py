@@ -13,6 +13,7 @@ import numpy as np
 
 from llmpy.config import PRESETS, GPT2Config, preset
 from llmpy.execution import MODES, THREADING_LAYERS, ExecutionModel, available_cores, make_execution_model
+from llmpy.execution.distributed import STRATEGIES
 from llmpy.metrics import (StepStats, format_kernel_table, kernel_summary, measure_peak_gflops, measured_steps,
                            phase_summary, step_flops, write_run_metrics)
 from llmpy.recorder import Recorder
@@ -48,6 +49,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="threads for forkjoin, numba and BLAS alike (default: every available core)")
     run.add_argument("--threading-layer", default="omp", choices=THREADING_LAYERS,
                      help="numba threading layer for forkjoin (default omp)")
+    run.add_argument("--workers", type=int, help="tasks: worker threads (default: --threads, else every core)")
+    run.add_argument("--block-tokens", type=int, metavar="K",
+                     help="tasks: tokens per block of a sequence; must divide -T (default: -T, whole sequences)")
+    run.add_argument("--runtime", choices=("native", "dask"),
+                     help="tasks: llmpy's own scheduler (native, default) or Dask's threaded scheduler")
+    run.add_argument("--overlap-steps", action="store_true",
+                     help="tasks: let a step's forward start while the previous step's updates run")
+    run.add_argument("--strategy", choices=STRATEGIES,
+                     help="mpi (run under mpiexec): how the ranks combine gradients and update: allreduce (default), "
+                          "zero1 (sharded AdamW state), server (rank 0 updates), owners (round-robin blocks)")
+    run.add_argument("--rank-mode", choices=("sequential", "forkjoin"),
+                     help="mpi: execution model inside each rank, on --threads threads (default: the node's cores "
+                          "/ its ranks; sequential when that is 1, else forkjoin)")
 
     opt = parser.add_argument_group("optimizer (AdamW; defaults are llm.c's)")
     opt.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
@@ -103,12 +117,19 @@ class TrainResult:
     trace_paths: dict = field(default_factory=dict)
 
 
-def _load_data(args, vocab_size: int, B: int, T: int, say):
+def _load_data(args, vocab_size: int, B: int, T: int, say, execution: ExecutionModel | None = None):
+    """Training and validation loaders; each rank of a data-parallel run reads its own windows."""
     from llmpy.data import DataLoader, find_dataset, prepare_default_corpus
 
+    rank, world_size = (execution.rank, execution.world_size) if execution is not None else (0, 1)
     train_pattern, val_pattern = args.train_data, args.val_data
     if train_pattern is None:
         dataset = find_dataset(args.data_dir)
+        if dataset is None and world_size > 1:  # rank 0 builds the corpus while the others wait for it
+            if rank == 0:
+                prepare_default_corpus(args.data_dir)
+            execution.agree()
+            dataset = find_dataset(args.data_dir)
         if dataset is None:
             start = time.perf_counter()
             dataset = prepare_default_corpus(args.data_dir)
@@ -118,8 +139,10 @@ def _load_data(args, vocab_size: int, B: int, T: int, say):
         train_pattern = dataset.train_pattern
         val_pattern = val_pattern or dataset.val_pattern
         say(f"dataset: {dataset.name} ({dataset.num_train_tokens:,} train / {dataset.num_val_tokens:,} val tokens)")
-    train = DataLoader(train_pattern, B, T, shuffle=args.shuffle, seed=args.seed, vocab_size=vocab_size)
-    val = DataLoader(val_pattern, B, T, vocab_size=vocab_size) if val_pattern and args.val_every > 0 else None
+    train = DataLoader(train_pattern, B, T, rank, world_size, shuffle=args.shuffle, seed=args.seed,
+                       vocab_size=vocab_size)
+    val = (DataLoader(val_pattern, B, T, rank, world_size, vocab_size=vocab_size)
+           if val_pattern and args.val_every > 0 else None)
     return train, val
 
 
@@ -154,6 +177,30 @@ def _check_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
 
+def _execution_options(args, threads: int) -> tuple:
+    """(threads, threading layer, task options) for make_execution_model; task options only with --mode tasks."""
+    task_flags = {"--workers": args.workers is not None, "--block-tokens": args.block_tokens is not None,
+                  "--runtime": args.runtime is not None, "--overlap-steps": args.overlap_steps}
+    if args.mode != "tasks":
+        given = [flag for flag, set_ in task_flags.items() if set_]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to --mode tasks only")
+        mpi_flags = [flag for flag, set_ in (("--strategy", args.strategy), ("--rank-mode", args.rank_mode)) if set_]
+        if args.mode == "mpi":  # threads per rank; None: the node's cores shared by its ranks
+            return args.threads, args.threading_layer, {"strategy": args.strategy or "allreduce",
+                                                         "rank_mode": args.rank_mode}
+        if mpi_flags:
+            raise ValueError(f"{', '.join(mpi_flags)} apply to --mode mpi only")
+        return threads, args.threading_layer, {}
+    if args.workers is not None:
+        threads = args.workers
+    if args.block_tokens is not None and (args.block_tokens < 1 or args.seq_len % args.block_tokens != 0):
+        raise ValueError(f"--block-tokens {args.block_tokens} must be a positive divisor of -T {args.seq_len}")
+    options = {"block_tokens": args.block_tokens, "runtime": args.runtime or "native",
+               "overlap_steps": args.overlap_steps}
+    return threads, args.threading_layer, options
+
+
 def train_step(model: GPT2, optimizer: AdamW, batches, learning_rate: float, recorder: Recorder | None = None,
                step: int = 0) -> float:
     """One optimizer step over the micro-batches `batches` ((inputs, targets) pairs; gradients averaged
@@ -183,9 +230,11 @@ def run_meta(args, config: GPT2Config, execution: ExecutionModel, peak: float, B
     return {
         "model": args.init_from or args.model, "num_parameters": config.num_parameters(),
         "num_layers": config.num_layers, "channels": config.channels, "mode": execution.name,
-        "threads": execution.threads, "runtime": execution.threading_layer if execution.name == "forkjoin" else "-",
-        "ranks": 1, "B": B, "T": T, "grad_accum": args.grad_accum, "peak_gflops": peak,
+        "threads": execution.threads, "runtime": execution.threading_layer if execution.name == "forkjoin" else
+        execution.tasks.runtime_name if execution.name == "tasks" else "-",
+        "ranks": execution.world_size, "B": B, "T": T, "grad_accum": args.grad_accum, "peak_gflops": peak,
         "warmup_steps": args.warmup_report_steps,
+        **({"block_tokens": execution.tasks.block_tokens or T} if execution.name == "tasks" else {}),
     }
 
 
@@ -250,24 +299,31 @@ def run(args, out=sys.stdout) -> TrainResult:
     progress = None
 
     def say(line: str) -> None:
+        if execution.rank != 0:  # data-parallel runs: rank 0 speaks for all
+            return
         if progress is not None:
             progress.write(line, file=out)
         else:
             print(line, file=out, flush=True)
 
     threads = args.threads if args.threads is not None else (1 if args.mode == "sequential" else available_cores())
-    execution = make_execution_model(args.mode, threads, args.threading_layer)
+    threads, threading_layer, task_options = _execution_options(args, threads)
+    execution = make_execution_model(args.mode, threads, threading_layer, **task_options)
     try:
+        if execution.name == "mpi" and (args.resume or args.checkpoint_every):
+            raise ValueError("--checkpoint-every and --resume are not supported with --mode mpi yet")
         model = build_model(args, execution, B, T)
         config: GPT2Config = model.config
-        train_loader, val_loader = _load_data(args, config.vocab_size, B, T, say)
-        optimizer = AdamW(model.params, AdamWConfig(args.beta1, args.beta2, args.eps, args.weight_decay,
-                                                    args.decay_matrices_only, args.grad_clip), execution.kernels)
+        train_loader, val_loader = _load_data(args, config.vocab_size, B, T, say, execution)
+        optimizer = execution.make_optimizer(model, AdamWConfig(args.beta1, args.beta2, args.eps, args.weight_decay,
+                                                                args.decay_matrices_only, args.grad_clip),
+                                             args.grad_accum)
         schedule = LearningRateSchedule(args.lr, args.warmup_steps, args.steps, args.lr_schedule,
                                         args.final_lr_fraction)
         peak = args.peak_gflops * execution.threads if args.peak_gflops else measure_peak_gflops(execution.threads)
+        peak *= execution.world_size  # the rank's peak, once per rank
         decode = token_decoder(config.vocab_size)
-        flops = step_flops(config, B, T) * args.grad_accum
+        flops = step_flops(config, B, T) * args.grad_accum * execution.world_size
         say(f"model: {config.num_layers} layers, {config.num_heads} heads, {config.channels} channels, "
             f"{model.num_parameters:,} parameters; B={B}, T={T}, grad_accum={args.grad_accum}")
         say(f"execution: {execution.describe()}; MFU against {peak:.1f} GFLOP/s"
@@ -283,19 +339,20 @@ def run(args, out=sys.stdout) -> TrainResult:
             say(f"resumed from {state_path} after step {state.step}")
             if first_step >= args.steps:
                 raise ValueError(f"the checkpoint is at step {first_step}; ask for more --steps than that")
+        execution.setup_done()
         result = TrainResult()
-        recorder = Recorder(per_thread=bool(args.trace), threads=execution.threads)
+        recorder = Recorder(rank=execution.rank, per_thread=bool(args.trace), threads=execution.threads)
         model.observer = optimizer.observer = recorder
         progress = tqdm(total=args.steps, initial=first_step, unit="step", file=sys.stderr, leave=False,
-                        dynamic_ncols=True, disable=True if args.no_progress else None)  # None: only on a terminal
+                        dynamic_ncols=True, disable=True if args.no_progress or execution.rank else None)  # None: only on a terminal
         for step in range(first_step, args.steps + 1):
             last = step == args.steps
             recorder.enabled = False  # validation and samples are not part of the training step
             if val_loader is not None and (step % args.val_every == 0 or last):
-                val_loss = validation_loss(model, val_loader, args.val_batches)
+                val_loss = execution.average(validation_loss(model, val_loader, args.val_batches))
                 result.val_losses.append((step, val_loss))
                 say(f"val loss {val_loss:.6f}")
-            if args.sample_every > 0 and ((step > 0 and step % args.sample_every == 0) or last):
+            if args.sample_every > 0 and ((step > 0 and step % args.sample_every == 0) or last) and execution.rank == 0:
                 # seeded by step, so a resumed run samples what the uninterrupted one would
                 tokens = generate(model, [], args.sample_length, rng=np.random.default_rng([args.seed, step]))
                 text = decode(tokens)
@@ -306,9 +363,11 @@ def run(args, out=sys.stdout) -> TrainResult:
             recorder.enabled = True
             start = time.perf_counter()
             batches = (train_loader.next_batch() for _ in range(args.grad_accum))
-            loss = train_step(model, optimizer, batches, schedule(step), recorder, step + 1)
+            loss = (execution.step_function or train_step)(model, optimizer, batches, schedule(step), recorder, step + 1)
+            loss = execution.average(loss)
             elapsed = time.perf_counter() - start
-            stats = StepStats(step + 1, loss, elapsed, B * T * args.grad_accum, flops, execution.cores, peak)
+            stats = StepStats(step + 1, loss, elapsed, B * T * args.grad_accum * execution.world_size, flops,
+                              execution.cores, peak)
             result.steps.append(stats)
             result.train_losses.append(loss)
             if not np.isfinite(loss):
@@ -332,26 +391,37 @@ def run(args, out=sys.stdout) -> TrainResult:
             result.kernels = kernel_summary(recorder.kernel_totals, recorder.steps, skip)
             result.phases = phase_summary(recorder.steps, skip)
             say(format_kernel_table(result.kernels, result.phases))
-            meta = run_meta(args, config, execution, peak, B, T)
-            if args.metrics_dir:
+            ranks = execution.rank_report(recorder, optimizer, skip)
+            if ranks:
+                from llmpy.execution.distributed import format_rank_report
+
+                say(format_rank_report(ranks))
+            meta = run_meta(args, config, execution, peak / execution.world_size, B, T)  # the roof of one rank
+            if args.metrics_dir and execution.rank == 0:
                 step_rows = [step_row(stats, record) for stats, record in zip(result.steps, recorder.steps)]
                 summary = dict(meta, ms_per_step_median=float(ms), steps=len(result.steps), measured_steps=len(measured),
                                tokens_per_s=float(np.median([s.tokens_per_second for s in measured])),
-                               mfu=float(np.median([s.mfu for s in measured])), phases_ms=result.phases)
+                               mfu=float(np.median([s.mfu for s in measured])), phases_ms=result.phases,
+                               **({"per_rank": ranks} if ranks else {}))
                 paths = write_run_metrics(args.metrics_dir, summary, step_rows, result.kernels)
                 say(f"wrote {paths['metrics.json']}, {paths['steps.csv']}, {paths['kernels.csv']}")
             if args.trace:
                 from llmpy.metrics import measure_memory_bandwidth
 
-                meta["bandwidth_gbs"] = measure_memory_bandwidth(execution.threads)
-                result.trace_paths = recorder.to_trace(meta).save(args.trace)
-                say(f"wrote trace to {args.trace}/ (trace.json for Perfetto, trace.prv for Paraver; "
-                    f"`llmpy analyze {args.trace}`)")
-        if args.output:
+                trace = execution.gather_trace(recorder, meta)  # every rank's, on rank 0
+                if trace is not None:
+                    trace.meta["bandwidth_gbs"] = measure_memory_bandwidth(execution.threads)
+                    result.trace_paths = trace.save(args.trace)
+                    say(f"wrote trace to {args.trace}/ (trace.json for Perfetto, trace.prv for Paraver; "
+                        f"`llmpy analyze {args.trace}`)")
+        if args.output and execution.rank == 0:
             os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
             write_model(args.output, config, model.params.flat)
             say(f"wrote {args.output}")
         return result
+    except BaseException as error:
+        execution.fail(error)  # data-parallel runs: every rank stops (see llmpy.execution.distributed)
+        raise
     finally:
         if progress is not None:
             progress.close()

@@ -3,6 +3,8 @@
 - `sequential`: one thread everywhere (serial numba kernels, 1 BLAS thread): the reference order.
 - `forkjoin`: each kernel a parallel loop with a barrier after it (numba `prange` over rows or channel
   blocks on the chosen threading layer, `omp` or `tbb`; OpenBLAS with the same thread count).
+- `tasks`: the step as a dataflow graph of kernel calls on token / channel / parameter blocks, run by N
+  worker threads (llmpy's own scheduler or Dask's), serial nogil kernels and 1-thread BLAS (see .tasks).
 
 Both run the model's one list of kernel calls. Creating an execution model fixes the thread settings
 for the process (numba's threading layer can be chosen once per process); `close()` restores BLAS.
@@ -18,7 +20,7 @@ from threadpoolctl import threadpool_limits
 
 from llmpy.kernels import KernelSet
 
-MODES = ("sequential", "forkjoin")
+MODES = ("sequential", "forkjoin", "tasks", "mpi")
 THREADING_LAYERS = ("omp", "tbb")
 
 
@@ -89,6 +91,12 @@ class ExecutionModel:
     """Thread settings plus the kernel variant the model runs."""
 
     name = "base"
+    # A model's own training-step function (same signature as llmpy.train.train_step), or None for the shared one.
+    step_function = None
+    # This process is the only rank of its run. Data-parallel execution (`mpi`: llmpy.execution.distributed)
+    # overrides these and the methods below, which llmpy.train calls where the ranks of a run meet.
+    rank = 0
+    world_size = 1
 
     def __init__(self, threads: int, threading_layer: str = "omp"):
         cores = available_cores()
@@ -114,6 +122,36 @@ class ExecutionModel:
     def close(self) -> None:
         self._blas_limits.restore_original_limits()
 
+    # ---- where the ranks of a run meet (one process: nothing to meet)
+    def make_optimizer(self, model, config, micro_steps: int = 1):
+        """The optimizer train_step drives: AdamW over the model's parameters."""
+        from llmpy.optim import AdamW
+
+        return AdamW(model.params, config, self.kernels)
+
+    def agree(self, error: BaseException | None = None) -> None:
+        """A point every rank reaches during setup; raises `error` or another rank's error."""
+        if error is not None:
+            raise error
+
+    def setup_done(self) -> None:
+        """Setup is over: from here a failing rank stops every rank."""
+
+    def fail(self, error: BaseException) -> None:
+        """This rank raised `error` (it propagates after this returns)."""
+
+    def average(self, value: float) -> float:
+        """The mean of `value` over the ranks."""
+        return value
+
+    def gather_trace(self, recorder, meta: dict):
+        """The run's trace (every rank's, on rank 0; None on the other ranks)."""
+        return recorder.to_trace(meta)
+
+    def rank_report(self, recorder, optimizer, skip: int) -> list[dict] | None:
+        """Per-rank communication numbers (data-parallel runs; None otherwise)."""
+        return None
+
 
 class Sequential(ExecutionModel):
     name = "sequential"
@@ -135,7 +173,43 @@ class ForkJoin(ExecutionModel):
         return f"forkjoin, {self.threads} thread{'s' if self.threads > 1 else ''} (numba {self.threading_layer}, BLAS {self.threads})"
 
 
-def make_execution_model(mode: str, threads: int = 1, threading_layer: str = "omp") -> ExecutionModel:
+class Tasks(ExecutionModel):
+    """Dataflow of tasks on `threads` worker threads; BLAS on 1 thread, serial nogil numba kernels."""
+
+    name = "tasks"
+
+    def __init__(self, threads: int = 1, threading_layer: str = "omp", block_tokens: int | None = None,
+                 runtime: str = "native", overlap_steps: bool = False):
+        from llmpy.execution.tasks import TaskExecution
+
+        super().__init__(threads, threading_layer)
+        self._blas_limits.restore_original_limits()
+        self._blas_limits = threadpool_limits(limits=1, user_api="blas")
+        if block_tokens is not None and block_tokens < 1:
+            raise ExecutionError(f"--block-tokens must be positive, got {block_tokens}")
+        if overlap_steps:
+            raise ExecutionError("--overlap-steps is not implemented yet: each step's graph runs to completion")
+        self.tasks = TaskExecution(threads, block_tokens, runtime, overlap_steps)
+        self.step_function = self.tasks.train_step
+
+    def describe(self) -> str:
+        blocks = f"{self.tasks.block_tokens}-token blocks" if self.tasks.block_tokens else "whole-sequence blocks"
+        return (f"tasks, {self.threads} worker{'s' if self.threads > 1 else ''} ({self.tasks.runtime_name} runtime, "
+                f"{blocks}, BLAS 1)")
+
+    def close(self) -> None:
+        self.tasks.close()
+        super().close()
+
+
+def make_execution_model(mode: str, threads: int = 1, threading_layer: str = "omp", **task_options) -> ExecutionModel:
+    """task_options (mode tasks only): block_tokens, runtime ("native" or "dask"), overlap_steps."""
+    if mode == "tasks":
+        return Tasks(threads, threading_layer, **task_options)
+    if mode == "mpi":  # task_options: strategy, rank_mode; threads per rank (None: the node's cores / its ranks)
+        from llmpy.execution.distributed import DataParallel
+
+        return DataParallel(threads, threading_layer, **task_options)
     if mode == "sequential":
         return Sequential(threads, threading_layer)
     if mode == "forkjoin":

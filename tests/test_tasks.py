@@ -1,0 +1,298 @@
+"""The task execution model: dependency tracker, graph checks, and training runs against the sequential order."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_cli import llmpy, text_dataset, train_losses  # noqa: F401  (fixture)
+
+from llmpy.config import PRESETS
+from llmpy.execution import ExecutionError, available_cores, make_execution_model
+from llmpy.execution.runtime import NativeRuntime
+from llmpy.execution.taskgraph import GraphError, Region, Task, TaskGraph, uncovered
+from llmpy.execution.tasks import build_step_graph
+from llmpy.model import GPT2
+from llmpy.optim import AdamW, AdamWConfig
+from llmpy.recorder import Recorder
+from llmpy.train import train_step
+
+WORKERS = sorted({1, min(2, available_cores())})
+
+
+def A(lo, hi):
+    return Region("A", ((lo, hi),))
+
+
+def graph_of(accesses, inputs=()):
+    """accesses: [(reads, writes)] in program order -> TaskGraph."""
+    graph = TaskGraph(inputs)
+    for i, (reads, writes) in enumerate(accesses):
+        graph.add(Task(f"t{i}", "none", None, (), tuple(reads), tuple(writes)))
+    return graph
+
+
+# ------------------------------------------------------------------ dependency tracker, hand-made cases
+def test_raw_edge_from_the_overlapping_writer_only():
+    graph = graph_of([([], [A(0, 4)]), ([], [A(4, 8)]), ([A(2, 3)], [])])
+    assert graph.edges() == [(0, 2)]
+
+
+def test_war_edges_from_every_earlier_reader():
+    graph = graph_of([([A(0, 4)], []), ([A(2, 6)], []), ([A(6, 8)], []), ([], [A(3, 5)])], inputs=[A(0, 8)])
+    assert graph.edges() == [(0, 3), (1, 3)]
+
+
+def test_waw_edge_and_covered_writes_retire():
+    graph = graph_of([([], [A(0, 8)]), ([], [A(0, 8)]), ([A(0, 4)], [])])
+    assert graph.edges() == [(0, 1), (1, 2)]  # not (0, 2): task 1 overwrote all of task 0's output
+    partial = graph_of([([], [A(0, 8)]), ([], [A(2, 6)]), ([A(0, 4)], [])])
+    assert partial.edges() == [(0, 1), (0, 2), (1, 2)]  # rows 0..1 still come from task 0
+
+
+def test_disjoint_blocks_and_boxes_have_no_edges():
+    graph = graph_of([([], [A(0, 4)]), ([], [A(4, 8)]), ([A(0, 4)], []), ([A(4, 8)], [])])
+    assert graph.edges() == [(0, 2), (1, 3)]
+    row = lambda b, t0, t1: Region("acts.qkv.0", ((b, b + 1), (t0, t1), (0, 12)))
+    boxes = graph_of([([], [row(0, 0, 4)]), ([], [row(1, 0, 4)]), ([], [row(0, 4, 8)]), ([row(0, 0, 8)], [])])
+    assert boxes.edges() == [(0, 3), (2, 3)]
+    other = graph_of([([], [A(0, 4)]), ([Region("B", ((0, 4),))], [])], inputs=[Region("B", ((0, 4),))])
+    assert other.edges() == []
+
+
+def test_read_write_task_does_not_depend_on_itself():
+    graph = graph_of([([], [A(0, 4)]), ([A(0, 4)], [A(0, 4)]), ([A(0, 4)], [A(0, 4)])])
+    assert graph.edges() == [(0, 1), (1, 2)]
+
+
+def test_missing_producer_is_an_error():
+    with pytest.raises(GraphError, match="missing producer"):
+        graph_of([([A(0, 4)], [])])
+    with pytest.raises(GraphError, match=r"A\[4:8\]"):  # rows 0..3 are an input, 4..7 nobody writes
+        graph_of([([A(0, 8)], [])], inputs=[A(0, 4)])
+    graph_of([([A(0, 8)], [])], inputs=[A(0, 4), A(4, 8)])  # fully declared: fine
+    assert uncovered(A(0, 8), [A(0, 3), A(5, 8)]) == [A(3, 5)]
+
+
+def test_cycle_is_an_error():
+    graph = graph_of([([], [A(0, 4)]), ([A(0, 4)], [Region("B", ((0, 1),))])])
+    graph.add_edge(1, 0)
+    with pytest.raises(GraphError, match="cycle"):
+        graph.validate()
+
+
+# ------------------------------------------------------------------ the GPT-2 step graph
+def tiny_model(B=2, T=16, seed=1):
+    model = GPT2(PRESETS["tiny"], B, T)
+    model.init_random(seed)
+    return model
+
+
+def test_attention_block_waits_for_qkv_blocks_0_to_j_only():
+    model = tiny_model(B=2, T=16)
+    graph = build_step_graph(model, AdamW(model.params), block_tokens=4).graph
+    checked = 0
+    for task in graph.tasks:
+        if task.kernel != "attention_forward":
+            continue
+        layer, (b, j) = task.layer, task.block
+        expected = {graph.task(f"matmul_forward.qkv l{layer} b{b} j{i}").index for i in range(j + 1)}
+        assert task.preds == expected, task.name
+        checked += 1
+    assert checked == 2 * 2 * 4
+    # backward: the query blocks of one sequence accumulate into its dqkv in order j = 0, 1, ...
+    for j in range(1, 4):
+        task = graph.task(f"attention_backward l1 b0 j{j}")
+        assert graph.task(f"attention_backward l1 b0 j{j - 1}").index in task.preds
+        assert all(graph.tasks[p].block[0] == 0 for p in task.preds if graph.tasks[p].kernel == "attention_backward")
+
+
+def test_block_size_must_divide_t():
+    model = tiny_model(T=16)
+    with pytest.raises(ValueError, match="must divide"):
+        build_step_graph(model, AdamW(model.params), block_tokens=5)
+
+
+def test_graph_exports_json_and_dot(tmp_path):
+    model = tiny_model()
+    graph = build_step_graph(model, AdamW(model.params), block_tokens=8).graph
+    data = json.loads(Path(graph.save(str(tmp_path / "g.json"))).read_text())
+    assert len(data["tasks"]) == len(graph) and len(data["edges"]) == len(graph.edges())
+    dot = Path(graph.save(str(tmp_path / "g.dot"))).read_text()
+    assert dot.startswith("digraph") and dot.count("->") == len(graph.edges())
+
+
+def run_steps(model, optimizer, step_fn, steps=5, B=2, T=16, seed=0, micro=1):
+    rng = np.random.default_rng(seed)
+    losses = []
+    V = model.config.vocab_size
+    for step in range(steps):
+        batches = [(rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))) for _ in range(micro)]
+        losses.append(step_fn(model, optimizer, batches, 1e-3, None, step + 1))
+    return np.array(losses)
+
+
+@pytest.fixture(scope="module")
+def sequential_reference():
+    model = tiny_model()
+    optimizer = AdamW(model.params)
+    return run_steps(model, optimizer, train_step), model.params.flat.copy()
+
+
+@pytest.mark.parametrize("runtime", ["native", "dask"])
+@pytest.mark.parametrize("block_tokens", [4, 8, 16])
+def test_five_steps_match_sequential(sequential_reference, runtime, block_tokens):
+    ref_losses, ref_params = sequential_reference
+    results = {}
+    for workers in WORKERS:
+        execution = make_execution_model("tasks", workers, block_tokens=block_tokens, runtime=runtime)
+        try:
+            model = tiny_model()
+            model.kernels = execution.kernels
+            losses = run_steps(model, AdamW(model.params), execution.step_function)
+        finally:
+            execution.close()
+        # GEMMs on row blocks sum in another order inside OpenBLAS than on all rows: equal within float error
+        np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(model.params.flat, ref_params, rtol=0, atol=5e-5)
+        results[workers] = (losses, model.params.flat.copy())
+    # the same graph gives bitwise the same results whatever the worker count: every reduction order is fixed
+    for losses, params in results.values():
+        np.testing.assert_array_equal(losses, results[1][0])
+        np.testing.assert_array_equal(params, results[1][1])
+
+
+def test_blocks_are_bitwise_equal_to_sequential_before_the_first_gemm():
+    """Without GEMMs in the way, blocks change nothing: the encoder and first layernorm are bitwise equal."""
+    model, reference = tiny_model(), tiny_model()
+    graph = build_step_graph(model, AdamW(model.params), block_tokens=4, with_update=False)
+    rng = np.random.default_rng(3)
+    x, y = rng.integers(0, 97, (2, 16)), rng.integers(0, 97, (2, 16))
+    reference.forward(x, y)
+    graph.inputs[...] = x
+    graph.targets[...] = y
+    runtime = NativeRuntime(1)
+    try:
+        runtime.run(graph.graph)
+    finally:
+        runtime.close()
+    for name in ("encoded", "ln1", "ln1_mean", "ln1_rstd"):
+        np.testing.assert_array_equal(model.acts[name][0] if name != "encoded" else model.acts[name],
+                                      reference.acts[name][0] if name != "encoded" else reference.acts[name])
+
+
+def test_grad_accumulation_clipping_and_matrix_decay_match_sequential():
+    config = AdamWConfig(weight_decay=0.1, decay_matrices_only=True, grad_clip=0.5)
+    reference = tiny_model()
+    ref_opt = AdamW(reference.params, config)
+    ref_losses = run_steps(reference, ref_opt, train_step, steps=3, micro=2)
+    execution = make_execution_model("tasks", WORKERS[-1], block_tokens=8)
+    try:
+        model = tiny_model()
+        optimizer = AdamW(model.params, config)
+        losses = run_steps(model, optimizer, execution.step_function, steps=3, micro=2)
+    finally:
+        execution.close()
+    np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(model.params.flat, reference.params.flat, rtol=0, atol=5e-5)
+    assert optimizer.last_grad_norm == pytest.approx(ref_opt.last_grad_norm, rel=1e-4)
+
+
+def test_every_task_is_recorded_on_its_worker():
+    workers = WORKERS[-1]
+    execution = make_execution_model("tasks", workers, block_tokens=8)
+    try:
+        model = tiny_model()
+        optimizer = AdamW(model.params)
+        recorder = Recorder(keep_calls=True)
+        run_steps(model, optimizer, lambda *a: execution.step_function(*a[:4], recorder, a[5]), steps=2)
+        graph = execution.tasks.step_graph(model, optimizer).graph
+    finally:
+        execution.close()
+    trace = recorder.to_trace({"mode": "tasks", "threads": workers})
+    assert len(trace.events) == 2 * len(graph)
+    assert sorted(e.task for e in trace.events if e.step == 2) == sorted(t.name for t in graph.tasks)
+    assert {e.thread for e in trace.events} <= set(range(workers))
+    assert set(recorder.steps[-1].phases) == {"forward", "backward", "update"}
+    for e in trace.events:
+        task = graph.task(e.task)
+        assert (e.name, e.layer, e.phase) == (task.kernel, task.layer, task.phase)
+
+
+def test_native_scheduler_overhead_per_task():
+    graph = TaskGraph()
+    count = 3000
+    for i in range(count):
+        region = Region(f"x{i // 10}", ((0, 1),))  # chains of 10 tasks
+        graph.add(Task(f"t{i}", "empty", lambda: None, (), (region,) if i % 10 else (), (region,)))
+    graph.validate()
+    runtime = NativeRuntime(WORKERS[-1])
+    try:
+        runtime.run(graph)
+        import time
+
+        start = time.perf_counter()
+        runtime.run(graph)
+        per_task = (time.perf_counter() - start) / count
+    finally:
+        runtime.close()
+    assert per_task < 100e-6, f"{1e6 * per_task:.1f} us per task"  # bench/tasks_scaling.py measures ~5-10 us
+
+
+def test_task_failure_is_raised():
+    graph = TaskGraph()
+    graph.add(Task("boom", "none", lambda: 1 / 0, (), (), (A(0, 1),)))
+    graph.validate()
+    runtime = NativeRuntime(1)
+    try:
+        with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+            runtime.run(graph)
+    finally:
+        runtime.close()
+
+
+# ------------------------------------------------------------------ the command line
+def test_cli_tasks_mode_matches_sequential_and_traces_every_worker(text_dataset, tmp_path):  # noqa: F811
+    common = ["train", "--model", "d2", "--steps", "3", "--lr", "1e-3", "--val-every", "0", "--sample-every", "0",
+              "--no-progress", "--output", "", "--metrics-dir", ""]
+    reference = train_losses(llmpy(*common, "--mode", "sequential", cwd=text_dataset).stdout)
+    workers = WORKERS[-1]
+    trace_dir = tmp_path / "trace"
+    native = llmpy(*common, "--mode", "tasks", "--workers", workers, "--block-tokens", "16", "--trace", trace_dir,
+                   cwd=text_dataset)
+    assert f"tasks, {workers} worker" in native.stdout and "native runtime" in native.stdout
+    np.testing.assert_allclose(train_losses(native.stdout), reference, rtol=0, atol=1e-5)
+    dask = llmpy(*common, "--mode", "tasks", "--workers", workers, "--block-tokens", "32", "--runtime", "dask",
+                 cwd=text_dataset)
+    np.testing.assert_allclose(train_losses(dask.stdout), reference, rtol=0, atol=1e-5)
+
+    analysis = llmpy("analyze", trace_dir, cwd=tmp_path).stdout
+    idle = analysis.split("Idle time per thread")[1].split("\n\n")[0]
+    assert len(re.findall(r"^\s+0\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", idle, re.MULTILINE)) == workers
+    chrome = json.loads((trace_dir / "trace.json").read_text())
+    tasks = [e for e in chrome["traceEvents"] if e.get("ph") == "X" and "task" in e.get("args", {})]
+    assert any(e["args"]["task"].startswith("attention_forward l1 b") for e in tasks)
+
+    bad = llmpy(*common, "--mode", "tasks", "-T", "64", "--block-tokens", "24", cwd=text_dataset, check=False)
+    assert bad.returncode == 2 and "--block-tokens 24" in bad.stderr and "Traceback" not in bad.stderr
+    wrong_mode = llmpy(*common, "--mode", "forkjoin", "--block-tokens", "16", cwd=text_dataset, check=False)
+    assert wrong_mode.returncode == 2 and "--mode tasks" in wrong_mode.stderr
+
+
+def test_cli_graph_writes_dot_json_and_png(tmp_path):
+    result = llmpy("graph", "--model", "tiny", "-B", "2", "-T", "16", "--block-tokens", "4", "--output", "g.json",
+                   "--png", "layer1.png", "--layer", "1", cwd=tmp_path)
+    assert "tasks" in result.stdout
+    data = json.loads((tmp_path / "g.json").read_text())
+    assert any(t["name"] == "attention_forward l1 b1 j3" for t in data["tasks"])
+    assert (tmp_path / "layer1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    llmpy("graph", "--model", "tiny", "-B", "1", "-T", "8", "--output", "g.dot", cwd=tmp_path)
+    assert (tmp_path / "g.dot").read_text().startswith("digraph")
+
+
+def test_tasks_mode_refuses_oversubscription_and_unimplemented_overlap():
+    with pytest.raises(ExecutionError, match="oversubscribe"):
+        make_execution_model("tasks", available_cores() + 1)
+    with pytest.raises(ExecutionError, match="overlap-steps"):
+        make_execution_model("tasks", 1, overlap_steps=True)
