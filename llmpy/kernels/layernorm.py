@@ -25,8 +25,9 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias):
             variance += d * d
         variance /= C
         s = np.float32(1.0) / np.sqrt(variance + np.float32(EPS))
+        out_row = out[n]  # row views indexed from 0: no negative-index handling, so LLVM vectorises
         for c in range(C):
-            out[n, c] = (x[c] - m) * s * weight[c] + bias[c]
+            out_row[c] = (x[c] - m) * s * weight[c] + bias[c]
         mean[n] = m
         rstd[n] = s
 
@@ -41,23 +42,24 @@ def layernorm_backward_input(dinp, dout, inp, weight, mean, rstd, accumulate):
     for n in prange(N):
         m = mean[n]
         s = rstd[n]
+        x, g_out, g_in = inp[n], dout[n], dinp[n]  # row views indexed from 0 (vectorise)
         dnorm_mean = np.float32(0.0)
         dnorm_norm_mean = np.float32(0.0)
         for c in range(C):
-            norm = (inp[n, c] - m) * s
-            dnorm = weight[c] * dout[n, c]
+            norm = (x[c] - m) * s
+            dnorm = weight[c] * g_out[c]
             dnorm_mean += dnorm
             dnorm_norm_mean += dnorm * norm
         dnorm_mean /= C
         dnorm_norm_mean /= C
         for c in range(C):
-            norm = (inp[n, c] - m) * s
-            dnorm = weight[c] * dout[n, c]
+            norm = (x[c] - m) * s
+            dnorm = weight[c] * g_out[c]
             g = (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s
             if accumulate:
-                dinp[n, c] += g
+                g_in[c] += g
             else:
-                dinp[n, c] = g
+                g_in[c] = g
 
 
 @kernel
@@ -77,9 +79,10 @@ def layernorm_backward_params(dweight, dbias, dout, inp, mean, rstd, c0, c1, acc
         for n in range(N):
             m = mean[n]
             s = rstd[n]
+            g_row, x_row = dout[n, start:stop], inp[n, start:stop]  # views indexed from 0 (vectorise)
             for j in range(width):
-                g = dout[n, start + j]
-                dw[j] += g * (inp[n, start + j] - m) * s
+                g = g_row[j]
+                dw[j] += g * (x_row[j] - m) * s
                 db[j] += g
         for j in range(width):
             if accumulate:

@@ -17,8 +17,9 @@ def bias_add(out, bias):
     """out (N, OC) += bias (OC,) on every row."""
     N, OC = out.shape
     for n in prange(N):
+        out_row = out[n]  # a row view indexed from 0: no negative-index handling, so LLVM vectorises
         for o in range(OC):
-            out[n, o] += bias[o]
+            out_row[o] += bias[o]
 
 
 @kernel
@@ -33,8 +34,9 @@ def bias_backward(dbias, dout, o0, o1, accumulate):
         width = stop - start
         acc = np.zeros(width, dtype=np.float32)
         for n in range(N):
+            dout_row = dout[n, start:stop]
             for j in range(width):
-                acc[j] += dout[n, start + j]
+                acc[j] += dout_row[j]
         for j in range(width):
             if accumulate:
                 dbias[start + j] += acc[j]
