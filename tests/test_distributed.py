@@ -1,0 +1,212 @@
+"""Data-parallel training over MPI (`--mode mpi`), run as users run it: `mpiexec -n 2 python -m llmpy.cli train`.
+
+The reference is one process in sequential mode. Two ranks with per-rank batch B read, in llm.c's layout,
+exactly the rows one process reads with batch 2B (and, in the same order, the two micro-batches of one process
+with batch B and --grad-accum 2): `test_two_ranks_read_the_rows_of_one_process_with_twice_the_batch` checks that
+on the data loader, so the runs below differ from the reference only by float rounding in where the gradient
+sums are added up.
+"""
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmpy.config import PRESETS
+from llmpy.data import DataLoader
+from llmpy.execution import available_cores
+from llmpy.execution.distributed import BLOCK_ELEMENTS, gradient_buckets, owner_blocks, split_evenly
+from llmpy.formats import read_model, write_shard
+
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+STRATEGIES = ("allreduce", "zero1", "server", "owners")
+B, T, STEPS = 2, 16, 5
+COMMON = ["--model", "tiny", "-T", T, "--steps", STEPS, "--val-every", "0", "--sample-every", "0",
+          "--peak-gflops", "10", "--no-progress", "--train-data", "tiny_train.bin"]
+PLAIN = ["--lr", "1e-3"]
+# eps 1 makes AdamW's step proportional to the gradient, so a wrong clipping scale changes the parameters
+OPTIONS = ["--lr", "0.05", "--eps", "1.0", "--weight-decay", "0.1", "--decay-matrices-only", "--grad-clip", "0.05"]
+
+needs_mpi = pytest.mark.skipif(not MPIEXEC.exists() or available_cores() < 2,
+                               reason=f"needs {MPIEXEC} (pip install mpich) and 2 cores for 2 ranks")
+
+
+def run(command, cwd, env_extra=None, timeout=120):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([str(c) for c in command], cwd=cwd, check=False, capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def llmpy_train(args, cwd, ranks=None, check=True, env_extra=None):
+    command = [sys.executable, "-m", "llmpy.cli", "train", *args]
+    if ranks is not None:
+        command = [MPIEXEC, "-n", ranks, *command]
+    result = run(command, cwd, env_extra)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, command))} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def train_losses(output: str) -> list[float]:
+    return [float(x) for x in re.findall(r"train loss ([0-9.]+)", output)]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A shard of 16,000 tokens below tiny's vocabulary of 97: a repeating sequence with 20% noise."""
+    work = tmp_path_factory.mktemp("mpi")
+    rng = np.random.default_rng(0)
+    tokens = np.where(rng.random(16000) < 0.2, rng.integers(0, 97, 16000), np.arange(16000) % 97)
+    write_shard(work / "tiny_train.bin", tokens.astype(np.uint16))
+    return work
+
+
+@pytest.fixture(scope="module")
+def references(data_dir):
+    """One sequential process with batch 2B, for each optimizer setting: (losses, parameters)."""
+    found = {}
+    for name, options in (("plain", PLAIN), ("options", OPTIONS), ("unclipped", OPTIONS[:-2])):
+        out = f"ref-{name}"
+        result = llmpy_train([*COMMON, *options, "--mode", "sequential", "-B", 2 * B, "--output", f"{out}/model.bin",
+                              "--metrics-dir", out], data_dir)
+        found[name] = (train_losses(result.stdout), read_model(data_dir / out / "model.bin")[1])
+    return found
+
+
+# ------------------------------------------------------------------------------------ without MPI
+def test_two_ranks_read_the_rows_of_one_process_with_twice_the_batch(data_dir):
+    shard = str(data_dir / "tiny_train.bin")
+    ranks = [DataLoader(shard, B, T, rank=r, world_size=2) for r in range(2)]
+    double = DataLoader(shard, 2 * B, T)
+    accumulating = DataLoader(shard, B, T)
+    assert double.num_batches == ranks[0].num_batches == (16000 - 1) // (2 * B * T)
+    for step in range(double.num_batches + 5):  # into the second epoch
+        parts = [loader.next_batch() for loader in ranks]
+        inputs, targets = double.next_batch()
+        np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), inputs)
+        np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), targets)
+        if step < double.num_batches:
+            micro = [accumulating.next_batch() for _ in range(2)]
+            np.testing.assert_array_equal(np.concatenate([m[0] for m in micro]), inputs)
+            np.testing.assert_array_equal(np.concatenate([m[1] for m in micro]), targets)
+    # Gradient accumulation is the same only within an epoch: here the shard holds an odd number of B-batches
+    # (499), so the epoch of the accumulating loader ends in the middle of a step; 2B is the exact equivalent.
+    assert accumulating.num_batches % 2 == 1
+
+
+@pytest.mark.parametrize("model", ["tiny", "d12"])
+def test_buckets_and_owner_blocks_cover_every_parameter_once(model):
+    config = PRESETS[model]
+    buckets = gradient_buckets(config)
+    assert [b.part for b in buckets] == [config.num_layers, *reversed(range(config.num_layers)), -1]
+    covered = np.zeros(config.num_parameters(), dtype=np.int8)
+    for bucket in buckets:
+        for s in bucket.segments:
+            covered[s.start:s.stop] += 1
+    assert (covered == 1).all()
+    blocks = owner_blocks(buckets, 3)
+    sizes = np.zeros(3, dtype=np.int64)
+    for segment, pieces in blocks.items():
+        assert pieces[0][0] == segment.start and pieces[-1][1] == segment.stop
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
+        assert all(0 < stop - start <= BLOCK_ELEMENTS for start, stop, _ in pieces)
+        for start, stop, owner in pieces:
+            sizes[owner] += stop - start
+    assert sizes.sum() == config.num_parameters()
+    if model == "d12":  # big tensors are cut into many blocks, so round-robin ownership balances the update
+        assert sizes.max() / sizes.min() < 1.05
+    assert split_evenly(10, 3) == ([4, 3, 3], [0, 4, 7])
+
+
+# ------------------------------------------------------------------------------------ real mpiexec runs
+@needs_mpi
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_ranks_match_one_process_with_twice_the_batch(strategy, data_dir, references):
+    parameters = references["plain"][1].size
+    for name, options in (("plain", PLAIN), ("options", OPTIONS)):
+        out = f"{strategy}-{name}"
+        result = llmpy_train([*COMMON, *options, "--mode", "mpi", "--strategy", strategy, "-B", B,
+                              "--output", f"{out}/model.bin", "--metrics-dir", out], data_dir, ranks=2)
+        losses, params = train_losses(result.stdout), read_model(data_dir / out / "model.bin")[1]
+        ref_losses, ref_params = references[name]
+        assert len(losses) == STEPS
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+        # With eps 1e-8 AdamW divides by sqrt(v): an element whose gradient is near zero turns the rounding of a
+        # sum into a visible fraction of one step (at most lr): 2B and --grad-accum 2 differ by 5e-5 from each
+        # other there. With eps 1 the step is proportional to the gradient and rounding stays at 1e-8.
+        np.testing.assert_allclose(params, ref_params, rtol=0, atol=1e-4 if name == "plain" else 1e-6)
+        assert "rank 1" not in result.stdout  # only rank 0 prints: one line per step
+        per_rank = json.loads((data_dir / out / "metrics.json").read_text())["summary"]["per_rank"]
+        held = [r["moment_elements"] for r in per_rank]  # floats of m (and of v) each rank holds
+        if strategy == "allreduce":
+            assert held == [parameters, parameters]
+        elif strategy == "zero1":
+            assert sum(held) == parameters and abs(held[0] - held[1]) <= len(per_rank) * 64
+        elif strategy == "server":
+            assert held == [parameters, 0]
+        else:
+            assert sum(held) == parameters and max(held) < parameters and min(held) > 0
+        assert all(r["communication_ms"] > 0 and "MPI_Waitall" in r["communication_by_call_ms"] for r in per_rank)
+    # the clipping and decay settings matter here: without clipping the reference differs by far more
+    assert np.abs(references["unclipped"][1] - references["options"][1]).max() > 1e-3
+
+
+@needs_mpi
+def test_trace_has_one_process_per_rank_and_analyze_reads_it(data_dir):
+    result = llmpy_train([*COMMON, *PLAIN, "--steps", "3", "--mode", "mpi", "--strategy", "zero1", "-B", B,
+                          "--trace", "trace-zero1", "--output", ""], data_dir, ranks=2)
+    trace = json.loads((data_dir / "trace-zero1" / "trace.json").read_text())
+    processes = {e["pid"] for e in trace["traceEvents"] if e.get("ph") == "X"}
+    assert processes == {1, 2}
+    names = {e["name"] for e in trace["traceEvents"] if e.get("ph") == "X"}
+    assert {"MPI_Ireduce_scatter", "MPI_Iallgatherv", "MPI_Waitall", "adamw_update"} <= names
+    header = (data_dir / "trace-zero1" / "trace.prv").read_text().splitlines()[0]
+    assert header.endswith(":1:2(1:1,1:1)")  # Paraver: one application of 2 tasks (ranks), 1 thread each
+    analysis = run([sys.executable, "-m", "llmpy.cli", "analyze", "trace-zero1"], data_dir)
+    assert analysis.returncode == 0, analysis.stderr
+    assert "ranks=2" in analysis.stdout and "(2 ranks)" in analysis.stdout
+    assert "MPI_" not in analysis.stdout.split("Roofline per kernel")[1]  # communication is not a kernel
+    assert "per rank, ms per step" in result.stdout
+
+
+@needs_mpi
+@pytest.mark.parametrize("how", ["raise", "kill"])
+def test_a_failing_rank_stops_every_rank_within_seconds(how, data_dir):
+    start = time.perf_counter()
+    result = llmpy_train([*COMMON, *PLAIN, "--steps", "50", "--mode", "mpi", "-B", B, "--output", ""], data_dir,
+                         ranks=2, check=False, env_extra={"LLMPY_FAIL_RANK": "1:3" + (":kill" if how == "kill" else "")})
+    elapsed = time.perf_counter() - start
+    assert result.returncode != 0
+    assert elapsed < 20, elapsed
+    assert len(train_losses(result.stdout)) == 2
+    if how == "raise":
+        assert "llmpy train: rank 1 of 2" in result.stderr and "failure injected" in result.stderr
+    else:  # SIGKILL leaves no message of its own; mpiexec names the pid, which rank 0 mapped to rank 1 at startup
+        pid = re.search(r"rank pids 0=\d+, 1=(\d+)", result.stdout).group(1)
+        assert f"PID {pid}" in result.stdout + result.stderr
+
+
+@needs_mpi
+@pytest.mark.parametrize("args, message", [
+    (["--threads", "2"], "2 ranks x 2 threads on this node would oversubscribe its"),
+    (["-B", "600"], "one batch needs B*T*world_size+1 = 600*16*2+1"),
+    (["--strategy", "zero2"], "invalid choice: 'zero2'"),
+    (["--checkpoint-every", "2"], "not supported with --mode mpi"),
+])
+def test_bad_arguments_are_refused_before_any_work_in_one_line(args, message, data_dir):
+    result = llmpy_train([*COMMON, *PLAIN, "--mode", "mpi", "-B", B, *args, "--output", ""], data_dir, ranks=2,
+                         check=False)
+    assert result.returncode == 2
+    assert "train loss" not in result.stdout
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    if "invalid choice" in message:  # argparse, before MPI starts: each rank prints its usage
+        assert message in result.stderr
+    else:
+        assert len(errors) == 1 and message in errors[0], result.stderr
