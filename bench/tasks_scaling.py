@@ -2,7 +2,9 @@
 
 All configurations run in one process on one model, interleaved step by step (A B C A B C ...), so machine
 drift hits them alike: sequential (1 thread), forkjoin (numba omp + OpenBLAS) at each thread count, and tasks
-for every (runtime, workers, K). The first steps are warm-up. For task configurations the idle fraction of
+for every (runtime, workers, K). `llmpy bench --modes sequential,forkjoin,tasks --block-tokens ... --task-runtime
+native,dask` runs the same matrix in the scaling benchmark (lock-step worker processes, JSON/CSV/plots); this
+script adds the native scheduler's overhead per task and runs everything in this one process. The first steps are warm-up. For task configurations the idle fraction of
 each worker over the measured steps comes from the recorded trace (the POP table's per-thread useful time).
 Also measures the native scheduler's overhead per task on a graph of empty tasks.
 
@@ -20,7 +22,7 @@ import time
 import numpy as np
 
 import llmpy  # noqa: F401  (thread-pool environment before numpy/numba load)
-from llmpy.bench import add_speedups, format_results
+from llmpy.bench import add_speedups, format_results, idle_fraction_per_worker
 
 
 def parse_args(argv=None):
@@ -78,7 +80,6 @@ def main(argv=None) -> int:
     import numba
     from threadpoolctl import threadpool_limits
 
-    from llmpy.analysis import pop_table
     from llmpy.config import preset
     from llmpy.execution import available_cores, configure_numba_threads
     from llmpy.execution.tasks import TaskExecution
@@ -173,10 +174,7 @@ def main(argv=None) -> int:
                     "num_layers": config.num_layers}
             trace = recorder.to_trace(meta)
             # per measured step (the other configurations' steps in between are not this one's idle time)
-            steps = [r.metrics for r in pop_table(trace, args.warmup) if r.step != "total" and r.region == "step"]
-            wall = sum(m.runtime for m in steps)
-            result["idle_fraction"] = [max(0.0, 1.0 - sum(m.useful.get((0, w), 0.0) for m in steps) / wall)
-                                       for w in range(threads)]
+            result["idle_fraction_per_worker"] = idle_fraction_per_worker(trace, args.warmup, threads)
             result["tasks_per_step"] = len(executions[c].step_graph(model, optimizer).graph)
             if args.trace:
                 directory = os.path.join(args.trace, f"tasks-{runtime}-{threads}-K{K}")
@@ -208,7 +206,7 @@ def format_table(results: list[dict]) -> str:
         n = f"{r['tasks_per_step']:6d}" if r.get("tasks_per_step") else f"{'-':>6s}"
         ref = fj.get(r["threads"])
         ratio = f"{ref / r['ms_per_step_median']:6.2f}" if ref and r["mode"] == "tasks" else f"{'-':>6s}"
-        idle = " ".join(f"{100 * f:5.1f}" for f in r.get("idle_fraction", []))
+        idle = " ".join(f"{100 * f:5.1f}" for f in r.get("idle_fraction_per_worker", []))
         lines.append(f"{line} {K} {n} {ratio}  {idle}")
     lines.append("vs fj = forkjoin ms/step at the same thread count / this ms/step (> 1: tasks faster)")
     return "\n".join(lines)

@@ -2,7 +2,9 @@
 
 Configurations that can share a process (same numba threading layer) run in one worker process,
 interleaved step by step (A B C A B C ...) on one model, so machine drift hits them alike; each threading
-layer gets its own worker process (numba picks its layer once per process). The first steps are warm-up.
+layer gets its own worker process (numba picks its layer once per process). Mode tasks runs every
+(task runtime, K, workers) of --task-runtime x --block-tokens x --threads in the first layer's process (its
+kernels are serial) and reports each worker's idle fraction from the recorded tasks. The first steps are warm-up.
 Results: a table with speedup and efficiency, a per-kernel table per configuration, JSON/CSV, and scaling
 plots (runtime, speedup, efficiency for the whole step, forward and backward).
 """
@@ -21,6 +23,7 @@ import numpy as np
 
 from llmpy.config import PRESETS
 from llmpy.execution import MODES, THREADING_LAYERS, available_cores
+from llmpy.execution.runtime import RUNTIMES as TASK_RUNTIMES
 
 RESULT_PREFIX = "LLMPY-BENCH-RESULT "
 READY_LINE = "LLMPY-BENCH-READY"
@@ -36,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default="sequential,forkjoin", help=f"comma list of {', '.join(MODES)}")
     parser.add_argument("--threads", default="1,2", help="comma list of thread counts (default 1,2)")
     parser.add_argument("--runtime", default="omp", help=f"comma list of numba threading layers: {', '.join(THREADING_LAYERS)}")
+    parser.add_argument("--block-tokens", default="16", help="mode tasks: comma list of token-block sizes K, each "
+                        "dividing -T (default 16)")
+    parser.add_argument("--task-runtime", default="native", help=f"mode tasks: comma list of task runtimes: "
+                        f"{', '.join(TASK_RUNTIMES)} (default native); --threads gives the worker counts")
     parser.add_argument("--peak-gflops", type=float, help="peak of one core for MFU (default: measured per thread count)")
     parser.add_argument("--json", metavar="FILE", help="write the results, one object per configuration")
     parser.add_argument("--csv", metavar="FILE", help="write the results as CSV")
@@ -47,15 +54,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: RUNTIME:MODE:THREADS,... in this process
 
 
-def _configurations(args) -> dict[str, list[tuple[str, int]]]:
-    """runtime -> [(mode, threads)], sequential once (1 thread) with the first runtime."""
+# A configuration: (mode, threads, K, task runtime); K = 0 and task runtime "-" outside mode tasks.
+Config = tuple[str, int, int, str]
+
+
+def _config_spec(config: Config) -> str:
+    """How a worker is told a configuration: MODE/THREADS, or tasks/WORKERS/K/TASK_RUNTIME."""
+    mode, threads, block_tokens, task_runtime = config
+    return f"{mode}/{threads}" + (f"/{block_tokens}/{task_runtime}" if mode == "tasks" else "")
+
+
+def _parse_config(spec: str) -> Config:
+    mode, threads, *task = spec.split("/")
+    return (mode, int(threads), int(task[0]), task[1]) if task else (mode, int(threads), 0, "-")
+
+
+def _config_label(config: Config) -> str:
+    mode, threads, block_tokens, task_runtime = config
+    return f"{mode} x{threads}" + (f" K{block_tokens} {task_runtime}" if mode == "tasks" else "")
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise ValueError(f"{flag} must be a comma list of integers, got {text!r}") from None
+
+
+def _configurations(args) -> dict[str, list[Config]]:
+    """numba runtime -> [(mode, threads, K, task runtime)], sequential once (1 thread) and the task
+    configurations (serial kernels: any numba layer) with the first runtime."""
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     runtimes = [r.strip() for r in args.runtime.split(",") if r.strip()]
-    try:
-        threads = sorted({int(t) for t in args.threads.split(",") if t.strip()})
-    except ValueError:
-        raise ValueError(f"--threads must be a comma list of integers, got {args.threads!r}") from None
+    threads = _int_list(args.threads, "--threads")
     for mode in modes:
+        if mode == "mpi":
+            raise ValueError("llmpy bench runs one process per threading layer; for MPI ranks run "
+                             "`python bench/distributed.py` (it starts mpiexec itself)")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} in --modes; choose from {', '.join(MODES)}")
     for runtime in runtimes:
@@ -66,12 +101,21 @@ def _configurations(args) -> dict[str, list[tuple[str, int]]]:
         raise ValueError(f"--threads must be between 1 and the {cores} cores available, got {args.threads!r}")
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.seq_len < 1:
         raise ValueError("--steps, -B and -T must be positive and --warmup >= 0")
-    groups: dict[str, list[tuple[str, int]]] = {runtime: [] for runtime in runtimes}
+    groups: dict[str, list[Config]] = {runtime: [] for runtime in runtimes}
     if "sequential" in modes:
-        groups[runtimes[0]].append(("sequential", 1))
+        groups[runtimes[0]].append(("sequential", 1, 0, "-"))
     if "forkjoin" in modes:
         for runtime in runtimes:
-            groups[runtime].extend(("forkjoin", t) for t in threads)
+            groups[runtime].extend(("forkjoin", t, 0, "-") for t in threads)
+    if "tasks" in modes:
+        block_sizes = _int_list(args.block_tokens, "--block-tokens")
+        if not block_sizes or min(block_sizes) < 1 or any(args.seq_len % k for k in block_sizes):
+            raise ValueError(f"--block-tokens must be positive divisors of -T {args.seq_len}, got {args.block_tokens!r}")
+        task_runtimes = [r.strip() for r in args.task_runtime.split(",") if r.strip()]
+        for name in task_runtimes:
+            if name not in TASK_RUNTIMES:
+                raise ValueError(f"unknown task runtime {name!r} in --task-runtime; choose from {', '.join(TASK_RUNTIMES)}")
+        groups[runtimes[0]].extend(("tasks", t, k, name) for name in task_runtimes for k in block_sizes for t in threads)
     return {runtime: configs for runtime, configs in groups.items() if configs}
 
 
@@ -100,6 +144,7 @@ def _run_worker(args) -> None:
 
     from llmpy.config import preset
     from llmpy.execution import configure_numba_threads
+    from llmpy.execution.tasks import TaskExecution
     from llmpy.kernels import KernelSet
     from llmpy.metrics import kernel_summary, measure_memory_bandwidth, measure_peak_gflops, phase_summary, step_flops
     from llmpy.model import GPT2
@@ -108,9 +153,9 @@ def _run_worker(args) -> None:
     from llmpy.train import train_step
 
     runtime, _, spec = args.worker.partition(":")
-    configs = [(mode, int(threads)) for mode, threads in (item.split("/") for item in spec.split(","))]
-    max_threads = max(t for _, t in configs)
-    if any(mode == "forkjoin" for mode, _ in configs):
+    configs = [_parse_config(item) for item in spec.split(",")]
+    max_threads = max(c[1] for c in configs)
+    if any(c[0] == "forkjoin" for c in configs):
         configure_numba_threads(max_threads, runtime)
     config = preset(args.model)
     B, T = args.batch_size, args.seq_len
@@ -119,31 +164,43 @@ def _run_worker(args) -> None:
     optimizer = AdamW(model.params)
     inputs, targets = _batch(config, B, T, args.seed)
     kernel_sets = {False: KernelSet(parallel=False), True: KernelSet(parallel=True)}
-    recorders = {c: Recorder(per_thread=bool(args.trace), threads=c[1]) for c in configs}
-    peaks = {t: (args.peak_gflops * t if args.peak_gflops else measure_peak_gflops(t)) for _, t in configs}
+    # task configurations: every task on the trace (their idle time per worker), serial kernels, BLAS 1 thread
+    recorders = {c: Recorder(threads=c[1], keep_calls=True) if c[0] == "tasks" else
+                 Recorder(per_thread=bool(args.trace), threads=c[1]) for c in configs}
+    peaks = {t: (args.peak_gflops * t if args.peak_gflops else measure_peak_gflops(t)) for t in {c[1] for c in configs}}
     flops = step_flops(config, B, T)
-    losses: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    losses: dict[Config, list[float]] = {c: [] for c in configs}
+    executions = {c: TaskExecution(c[1], c[2], c[3]) for c in configs if c[0] == "tasks"}
 
-    for round_index in _lockstep_rounds():
-        for mode, threads in configs:
-            recorder = recorders[(mode, threads)]
-            model.kernels = optimizer.kernels = kernel_sets[mode == "forkjoin"]
-            model.observer = optimizer.observer = recorder
-            if mode == "forkjoin":
-                numba.set_num_threads(threads)
-            with threadpool_limits(limits=threads, user_api="blas"):
-                loss = train_step(model, optimizer, [(inputs, targets)], 1e-4, recorder, round_index + 1)
-            losses[(mode, threads)].append(loss)
+    try:
+        for round_index in _lockstep_rounds():
+            for c in configs:
+                mode, threads = c[0], c[1]
+                recorder = recorders[c]
+                model.kernels = optimizer.kernels = kernel_sets[mode == "forkjoin"]
+                model.observer = optimizer.observer = recorder
+                if mode == "forkjoin":
+                    numba.set_num_threads(threads)
+                step = executions[c].train_step if mode == "tasks" else train_step
+                with threadpool_limits(limits=1 if mode == "tasks" else threads, user_api="blas"):
+                    loss = step(model, optimizer, [(inputs, targets)], 1e-4, recorder, round_index + 1)
+                losses[c].append(loss)
+        tasks_per_step = {c: len(execution.step_graph(model, optimizer).graph) for c, execution in executions.items()}
+    finally:
+        for execution in executions.values():
+            execution.close()
 
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    for mode, threads in configs:
-        recorder = recorders[(mode, threads)]
+    for c in configs:
+        mode, threads, block_tokens, task_runtime = c
+        recorder = recorders[c]
         measured = recorder.steps[args.warmup:]
         ms = np.array([1e3 * s.duration for s in measured])
         phases = phase_summary(recorder.steps, args.warmup)
         median = float(np.median(ms))
         result = {
-            "model": args.model, "mode": mode, "runtime": runtime if mode == "forkjoin" else "-",
+            "model": args.model, "mode": mode,
+            "runtime": runtime if mode == "forkjoin" else f"{task_runtime} K{block_tokens}" if mode == "tasks" else "-",
             "threads": threads, "ranks": 1, "cores": threads, "B": B, "T": T, "steps": len(measured),
             "ms_per_step_median": median, "ms_per_step_min": float(ms.min()), "ms_per_step_max": float(ms.max()),
             "forward_ms": phases["forward"], "zero_grad_ms": phases["zero_grad"], "backward_ms": phases["backward"],
@@ -151,17 +208,37 @@ def _run_worker(args) -> None:
             "tokens_per_s_per_core": B * T / median * 1e3 / threads,
             "mfu": flops / (median / 1e3) / (peaks[threads] * 1e9), "peak_gflops": peaks[threads],
             "peak_rss_mb": peak_rss_mb, "process_configs": len(configs),
-            "ms_per_step": ms.tolist(), "first_loss": losses[(mode, threads)][0],
+            "ms_per_step": ms.tolist(), "first_loss": losses[c][0],
             "kernels": [k.as_dict() for k in kernel_summary(recorder.kernel_totals, recorder.steps, args.warmup)],
         }
+        meta = {k: result[k] for k in ("model", "mode", "runtime", "threads", "ranks", "B", "T", "peak_gflops")}
+        meta.update(warmup_steps=args.warmup, num_layers=config.num_layers)
+        if mode == "tasks":
+            meta.update(runtime=task_runtime, block_tokens=block_tokens)
+            trace = recorder.to_trace(meta)
+            result.update(block_tokens=block_tokens, task_runtime=task_runtime, tasks_per_step=tasks_per_step[c],
+                          idle_fraction_per_worker=idle_fraction_per_worker(trace, args.warmup, threads))
         if args.trace:
-            directory = os.path.join(args.trace, f"{mode}-{result['runtime']}-{threads}")
-            meta = {k: result[k] for k in ("model", "mode", "runtime", "threads", "ranks", "B", "T", "peak_gflops")}
-            meta.update(warmup_steps=args.warmup, bandwidth_gbs=measure_memory_bandwidth(threads),
-                        num_layers=config.num_layers)
+            name = f"tasks-{task_runtime}-{threads}-K{block_tokens}" if mode == "tasks" else \
+                f"{mode}-{result['runtime']}-{threads}"
+            directory = os.path.join(args.trace, name)
+            meta.update(bandwidth_gbs=measure_memory_bandwidth(threads))
             recorder.to_trace(meta).save(directory)
             result["trace"] = directory
         print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def idle_fraction_per_worker(trace, skip_steps: int, workers: int) -> list[float]:
+    """For each task worker (trace row), the share of the measured steps' wall time it ran no task: over
+    the steps after the first `skip_steps`, each step's span only (other configurations interleaved between
+    the steps are not this one's idle time), from the POP table's per-row useful time."""
+    from llmpy.analysis import pop_table
+
+    steps = [r.metrics for r in pop_table(trace, skip_steps) if r.step != "total" and r.region == "step"]
+    wall = sum(m.runtime for m in steps)
+    if wall <= 0.0:
+        return [0.0] * workers
+    return [max(0.0, 1.0 - sum(m.useful.get((0, w), 0.0) for m in steps) / wall) for w in range(workers)]
 
 
 def _run_torch_worker(args) -> None:
@@ -288,13 +365,14 @@ def add_speedups(results: list[dict]) -> None:
 
 
 def format_results(results: list[dict]) -> str:
-    lines = [f"{'mode':11s} {'runtime':7s} {'thr':>3s} {'ms/step':>8s} {'min-max':>13s} {'fwd':>7s} {'bwd':>7s} "
+    rw = max([7] + [len(str(r["runtime"])) for r in results])  # runtime column ("native K16" in mode tasks)
+    lines = [f"{'mode':11s} {'runtime':{rw}s} {'thr':>3s} {'ms/step':>8s} {'min-max':>13s} {'fwd':>7s} {'bwd':>7s} "
              f"{'update':>7s} {'tok/s':>7s} {'tok/s/core':>10s} {'MFU':>6s} {'speedup':>7s} {'eff':>5s} {'RSS MB':>7s}"]
     number = lambda value, fmt, width: format(value, fmt) if value is not None else "-".rjust(width)
     for r in results:
         mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") is not None else f"{'-':>6s}"
         lines.append(
-            f"{r['mode']:11s} {r['runtime']:7s} {r['threads']:3d} {r['ms_per_step_median']:8.0f} "
+            f"{r['mode']:11s} {r['runtime']:{rw}s} {r['threads']:3d} {r['ms_per_step_median']:8.0f} "
             f"{r['ms_per_step_min']:6.0f}-{r['ms_per_step_max']:<6.0f} {number(r.get('forward_ms'), '7.0f', 7)} "
             f"{number(r.get('backward_ms'), '7.0f', 7)} {number(r.get('update_ms'), '7.0f', 7)} "
             f"{r['tokens_per_s']:7.0f} {r['tokens_per_s_per_core']:10.0f} {mfu} "
@@ -312,13 +390,13 @@ def run(args, out=sys.stdout) -> list[dict]:
             _run_worker(args)
         return []
     groups = _configurations(args)
-    workers = [(f"numba {runtime}: " + ", ".join(f"{m} x{t}" for m, t in configs),
-                runtime + ":" + ",".join(f"{m}/{t}" for m, t in configs)) for runtime, configs in groups.items()]
+    workers = [(f"numba {runtime}: " + ", ".join(_config_label(c) for c in configs),
+                runtime + ":" + ",".join(_config_spec(c) for c in configs)) for runtime, configs in groups.items()]
     if args.vs == "torch":
         from llmpy.torch_baseline import import_torch
 
         import_torch()  # fail here, clearly, when torch is missing
-        thread_counts = sorted({t for configs in groups.values() for _, t in configs})
+        thread_counts = sorted({c[1] for configs in groups.values() for c in configs})
         workers.append((f"torch eager: threads {','.join(map(str, thread_counts))}",
                         "torch:" + ",".join(map(str, thread_counts))))
     started = time.perf_counter()
@@ -349,6 +427,8 @@ def run(args, out=sys.stdout) -> list[dict]:
           f"{args.warmup} warm-up, all configurations interleaved step by step; MFU against "
           f"{'--peak-gflops per core' if args.peak_gflops else 'the measured GEMM peak of the cores used'}", file=out)
     print(format_results(results), file=out)
+    if any(r["mode"] == "tasks" for r in results):
+        print("\n" + format_task_table(results), file=out)
     if args.vs == "torch":
         print("\n" + format_torch_ratios(results), file=out)
     for r in results:
@@ -361,6 +441,26 @@ def run(args, out=sys.stdout) -> list[dict]:
         print(format_kernel_table(rows, phases), file=out)
     _write_outputs(args, results, out)
     return results
+
+
+def format_task_table(results: list[dict]) -> str:
+    """Mode tasks rows: K, tasks per step, speed against forkjoin at the same thread count, idle % per worker."""
+    forkjoin: dict[int, float] = {}
+    for r in results:  # the fastest numba threading layer at each thread count
+        if r["mode"] == "forkjoin":
+            forkjoin[r["threads"]] = min(forkjoin.get(r["threads"], np.inf), r["ms_per_step_median"])
+    lines = [f"{'tasks':18s} {'K':>4s} {'tasks/step':>10s} {'ms/step':>8s} {'vs forkjoin':>11s}  idle % per worker"]
+    for r in results:
+        if r["mode"] != "tasks":
+            continue
+        reference = forkjoin.get(r["threads"])
+        ratio = f"{reference / r['ms_per_step_median']:11.2f}" if reference else f"{'-':>11s}"
+        idle = " ".join(f"{100 * f:5.1f}" for f in r.get("idle_fraction_per_worker", []))
+        lines.append(f"{r['task_runtime'] + ' x' + str(r['threads']):18s} {r['block_tokens']:4d} "
+                     f"{r.get('tasks_per_step', 0):10d} {r['ms_per_step_median']:8.0f} {ratio}  {idle}")
+    lines.append("vs forkjoin: forkjoin ms/step at the same thread count / tasks ms/step (> 1: tasks faster); idle: "
+                 "share of the measured steps' wall time a worker ran no task (from the recorded task events)")
+    return "\n".join(lines)
 
 
 def add_torch_ratios(results: list[dict], step_gflop: float) -> None:

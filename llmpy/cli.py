@@ -105,7 +105,9 @@ def _graph(args) -> int:
     from llmpy.optim import AdamW
 
     model = GPT2(preset(args.model), args.batch_size, args.seq_len)  # buffers stay untouched (lazily zero pages)
-    step = build_step_graph(model, AdamW(model.params), args.block_tokens)
+    # --overlap-steps: a step of an overlapping run, the previous step's update at its head and none at its end
+    step = build_step_graph(model, AdamW(model.params), args.block_tokens, with_update=not args.overlap_steps,
+                            leading_update=args.overlap_steps)
     graph = step.graph
     print(f"{args.model}, B={args.batch_size}, T={args.seq_len}, K={step.block_tokens}: {len(graph)} tasks, "
           f"{len(graph.edges())} edges, estimated critical path {1e3 * graph.critical_path():.1f} ms of "
@@ -189,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     graph_parser.add_argument("--output", help="graph file: .dot/.gv for Graphviz DOT, else JSON")
     graph_parser.add_argument("--png", help="PNG picture of one layer's tasks")
     graph_parser.add_argument("--layer", type=int, default=0, help="layer drawn in the PNG (default 0; -1: outside)")
+    graph_parser.add_argument("--overlap-steps", action="store_true",
+                              help="the graph of a step of an --overlap-steps run (the previous step's update first)")
     graph_parser.set_defaults(handler=_graph)
 
     verify_parser = sub.add_parser("verify", help="check llmpy against llm.c's debug state (test_gpt2)",

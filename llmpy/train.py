@@ -348,6 +348,9 @@ def run(args, out=sys.stdout) -> TrainResult:
         for step in range(first_step, args.steps + 1):
             last = step == args.steps
             recorder.enabled = False  # validation and samples are not part of the training step
+            if last or (val_loader is not None and step % args.val_every == 0) or (
+                    args.sample_every > 0 and step > 0 and step % args.sample_every == 0):
+                execution.synchronize()  # --overlap-steps: the last step's update is done before reading parameters
             if val_loader is not None and (step % args.val_every == 0 or last):
                 val_loss = execution.average(validation_loss(model, val_loader, args.val_batches))
                 result.val_losses.append((step, val_loss))
@@ -377,6 +380,7 @@ def run(args, out=sys.stdout) -> TrainResult:
                 f"MFU {100 * stats.mfu:.1f}%)")
             progress.update(1)
             if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+                execution.synchronize()
                 save_checkpoint(args.checkpoint_dir, step + 1, model, optimizer, train_loader, args.seed,
                                 args.keep_checkpoints)
         progress.close()

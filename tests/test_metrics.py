@@ -135,6 +135,33 @@ def test_bench_matrix_writes_json_csv_and_plots(tmp_path):
     assert "speedup" in result.stdout and "kernels: forkjoin tbb" in result.stdout
 
 
+def test_bench_runs_tasks_configurations_with_idle_time_per_worker(tmp_path):
+    threads = [1, 2] if available_cores() >= 2 else [1]
+    result = llmpy("bench", "--model", "d2", "--steps", "2", "--modes", "sequential,forkjoin,tasks", "--threads",
+                   ",".join(map(str, threads)), "--block-tokens", "16,64", "--task-runtime", "native,dask",
+                   "--json", "r.json", cwd=tmp_path)
+    results = json.loads((tmp_path / "r.json").read_text())
+    tasks = [r for r in results if r["mode"] == "tasks"]
+    assert {(r["task_runtime"], r["block_tokens"], r["threads"]) for r in tasks} == \
+        {(rt, k, t) for rt in ("native", "dask") for k in (16, 64) for t in threads}
+    sequential = next(r for r in results if r["mode"] == "sequential")
+    for r in tasks:
+        for field in ("model", "threads", "B", "T", "steps", "ms_per_step_median", "tokens_per_s", "mfu",
+                      "peak_rss_mb", "forward_ms", "backward_ms", "update_ms", "speedup", "kernels"):
+            assert r[field] is not None, field
+        assert r["runtime"] == f"{r['task_runtime']} K{r['block_tokens']}" and r["steps"] == 2
+        idle = r["idle_fraction_per_worker"]
+        assert len(idle) == r["threads"] and all(0.0 <= f < 1.0 for f in idle)
+        # K = T: one block per sequence; K = 16 cuts every token-row kernel into 4 tasks
+        assert r["tasks_per_step"] > 0
+        assert {k["name"] for k in r["kernels"]} == {k["name"] for k in sequential["kernels"]}
+    by_k = {r["block_tokens"]: r["tasks_per_step"] for r in tasks}
+    assert by_k[16] > by_k[64]
+    assert "idle % per worker" in result.stdout and "native x1" in result.stdout
+    bad = llmpy("bench", "--model", "d2", "--modes", "tasks", "--block-tokens", "24", cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and "--block-tokens" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_trace_of_a_real_run_exports_and_analyzes(text_dataset, tmp_path):  # noqa: F811
     import shutil
     import subprocess

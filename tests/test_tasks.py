@@ -289,10 +289,126 @@ def test_cli_graph_writes_dot_json_and_png(tmp_path):
     assert (tmp_path / "layer1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     llmpy("graph", "--model", "tiny", "-B", "1", "-T", "8", "--output", "g.dot", cwd=tmp_path)
     assert (tmp_path / "g.dot").read_text().startswith("digraph")
+    llmpy("graph", "--model", "tiny", "-B", "1", "-T", "8", "--overlap-steps", "--output", "o.json", cwd=tmp_path)
+    tasks = json.loads((tmp_path / "o.json").read_text())["tasks"]
+    updates = [t for t in tasks if t["kernel"] == "adamw_update"]
+    assert updates and tasks[:len(updates)] == updates and not any(t["preds"] for t in updates)
 
 
-def test_tasks_mode_refuses_oversubscription_and_unimplemented_overlap():
+def test_tasks_mode_refuses_oversubscription():
     with pytest.raises(ExecutionError, match="oversubscribe"):
         make_execution_model("tasks", available_cores() + 1)
-    with pytest.raises(ExecutionError, match="overlap-steps"):
-        make_execution_model("tasks", 1, overlap_steps=True)
+
+
+# ------------------------------------------------------------------ --overlap-steps
+def run_varying_steps(model, optimizer, step_fn, steps=5, micro=1, recorder=None):
+    """run_steps with a learning rate that changes every step (each step's update must use its own)."""
+    rng = np.random.default_rng(0)
+    V = model.config.vocab_size
+    losses = []
+    for step in range(steps):
+        batches = [(rng.integers(0, V, (2, 16)), rng.integers(0, V, (2, 16))) for _ in range(micro)]
+        losses.append(step_fn(model, optimizer, batches, 1e-3 * (1 + step) / steps, recorder, step + 1))
+    return np.array(losses)
+
+
+@pytest.mark.parametrize("runtime,micro", [("native", 1), ("native", 2), ("dask", 1)])
+def test_overlap_steps_give_the_results_of_steps_in_turn(runtime, micro):
+    config = AdamWConfig(weight_decay=0.1, grad_clip=1.0)
+    reference = tiny_model()
+    ref_opt = AdamW(reference.params, config)
+    ref_losses = run_varying_steps(reference, ref_opt, train_step, micro=micro)
+    results = {}
+    for overlap in (False, True):
+        execution = make_execution_model("tasks", WORKERS[-1], block_tokens=8, runtime=runtime, overlap_steps=overlap)
+        try:
+            model = tiny_model()
+            optimizer = AdamW(model.params, config)
+            losses = run_varying_steps(model, optimizer, execution.step_function, micro=micro)
+            before_sync = model.params.flat.copy()
+            execution.synchronize()
+            execution.synchronize()  # nothing pending: a no-op
+        finally:
+            execution.close()
+        results[overlap] = (losses, model.params.flat.copy(), optimizer.last_grad_norm, optimizer.step)
+        if overlap:  # the last step's update was still pending: synchronize ran it
+            assert not np.array_equal(before_sync, model.params.flat)
+        else:
+            np.testing.assert_array_equal(before_sync, model.params.flat)
+    (losses, params, norm, steps), (o_losses, o_params, o_norm, o_steps) = results[False], results[True]
+    np.testing.assert_array_equal(o_losses, losses)  # same graph blocks, same kernels: bitwise
+    np.testing.assert_array_equal(o_params, params)
+    assert (o_norm, o_steps) == (norm, steps) == (pytest.approx(ref_opt.last_grad_norm, rel=1e-4), ref_opt.step)
+    np.testing.assert_allclose(o_losses, ref_losses, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(o_params, reference.params.flat, rtol=0, atol=5e-5)
+
+
+def ancestors(graph, index):
+    seen, todo = set(), [index]
+    while todo:
+        for p in graph.tasks[todo.pop()].preds:
+            if p not in seen:
+                seen.add(p)
+                todo.append(p)
+    return seen
+
+
+def test_overlap_steps_graph_lets_layer_0_run_while_later_layers_update():
+    model = tiny_model()
+    optimizer = AdamW(model.params)
+    L = model.config.num_layers
+    graph = build_step_graph(model, optimizer, block_tokens=8, with_update=False, leading_update=True).graph
+    updates = {t.index: t for t in graph.tasks if t.kernel == "adamw_update"}
+    plain = build_step_graph(model, optimizer, block_tokens=8).graph
+    assert len(updates) == sum(t.kernel == "adamw_update" for t in plain.tasks) and len(graph) == len(plain)
+    first = graph.task("layernorm_forward.ln1 l0 b0 j0")
+    before = {updates[i].name for i in ancestors(graph, first.index) if i in updates}
+    # the forward of layer 0 waits for the update of what it reads (its own layernorm, the embeddings) ...
+    assert {"adamw_update.ln1w l0 r0", "adamw_update.ln1b l0 r0", "adamw_update.wte l-1 r0",
+            "adamw_update.wpe l-1 r0"} <= before
+    # ... and for no update of a later layer
+    assert not any(updates[i].layer > 0 for i in ancestors(graph, first.index) if i in updates)
+    qkv = graph.task(f"matmul_forward.qkv l{L - 1} b0 j0")
+    assert graph.task(f"adamw_update.qkvw l{L - 1} r0").index in qkv.preds  # RAW on the layer's weights
+    # the backward's gradient writes wait for the previous step's update to read the gradients (WAR)
+    dweight = graph.task(f"matmul_backward_weight.qkv l{L - 1} c0")
+    assert graph.task(f"adamw_update.qkvw l{L - 1} r0").index in ancestors(graph, dweight.index)
+
+
+def test_overlap_steps_run_forward_tasks_before_the_previous_update_ends():
+    workers = WORKERS[-1]
+    execution = make_execution_model("tasks", workers, block_tokens=8, overlap_steps=True)
+    try:
+        model = tiny_model()
+        recorder = Recorder(keep_calls=True)
+        run_varying_steps(model, AdamW(model.params), execution.step_function, steps=3, recorder=recorder)
+        execution.synchronize()
+    finally:
+        execution.close()
+    trace = recorder.to_trace({"mode": "tasks", "threads": workers})
+    for step in (2, 3):  # steps after the first start with the previous step's update
+        events = [e for e in trace.events if e.step == step]
+        last_update_end = max(e.end for e in events if e.name == "adamw_update")
+        early = [e for e in events if e.phase == "forward" and e.start < last_update_end]
+        assert any(e.layer == 0 for e in early), f"step {step}: no forward task ran during the previous update"
+    assert not any(e.name == "adamw_update" for e in trace.events if e.step == 1)
+
+
+def test_cli_overlap_steps_matches_steps_in_turn(text_dataset, tmp_path):  # noqa: F811
+    common = ["train", "--model", "d2", "--steps", "4", "--lr", "1e-3", "--val-every", "2", "--sample-every", "0",
+              "--no-progress", "--metrics-dir", "", "--mode", "tasks", "--block-tokens", "16"]
+    runs = {}
+    for name, flags in (("plain", []), ("overlap", ["--overlap-steps"])):
+        runs[name] = llmpy(*common, *flags, "--output", tmp_path / f"{name}.bin", "--checkpoint-every", "2",
+                           "--checkpoint-dir", tmp_path / name, cwd=text_dataset).stdout
+    plain, overlap = runs["plain"], runs["overlap"]
+    assert "steps overlap" in overlap
+    assert train_losses(overlap) == train_losses(plain)
+    val = [line for line in plain.splitlines() if line.startswith("val loss")]
+    assert len(val) == 3 and val == [line for line in overlap.splitlines() if line.startswith("val loss")]
+    # what validation, checkpoints and the final save read is the parameters after each step's update
+    assert (tmp_path / "overlap.bin").read_bytes() == (tmp_path / "plain.bin").read_bytes()
+    files = sorted(p.name for p in (tmp_path / "plain").iterdir())
+    assert files == [f"{kind}_{step:08d}.bin" for kind in ("model", "state") for step in (2, 4)]
+    for file in files:
+        assert (tmp_path / "overlap" / file).read_bytes() == (tmp_path / "plain" / file).read_bytes(), file

@@ -5,6 +5,8 @@
   blocks on the chosen threading layer, `omp` or `tbb`; OpenBLAS with the same thread count).
 - `tasks`: the step as a dataflow graph of kernel calls on token / channel / parameter blocks, run by N
   worker threads (llmpy's own scheduler or Dask's), serial nogil kernels and 1-thread BLAS (see .tasks).
+- `mpi`: this process is one data-parallel rank under mpiexec, running `sequential` or `forkjoin` inside;
+  gradients and updates combined by a strategy (see .distributed).
 
 Both run the model's one list of kernel calls. Creating an execution model fixes the thread settings
 for the process (numba's threading layer can be chosen once per process); `close()` restores BLAS.
@@ -122,6 +124,10 @@ class ExecutionModel:
     def close(self) -> None:
         self._blas_limits.restore_original_limits()
 
+    def synchronize(self) -> None:
+        """Finish the work of the last step still in flight (task mode with --overlap-steps), so the parameters
+        can be read from outside a step: validation, sampling, checkpoints, the final save."""
+
     # ---- where the ranks of a run meet (one process: nothing to meet)
     def make_optimizer(self, model, config, micro_steps: int = 1):
         """The optimizer train_step drives: AdamW over the model's parameters."""
@@ -187,15 +193,18 @@ class Tasks(ExecutionModel):
         self._blas_limits = threadpool_limits(limits=1, user_api="blas")
         if block_tokens is not None and block_tokens < 1:
             raise ExecutionError(f"--block-tokens must be positive, got {block_tokens}")
-        if overlap_steps:
-            raise ExecutionError("--overlap-steps is not implemented yet: each step's graph runs to completion")
         self.tasks = TaskExecution(threads, block_tokens, runtime, overlap_steps)
         self.step_function = self.tasks.train_step
 
     def describe(self) -> str:
         blocks = f"{self.tasks.block_tokens}-token blocks" if self.tasks.block_tokens else "whole-sequence blocks"
+        overlap = ", steps overlap" if self.tasks.overlap_steps else ""
         return (f"tasks, {self.threads} worker{'s' if self.threads > 1 else ''} ({self.tasks.runtime_name} runtime, "
-                f"{blocks}, BLAS 1)")
+                f"{blocks}{overlap}, BLAS 1)")
+
+    def synchronize(self) -> None:
+        """With --overlap-steps, run the last step's pending update (see TaskExecution.synchronize)."""
+        self.tasks.synchronize()
 
     def close(self) -> None:
         self.tasks.close()

@@ -14,7 +14,11 @@ order and with the same arguments, cut into blocks:
   reading every token block; with accumulate=False each gradient block is written, not added to, so no
   separate zeroing pass is needed (llm.c zeroes every gradient before the backward);
 - AdamW runs per block of each layer's parameters, as soon as that block's gradient is complete and the
-  step's forward and backward have finished reading it.
+  step's forward and backward have finished reading it. With `--overlap-steps` (the study's taskiter idea)
+  a step's AdamW tasks go instead at the head of the next step's graph, so the next forward of layer l waits
+  only for the update of the parameters it reads while later layers are still updating; each step's update
+  reads its own learning rate and bias corrections, and `TaskExecution.synchronize` runs an update still
+  pending before the parameters are read from outside a step.
 
 Each task declares the regions it reads and writes; the edges come from `DependencyTracker`, not from a
 hand-drawn order. The kernels are the serial (nogil) numba variants and 1-thread BLAS GEMMs, run by N
@@ -85,10 +89,18 @@ def _cost(flops: float, moved: float) -> float:
 def build_step_graph(model, optimizer=None, block_tokens: int | None = None, accumulate: bool = False,
                      with_update: bool = True, channel_block: int = DEFAULT_CHANNEL_BLOCK,
                      param_block: int = DEFAULT_PARAM_BLOCK, inputs: np.ndarray | None = None,
-                     targets: np.ndarray | None = None, context: StepContext | None = None) -> StepGraph:
+                     targets: np.ndarray | None = None, context: StepContext | None = None,
+                     leading_update: bool = False, grad_norm_at_end: bool = False) -> StepGraph:
     """The task graph of one micro-step of `model` (a GPT2 with buffers for B x T tokens): forward with loss,
     backward (gradients written, or added to when `accumulate`), and when `with_update` the AdamW step of
-    `optimizer`. Token ids are read from `inputs`/`targets` ((B, T) int32 arrays, allocated if None)."""
+    `optimizer`. Token ids are read from `inputs`/`targets` ((B, T) int32 arrays, allocated if None).
+
+    Overlapping steps (`--overlap-steps`): with `leading_update` the graph starts with the AdamW tasks of the
+    previous step (its gradients, complete, are graph inputs; `context` then holds that step's learning rate and
+    bias corrections), so the forward tasks of layer l wait only for the update of the parameters they read
+    (RAW) and the backward's gradient writes wait for the update's reads (WAR): the forward of layer 0 runs
+    while later layers are still updating. `grad_norm_at_end` adds the gradient-norm task (clipping) after the
+    backward without the update, which then runs in the next step's graph."""
     cfg = model.config
     B, T = model.B, model.T
     K = T if block_tokens is None else int(block_tokens)
@@ -128,22 +140,16 @@ def build_step_graph(model, optimizer=None, block_tokens: int | None = None, acc
         return Region(layered(kind, name, layer), ((0, B), (0, T)))
 
     def param(kind, name, layer=None, lo=None, hi=None):
-        """A parameter-shaped tensor (kind p, g, m, v) of one layer, rows [lo, hi) (default all)."""
-        shape = model.params.shapes[name]
-        shape = shape[1:] if layer is not None else shape
-        first = (0 if lo is None else lo, shape[0] if hi is None else hi)
-        return Region(layered(kind, name, layer), (first,) + tuple((0, s) for s in shape[1:]))
+        return _param_region(model, kind, name, layer, lo, hi)
 
     def att_region(kind, name, layer, b, t0, t1):
         return Region(layered(kind, name, layer), ((b, b + 1), (0, NH), (t0, t1), (0, T)))
 
     # Graph inputs: the parameters, the optimizer moments, the tokens; with accumulate, the gradients too.
     graph_inputs = [Region("tokens.inputs", ((0, B), (0, T))), Region("tokens.targets", ((0, B), (0, T)))]
-    for kind in ("p", "m", "v") + (("g",) if accumulate else ()):
-        for name in model.params.shapes:
-            per_layer = name not in ("wte", "wpe", "lnfw", "lnfb")
-            for layer in (range(L) if per_layer else [None]):
-                graph_inputs.append(param(kind, name, layer))
+    graph_inputs += _parameter_inputs(model, ("p", "m", "v") + (("g",) if accumulate or leading_update else ()))
+    if leading_update:
+        graph_inputs.append(GRAD_NORM_REGION)  # the previous step's gradient norm (clipping)
     graph = TaskGraph(graph_inputs)
     step_graph = StepGraph(graph, inputs, targets, context, K, accumulate, with_update)
 
@@ -151,6 +157,11 @@ def build_step_graph(model, optimizer=None, block_tokens: int | None = None, acc
         flops, moved = kernel_cost(kernel, args if cost_args is None else cost_args)
         return graph.add(Task(name, kernel, fn, tuple(args), tuple(reads), tuple(writes), layer, tuple(block), phase,
                               _cost(flops, moved), flops, moved))
+
+    if leading_update:
+        if optimizer is None:
+            raise ValueError("a leading update needs the optimizer")
+        _add_update_tasks(add, model, optimizer, context, param, param_block, with_norm=False)
 
     def rows(x):
         return x.reshape(N, -1)
@@ -383,24 +394,72 @@ def build_step_graph(model, optimizer=None, block_tokens: int | None = None, acc
             + ([wpe_cols] if acc else []), [wte_cols, wpe_cols], block=(c0, c1), phase=bwd)
 
     if with_update:
-        _add_update_tasks(add, graph, model, optimizer, context, param, param_block)
+        _add_update_tasks(add, model, optimizer, context, param, param_block)
+    elif grad_norm_at_end and optimizer is not None and optimizer.config.grad_clip > 0.0:
+        _add_grad_norm_task(add, model, context, param)
     graph.validate()
     return step_graph
 
 
-def _add_update_tasks(add, graph, model, optimizer, context: StepContext, param, param_block: int) -> None:
-    """AdamW per block of whole rows of each layer's parameter tensors (after the optional norm task)."""
+GRAD_NORM_REGION = Region("update.grad_norm", ())
+
+
+def _param_region(model, kind: str, name: str, layer: int | None = None, lo: int | None = None,
+                  hi: int | None = None) -> Region:
+    """A parameter-shaped tensor (kind p, g, m, v) of one layer, rows [lo, hi) (default all)."""
+    shape = model.params.shapes[name]
+    shape = shape[1:] if layer is not None else shape
+    first = (0 if lo is None else lo, shape[0] if hi is None else hi)
+    tensor = f"{kind}.{name}" if layer is None else f"{kind}.{name}.{layer}"
+    return Region(tensor, (first,) + tuple((0, s) for s in shape[1:]))
+
+
+def _parameter_inputs(model, kinds) -> list[Region]:
+    """Every parameter-shaped tensor of the given kinds, whole, as graph inputs."""
+    return [_param_region(model, kind, name, layer) for kind in kinds for name in model.params.shapes
+            for layer in _layers(name, model.config.num_layers)]
+
+
+def build_update_graph(model, optimizer, context: StepContext, param_block: int = DEFAULT_PARAM_BLOCK) -> TaskGraph:
+    """The AdamW tasks alone, reading the gradients and norm already computed (the update still pending
+    after the last step of an --overlap-steps run: `TaskExecution.synchronize`)."""
+    graph = TaskGraph(_parameter_inputs(model, ("p", "g", "m", "v")) + [GRAD_NORM_REGION])
+
+    def add(name, kernel, fn, args, reads, writes, layer=-1, block=(), phase="forward", cost_args=None):
+        flops, moved = kernel_cost(kernel, args if cost_args is None else cost_args)
+        return graph.add(Task(name, kernel, fn, tuple(args), tuple(reads), tuple(writes), layer, tuple(block), phase,
+                              _cost(flops, moved), flops, moved))
+
+    _add_update_tasks(add, model, optimizer, context, lambda *a: _param_region(model, *a), param_block,
+                      with_norm=False)
+    graph.validate()
+    return graph
+
+
+def _add_grad_norm_task(add, model, context: StepContext, param) -> None:
+    """The squared global gradient norm into context.grad_norm_sq (read by the AdamW tasks when clipping)."""
+    kern = KernelSet(parallel=False)
+
+    def grad_norm_sq(flat):
+        context.grad_norm_sq = kern.sum_of_squares(flat)
+
+    L = model.config.num_layers
+    reads = [param("g", name, layer) for name in model.params for layer in _layers(name, L)]
+    add("sum_of_squares.grads", "sum_of_squares", grad_norm_sq, (model.grads.flat,), reads, [GRAD_NORM_REGION],
+        phase="update")
+
+
+def _add_update_tasks(add, model, optimizer, context: StepContext, param, param_block: int,
+                      with_norm: bool = True) -> None:
+    """AdamW per block of whole rows of each layer's parameter tensors (after the norm task when clipping;
+    `with_norm` False: the norm was computed by an earlier graph)."""
     cfg = optimizer.config
     kern = KernelSet(parallel=False)
     L = model.config.num_layers
     p, g, m, v = model.params, model.grads, optimizer.m, optimizer.v
-    norm_region = Region("update.grad_norm", ())
-    if cfg.grad_clip > 0.0:
-        def grad_norm_sq(flat):
-            context.grad_norm_sq = kern.sum_of_squares(flat)
-
-        reads = [param("g", name, layer) for name in p for layer in _layers(name, L)]
-        add("sum_of_squares.grads", "sum_of_squares", grad_norm_sq, (g.flat,), reads, [norm_region], phase="update")
+    norm_region = GRAD_NORM_REGION
+    if cfg.grad_clip > 0.0 and with_norm:
+        _add_grad_norm_task(add, model, context, param)
     for name in p:
         decay = cfg.weight_decay if (not cfg.decay_matrices_only or name in MATRIX_PARAMETERS) else 0.0
         for layer in _layers(name, L):
@@ -462,9 +521,13 @@ class TaskExecution:
         self.channel_block = channel_block
         self.runtime = make_runtime(runtime, workers)
         self._graphs: dict[tuple, StepGraph] = {}
+        self._update_graphs: dict[tuple, TaskGraph] = {}
+        # --overlap-steps: the update of the last step, not yet run: (model, optimizer, its StepContext values)
+        self._pending: tuple | None = None
 
-    def step_graph(self, model, optimizer, accumulate: bool = False, with_update: bool = True) -> StepGraph:
-        key = (id(model), id(optimizer), accumulate, with_update)
+    def step_graph(self, model, optimizer, accumulate: bool = False, with_update: bool = True,
+                   leading_update: bool = False, grad_norm_at_end: bool = False) -> StepGraph:
+        key = (id(model), id(optimizer), accumulate, with_update, leading_update, grad_norm_at_end)
         graph = self._graphs.get(key)
         if graph is None:
             if model.T % (self.block_tokens or model.T) != 0:
@@ -473,22 +536,50 @@ class TaskExecution:
             graph = build_step_graph(model, optimizer, self.block_tokens, accumulate, with_update,
                                      self.channel_block, inputs=None if shared is None else shared.inputs,
                                      targets=None if shared is None else shared.targets,
-                                     context=None if shared is None else shared.context)
+                                     context=None if shared is None else shared.context,
+                                     leading_update=leading_update, grad_norm_at_end=grad_norm_at_end)
             self._graphs[key] = graph
         return graph
+
+    def synchronize(self) -> None:
+        """Run the update still pending from the last --overlap-steps step, so the parameters are the step's
+        (before anything reads them from outside the step: validation, sampling, checkpoints, the final save)."""
+        if self._pending is None:
+            return
+        model, optimizer, values = self._pending
+        key = (id(model), id(optimizer))
+        graph = self._update_graphs.get(key)
+        context = next(iter(self._graphs.values())).context  # shared by every graph of this execution
+        if graph is None:
+            graph = self._update_graphs[key] = build_update_graph(model, optimizer, context)
+        self._set_context(context, values)
+        self._pending = None
+        self.runtime.run(graph)
+
+    @staticmethod
+    def _set_context(context: StepContext, values: tuple[float, float, float, float]) -> None:
+        context.learning_rate, context.bias_correction1, context.bias_correction2, context.grad_scale = values
 
     def train_step(self, model, optimizer, batches, learning_rate: float, recorder=None, step: int = 0) -> float:
         """One optimizer step as task graphs, one per micro-batch, the last one with the AdamW tasks (the
         shared `llmpy.train.train_step`, run as dataflow). Returns the mean loss."""
         batches = list(batches)
+        if self._pending is not None and (self._pending[0] is not model or self._pending[1] is not optimizer):
+            self.synchronize()  # another model's update is pending: finish it first
         if recorder is not None:
             recorder.begin_step(step)
         phases: dict[str, tuple[float, float]] = {}
         loss = 0.0
         graph = None
+        overlap = self.overlap_steps
+        clip = optimizer.config.grad_clip > 0.0
         for micro_step, (inputs, targets) in enumerate(batches):
             last = micro_step == len(batches) - 1
-            graph = self.step_graph(model, optimizer, accumulate=micro_step > 0, with_update=last)
+            # --overlap-steps: the first micro-step's graph begins with the previous step's update, and this
+            # step's update waits for the next step (or synchronize)
+            leading = overlap and micro_step == 0 and self._pending is not None
+            graph = self.step_graph(model, optimizer, accumulate=micro_step > 0, with_update=last and not overlap,
+                                    leading_update=leading, grad_norm_at_end=overlap and last and clip)
             inputs = model._check_tokens("inputs", inputs)
             targets = model._check_tokens("targets", targets)
             if inputs.shape != (model.B, model.T) or targets.shape != inputs.shape:
@@ -496,14 +587,16 @@ class TaskExecution:
                                  f"{inputs.shape}, targets {targets.shape}")
             graph.inputs[...] = inputs
             graph.targets[...] = targets
+            if leading:
+                self._set_context(graph.context, self._pending[2])
+                self._pending = None
             if last:
                 cfg = optimizer.config
                 optimizer.step += 1
-                context = graph.context
-                context.learning_rate = learning_rate
-                context.bias_correction1 = 1.0 - cfg.beta1 ** optimizer.step
-                context.bias_correction2 = 1.0 - cfg.beta2 ** optimizer.step
-                context.grad_scale = 1.0 / len(batches)
+                values = (learning_rate, 1.0 - cfg.beta1 ** optimizer.step, 1.0 - cfg.beta2 ** optimizer.step,
+                          1.0 / len(batches))  # this step's own: its update may run during the next step
+                if not overlap:
+                    self._set_context(graph.context, values)
             log = _TaskLog()
             self.runtime.run(graph.graph, None if recorder is None else log.append_entry)
             if recorder is not None:
@@ -511,8 +604,10 @@ class TaskExecution:
             micro_loss = float(np.mean(model.acts.losses, dtype=np.float64))
             loss += micro_loss / len(batches)
             model._inputs, model._targets, model.mean_loss = inputs, targets, micro_loss
-        if optimizer.config.grad_clip > 0.0:
-            optimizer.last_grad_norm = math.sqrt(graph.context.grad_norm_sq) * graph.context.grad_scale
+        if overlap:
+            self._pending = (model, optimizer, values)
+        if clip:
+            optimizer.last_grad_norm = math.sqrt(graph.context.grad_norm_sq) * (1.0 / len(batches))
         if recorder is not None:
             recorder.end_step(loss, sum(np.asarray(x).size for x, _ in batches), phases)
         return loss
