@@ -298,16 +298,30 @@ def _worker_command(args, worker: str) -> list[str]:
     return command
 
 
+def _worker_environment(spec: str) -> dict:
+    """The torch baseline runs with torch's own OpenMP defaults, not the sleeping pools llmpy sets for
+    itself (PASSIVE wait policy measured 10-25% slower for torch eager on 2 threads); llmpy's workers get
+    the driver's environment (llmpy's settings, or the user's)."""
+    from llmpy import THREAD_ENV_SET_BY_LLMPY
+
+    env = dict(os.environ)
+    if spec.startswith("torch:"):
+        env["LLMPY_KEEP_THREAD_ENV"] = "1"
+        for name in THREAD_ENV_SET_BY_LLMPY:  # what the user set stays
+            env.pop(name, None)
+    return env
+
+
 class _Worker:
     """One worker process and the lines it answers on stdout (its stderr goes to a temporary file)."""
 
-    def __init__(self, name: str, command: list[str]):
+    def __init__(self, name: str, command: list[str], env: dict | None = None):
         import tempfile
 
         self.name = name
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=self.stderr, text=True, bufsize=1)
+                                        stderr=self.stderr, text=True, bufsize=1, env=env)
         self.results: list[dict] = []
 
     def _fail(self, what: str):
@@ -404,7 +418,7 @@ def run(args, out=sys.stdout) -> list[dict]:
     try:
         for name, spec in workers:  # one at a time: each measures its peak undisturbed
             print(f"starting {name} ...", file=out, flush=True)
-            running.append(_Worker(name, _worker_command(args, spec)))
+            running.append(_Worker(name, _worker_command(args, spec), _worker_environment(spec)))
             running[-1].expect(READY_LINE)
         rounds = args.warmup + args.steps
         print(f"running {rounds} rounds ({args.warmup} warm-up), one step of every configuration per round ...",

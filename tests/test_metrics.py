@@ -213,3 +213,17 @@ def test_bench_vs_torch_pairs_each_configuration_with_the_torch_baseline(tmp_pat
     sequential = next(r for r in llmpy_rows if r["mode"] == "sequential")
     assert sequential["first_loss"] == pytest.approx(torch_rows[1]["first_loss"], abs=1e-4)
     assert "vs torch eager" in result.stdout and "ratio" in result.stdout
+
+
+def test_torch_baseline_runs_with_torchs_own_thread_environment(monkeypatch):
+    import llmpy
+    from llmpy.bench import _worker_environment
+
+    monkeypatch.setattr(llmpy, "THREAD_ENV_SET_BY_LLMPY", ["OMP_WAIT_POLICY"])
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # as llmpy's import set it
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "7")  # as a user set it
+    torch_env = _worker_environment("torch:1,2")
+    assert "OMP_WAIT_POLICY" not in torch_env and torch_env["OPENBLAS_THREAD_TIMEOUT"] == "7"
+    assert torch_env["LLMPY_KEEP_THREAD_ENV"] == "1"
+    llmpy_env = _worker_environment("omp:forkjoin/2")
+    assert llmpy_env["OMP_WAIT_POLICY"] == "PASSIVE" and "LLMPY_KEEP_THREAD_ENV" not in llmpy_env
