@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "dividing -T (default 16)")
     parser.add_argument("--task-runtime", default="native", help=f"mode tasks: comma list of task runtimes: "
                         f"{', '.join(TASK_RUNTIMES)} (default native); --threads gives the worker counts")
+    parser.add_argument("--gemm-split", default="rows", help="mode tasks: comma list of GEMM splits: rows, lm_head, "
+                        "channels (default rows; see train --gemm-split); shown as RUNTIME+SPLIT unless rows")
     parser.add_argument("--peak-gflops", type=float, help="peak of one core for MFU (default: measured per thread count)")
     parser.add_argument("--json", metavar="FILE", help="write the results, one object per configuration")
     parser.add_argument("--csv", metavar="FILE", help="write the results as CSV")
@@ -115,6 +117,12 @@ def _configurations(args) -> dict[str, list[Config]]:
         for name in task_runtimes:
             if name not in TASK_RUNTIMES:
                 raise ValueError(f"unknown task runtime {name!r} in --task-runtime; choose from {', '.join(TASK_RUNTIMES)}")
+        splits = [s.strip() for s in args.gemm_split.split(",") if s.strip()]
+        for split in splits:
+            if split not in ("rows", "lm_head", "channels"):
+                raise ValueError(f"unknown GEMM split {split!r} in --gemm-split; choose from rows, lm_head, channels")
+        # the split rides in the task runtime's name: "native" (rows) or "native+channels"
+        task_runtimes = [name if split == "rows" else f"{name}+{split}" for name in task_runtimes for split in splits]
         groups[runtimes[0]].extend(("tasks", t, k, name) for name in task_runtimes for k in block_sizes for t in threads)
     return {runtime: configs for runtime, configs in groups.items() if configs}
 
@@ -170,7 +178,8 @@ def _run_worker(args) -> None:
     peaks = {t: (args.peak_gflops * t if args.peak_gflops else measure_peak_gflops(t)) for t in {c[1] for c in configs}}
     flops = step_flops(config, B, T)
     losses: dict[Config, list[float]] = {c: [] for c in configs}
-    executions = {c: TaskExecution(c[1], c[2], c[3]) for c in configs if c[0] == "tasks"}
+    executions = {c: TaskExecution(c[1], c[2], c[3].partition("+")[0], gemm_split=c[3].partition("+")[2] or "rows")
+                  for c in configs if c[0] == "tasks"}
 
     try:
         for round_index in _lockstep_rounds():

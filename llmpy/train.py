@@ -56,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="tasks: llmpy's own scheduler (native, default) or Dask's threaded scheduler")
     run.add_argument("--overlap-steps", action="store_true",
                      help="tasks: let a step's forward start while the previous step's updates run")
+    run.add_argument("--gemm-split", choices=("rows", "lm_head", "channels"),
+                     help="tasks: cut the forward and input-gradient GEMMs per token block (rows, default), or per "
+                          "block of output columns over all tokens for the lm_head only (lm_head) or every GEMM "
+                          "(channels): each weight is read once per step instead of once per token block")
     run.add_argument("--strategy", choices=STRATEGIES,
                      help="mpi (run under mpiexec): how the ranks combine gradients and update: allreduce (default), "
                           "zero1 (sharded AdamW state), server (rank 0 updates), owners (round-robin blocks)")
@@ -180,7 +184,8 @@ def _check_args(args) -> None:
 def _execution_options(args, threads: int) -> tuple:
     """(threads, threading layer, task options) for make_execution_model; task options only with --mode tasks."""
     task_flags = {"--workers": args.workers is not None, "--block-tokens": args.block_tokens is not None,
-                  "--runtime": args.runtime is not None, "--overlap-steps": args.overlap_steps}
+                  "--runtime": args.runtime is not None, "--overlap-steps": args.overlap_steps,
+                  "--gemm-split": args.gemm_split is not None}
     if args.mode != "tasks":
         given = [flag for flag, set_ in task_flags.items() if set_]
         if given:
@@ -197,7 +202,7 @@ def _execution_options(args, threads: int) -> tuple:
     if args.block_tokens is not None and (args.block_tokens < 1 or args.seq_len % args.block_tokens != 0):
         raise ValueError(f"--block-tokens {args.block_tokens} must be a positive divisor of -T {args.seq_len}")
     options = {"block_tokens": args.block_tokens, "runtime": args.runtime or "native",
-               "overlap_steps": args.overlap_steps}
+               "overlap_steps": args.overlap_steps, "gemm_split": args.gemm_split or "rows"}
     return threads, args.threading_layer, options
 
 

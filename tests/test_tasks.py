@@ -266,6 +266,10 @@ def test_cli_tasks_mode_matches_sequential_and_traces_every_worker(text_dataset,
     dask = llmpy(*common, "--mode", "tasks", "--workers", workers, "--block-tokens", "32", "--runtime", "dask",
                  cwd=text_dataset)
     np.testing.assert_allclose(train_losses(dask.stdout), reference, rtol=0, atol=1e-5)
+    split = llmpy(*common, "--mode", "tasks", "--workers", workers, "--block-tokens", "16", "--gemm-split", "channels",
+                  cwd=text_dataset)
+    assert "GEMMs split by output channels (channels)" in split.stdout
+    np.testing.assert_allclose(train_losses(split.stdout), reference, rtol=0, atol=1e-5)
 
     analysis = llmpy("analyze", trace_dir, cwd=tmp_path).stdout
     idle = analysis.split("Idle time per thread")[1].split("\n\n")[0]
@@ -278,6 +282,8 @@ def test_cli_tasks_mode_matches_sequential_and_traces_every_worker(text_dataset,
     assert bad.returncode == 2 and "--block-tokens 24" in bad.stderr and "Traceback" not in bad.stderr
     wrong_mode = llmpy(*common, "--mode", "forkjoin", "--block-tokens", "16", cwd=text_dataset, check=False)
     assert wrong_mode.returncode == 2 and "--mode tasks" in wrong_mode.stderr
+    split_forkjoin = llmpy(*common, "--mode", "forkjoin", "--gemm-split", "channels", cwd=text_dataset, check=False)
+    assert split_forkjoin.returncode == 2 and "--gemm-split" in split_forkjoin.stderr
 
 
 def test_cli_graph_writes_dot_json_and_png(tmp_path):
@@ -412,3 +418,66 @@ def test_cli_overlap_steps_matches_steps_in_turn(text_dataset, tmp_path):  # noq
     assert files == [f"{kind}_{step:08d}.bin" for kind in ("model", "state") for step in (2, 4)]
     for file in files:
         assert (tmp_path / "overlap" / file).read_bytes() == (tmp_path / "plain" / file).read_bytes(), file
+
+
+# ------------------------------------------------------------------ --gemm-split: GEMMs per block of output columns
+@pytest.mark.parametrize("runtime", ["native", "dask"])
+@pytest.mark.parametrize("split", ["lm_head", "channels"])
+def test_gemm_channel_split_matches_sequential(sequential_reference, runtime, split):
+    ref_losses, ref_params = sequential_reference
+    # 64-column blocks: the tiny model's qkv, fc, fcproj-input-gradient and lm_head GEMMs get 2 blocks each
+    execution = make_execution_model("tasks", WORKERS[-1], block_tokens=8, runtime=runtime, gemm_split=split,
+                                     gemm_channel_block=64)
+    try:
+        model = tiny_model()
+        losses = run_steps(model, AdamW(model.params), execution.step_function)
+    finally:
+        execution.close()
+    assert "GEMMs split by output channels" in execution.describe()
+    np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(model.params.flat, ref_params, rtol=0, atol=5e-5)
+
+
+def test_gemm_channel_split_tasks_wait_for_every_token_block_and_are_waited_for():
+    model = tiny_model(B=2, T=16)
+    L, Vp = model.config.num_layers, model.config.padded_vocab_size
+    graph = build_step_graph(model, AdamW(model.params), block_tokens=4, gemm_split="channels",
+                             gemm_channel_block=64).graph
+    names = {t.name for t in graph.tasks}
+    tokens = [(b, j) for b in range(2) for j in range(4)]
+
+    def index(name):
+        return graph.task(name).index
+
+    def preds(name):
+        return graph.task(name).preds
+
+    assert not any(name.startswith(("matmul_forward", "matmul_backward_input")) and " b" in name for name in names)
+    for l in range(L):
+        qkv = [index(f"matmul_forward.qkv l{l} c{o0}") for o0 in (0, 64)]  # 3C = 96 columns: 2 blocks
+        for o0 in (0, 64):  # a column block reads every token block of its input, and nothing else
+            assert preds(f"matmul_forward.qkv l{l} c{o0}") == {index(f"layernorm_forward.ln1 l{l} b{b} j{j}")
+                                                              for b, j in tokens}
+        for b, j in tokens:  # a token-row task after it waits for every column block
+            assert set(qkv) <= preds(f"attention_forward l{l} b{b} j{j}")
+        # dln1[:, 0:32] = dqkv @ qkvw[:, 0:32]: all of dqkv, i.e. the last attention backward of each sequence
+        assert {index(f"attention_backward l{l} b{b} j3") for b in range(2)} <= preds(f"matmul_backward_input.qkv l{l} c0")
+        fcproj_input = [index(f"matmul_backward_input.fcproj l{l} c{c0}") for c0 in (0, 64)]
+        for b, j in tokens:
+            assert set(fcproj_input) <= preds(f"gelu_backward l{l} b{b} j{j}")
+            assert index(f"residual_backward.residual3 l{l} b{b} j{j}") in preds(f"matmul_backward_input.fcproj l{l} c0")
+    logits = [index(f"matmul_forward.logits c{o0}") for o0 in range(0, Vp, 64)]
+    assert len(logits) == 2
+    for b, j in tokens:
+        assert index(f"layernorm_forward.lnf b{b} j{j}") in preds("matmul_forward.logits c64")
+        assert set(logits) <= preds(f"crossentropy_forward b{b} j{j}")
+        assert index(f"crossentropy_backward b{b} j{j}") in preds("matmul_backward_input.logits c0")
+        assert index("matmul_backward_input.logits c0") in preds(f"layernorm_backward_input.lnf b{b} j{j}")
+    # the lm_head column blocks read disjoint rows of wte: no edges between them
+    assert not set(logits) & preds("matmul_forward.logits c64")
+    # "rows" keeps the per-token-block GEMMs; "lm_head" splits the lm_head only
+    lm_head = {t.name for t in build_step_graph(model, AdamW(model.params), block_tokens=4, gemm_split="lm_head",
+                                                gemm_channel_block=64).graph.tasks}
+    assert "matmul_forward.logits c0" in lm_head and "matmul_forward.qkv l0 b1 j3" in lm_head
+    with pytest.raises(ValueError, match="GEMM split"):
+        build_step_graph(model, AdamW(model.params), block_tokens=4, gemm_split="cols")

@@ -185,22 +185,27 @@ class Tasks(ExecutionModel):
     name = "tasks"
 
     def __init__(self, threads: int = 1, threading_layer: str = "omp", block_tokens: int | None = None,
-                 runtime: str = "native", overlap_steps: bool = False):
-        from llmpy.execution.tasks import TaskExecution
+                 runtime: str = "native", overlap_steps: bool = False, gemm_split: str = "rows",
+                 gemm_channel_block: int | None = None):
+        from llmpy.execution.tasks import GEMM_SPLITS, TaskExecution
 
         super().__init__(threads, threading_layer)
         self._blas_limits.restore_original_limits()
         self._blas_limits = threadpool_limits(limits=1, user_api="blas")
         if block_tokens is not None and block_tokens < 1:
             raise ExecutionError(f"--block-tokens must be positive, got {block_tokens}")
-        self.tasks = TaskExecution(threads, block_tokens, runtime, overlap_steps)
+        if gemm_split not in GEMM_SPLITS:
+            raise ExecutionError(f"unknown --gemm-split {gemm_split!r}; choose one of {', '.join(GEMM_SPLITS)}")
+        self.tasks = TaskExecution(threads, block_tokens, runtime, overlap_steps, gemm_split=gemm_split,
+                                   gemm_channel_block=gemm_channel_block)
         self.step_function = self.tasks.train_step
 
     def describe(self) -> str:
         blocks = f"{self.tasks.block_tokens}-token blocks" if self.tasks.block_tokens else "whole-sequence blocks"
         overlap = ", steps overlap" if self.tasks.overlap_steps else ""
+        split = "" if self.tasks.gemm_split == "rows" else f", GEMMs split by output channels ({self.tasks.gemm_split})"
         return (f"tasks, {self.threads} worker{'s' if self.threads > 1 else ''} ({self.tasks.runtime_name} runtime, "
-                f"{blocks}{overlap}, BLAS 1)")
+                f"{blocks}{overlap}{split}, BLAS 1)")
 
     def synchronize(self) -> None:
         """With --overlap-steps, run the last step's pending update (see TaskExecution.synchronize)."""
@@ -212,7 +217,8 @@ class Tasks(ExecutionModel):
 
 
 def make_execution_model(mode: str, threads: int = 1, threading_layer: str = "omp", **task_options) -> ExecutionModel:
-    """task_options (mode tasks only): block_tokens, runtime ("native" or "dask"), overlap_steps."""
+    """task_options (mode tasks only): block_tokens, runtime ("native" or "dask"), overlap_steps, gemm_split,
+    gemm_channel_block."""
     if mode == "tasks":
         return Tasks(threads, threading_layer, **task_options)
     if mode == "mpi":  # task_options: strategy, rank_mode; threads per rank (None: the node's cores / its ranks)

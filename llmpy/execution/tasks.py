@@ -45,6 +45,12 @@ EST_OVERHEAD = 10e-6
 
 DEFAULT_CHANNEL_BLOCK = 256  # output channels per weight-gradient task (a multiple of the kernels' 64)
 DEFAULT_PARAM_BLOCK = 1 << 20  # parameters per AdamW task (at most; whole rows)
+DEFAULT_GEMM_CHANNEL_BLOCK = 384  # columns per channel-split GEMM task (--gemm-split lm_head|channels)
+# How the forward and input-gradient GEMMs are cut: "rows": per token block (each task re-reads and re-packs the
+# whole weight); "lm_head": the lm_head (logits = lnf @ wte.T, dlnf = dlogits @ wte) per block of output columns
+# over all token rows (each task reads a slice of the weight once), the layers' GEMMs per token block;
+# "channels": every GEMM (lm_head, qkv, attproj, fc, fcproj) per block of output columns.
+GEMM_SPLITS = ("rows", "lm_head", "channels")
 
 
 def _matmul_backward_weight(dweight, dbias, dout, inp, accumulate, o0, o1, scratch):
@@ -90,7 +96,8 @@ def build_step_graph(model, optimizer=None, block_tokens: int | None = None, acc
                      with_update: bool = True, channel_block: int = DEFAULT_CHANNEL_BLOCK,
                      param_block: int = DEFAULT_PARAM_BLOCK, inputs: np.ndarray | None = None,
                      targets: np.ndarray | None = None, context: StepContext | None = None,
-                     leading_update: bool = False, grad_norm_at_end: bool = False) -> StepGraph:
+                     leading_update: bool = False, grad_norm_at_end: bool = False, gemm_split: str = "rows",
+                     gemm_channel_block: int = DEFAULT_GEMM_CHANNEL_BLOCK) -> StepGraph:
     """The task graph of one micro-step of `model` (a GPT2 with buffers for B x T tokens): forward with loss,
     backward (gradients written, or added to when `accumulate`), and when `with_update` the AdamW step of
     `optimizer`. Token ids are read from `inputs`/`targets` ((B, T) int32 arrays, allocated if None).
@@ -100,7 +107,12 @@ def build_step_graph(model, optimizer=None, block_tokens: int | None = None, acc
     bias corrections), so the forward tasks of layer l wait only for the update of the parameters they read
     (RAW) and the backward's gradient writes wait for the update's reads (WAR): the forward of layer 0 runs
     while later layers are still updating. `grad_norm_at_end` adds the gradient-norm task (clipping) after the
-    backward without the update, which then runs in the next step's graph."""
+    backward without the update, which then runs in the next step's graph.
+
+    `gemm_split` (GEMM_SPLITS) cuts the forward and input-gradient GEMMs per token block ("rows") or per block
+    of `gemm_channel_block` output columns over all token rows (the lm_head only, or every GEMM): a column
+    block of out = inp @ W.T reads all of inp and rows of W; a column block of dinp = dout @ W reads all of
+    dout and columns of W. The token-row tasks after such a GEMM wait for all its column blocks."""
     cfg = model.config
     B, T = model.B, model.T
     K = T if block_tokens is None else int(block_tokens)
@@ -110,6 +122,12 @@ def build_step_graph(model, optimizer=None, block_tokens: int | None = None, acc
         raise ValueError("an update needs the optimizer")
     if channel_block % 64 != 0 or channel_block <= 0:
         raise ValueError(f"channel block {channel_block} must be a positive multiple of 64")
+    if gemm_split not in GEMM_SPLITS:
+        raise ValueError(f"unknown GEMM split {gemm_split!r}; choose one of {', '.join(GEMM_SPLITS)}")
+    if gemm_channel_block % 64 != 0 or gemm_channel_block <= 0:
+        raise ValueError(f"GEMM channel block {gemm_channel_block} must be a positive multiple of 64")
+    split_lm_head = gemm_split in ("lm_head", "channels")
+    split_layers = gemm_split == "channels"
     kern = KernelSet(parallel=False)
     L, NH, C, Vp, V = cfg.num_layers, cfg.num_heads, cfg.channels, cfg.padded_vocab_size, cfg.vocab_size
     maxT = cfg.max_seq_len
@@ -198,6 +216,14 @@ def build_step_graph(model, optimizer=None, block_tokens: int | None = None, acc
                                          stat_region("a", label[1:] + "_rstd", l, b, t0, t1)])
 
         def linear(label, out, out_name, width_out, inp, inp_name, width_in, w_name, b_name):
+            if split_layers:  # per block of output columns over all token rows: W[o0:o1] read once
+                for o0, o1 in blocks(width_out, gemm_channel_block):
+                    add(f"matmul_forward{label} l{l} c{o0}", "matmul_forward", kern.matmul_forward,
+                        (rows(out[l])[:, o0:o1], rows(inp[l]), p[w_name][l][o0:o1], p[b_name][l][o0:o1]),
+                        [all_rows("a", inp_name, l, width_in), param("p", w_name, l, o0, o1),
+                         param("p", b_name, l, o0, o1)],
+                        [all_rows("a", out_name, l, width_out, o0, o1)], layer=l, block=(o0, o1))
+                return
             per_block("matmul_forward", label, kern.matmul_forward,
                       lambda b, j, t0, t1, r0, r1: (rows(out[l])[r0:r1], rows(inp[l])[r0:r1], p[w_name][l],
                                                     p[b_name][l]),
@@ -242,10 +268,18 @@ def build_step_graph(model, optimizer=None, block_tokens: int | None = None, acc
             [rows_region("a", *last, b, t0, t1, C), param("p", "lnfw"), param("p", "lnfb")],
             [rows_region("a", "lnf", None, b, t0, t1, C), stat_region("a", "lnf_mean", None, b, t0, t1),
              stat_region("a", "lnf_rstd", None, b, t0, t1)], block=(b, j))
-        add(f"matmul_forward.logits b{b} j{j}", "matmul_forward", kern.matmul_forward,
-            (rows(a.logits)[r0:r1], rows(a.lnf)[r0:r1], p.wte, None),
-            [rows_region("a", "lnf", None, b, t0, t1, C), param("p", "wte")],
-            [rows_region("a", "logits", None, b, t0, t1, Vp)], block=(b, j))
+        if not split_lm_head:
+            add(f"matmul_forward.logits b{b} j{j}", "matmul_forward", kern.matmul_forward,
+                (rows(a.logits)[r0:r1], rows(a.lnf)[r0:r1], p.wte, None),
+                [rows_region("a", "lnf", None, b, t0, t1, C), param("p", "wte")],
+                [rows_region("a", "logits", None, b, t0, t1, Vp)], block=(b, j))
+    if split_lm_head:  # per block of vocabulary columns over all token rows: each row of wte read once
+        for o0, o1 in blocks(Vp, gemm_channel_block):
+            add(f"matmul_forward.logits c{o0}", "matmul_forward", kern.matmul_forward,
+                (rows(a.logits)[:, o0:o1], rows(a.lnf), p.wte[o0:o1], None),
+                [all_rows("a", "lnf", None, C), param("p", "wte", None, o0, o1)],
+                [all_rows("a", "logits", None, Vp, o0, o1)], block=(o0, o1))
+    for b, j, t0, t1, r0, r1 in token_blocks:
         task = add(f"crossentropy_forward b{b} j{j}", "crossentropy_forward", kern.crossentropy_forward,
                    (rows(a.probs)[r0:r1], a.losses.reshape(-1)[r0:r1], rows(a.logits)[r0:r1], tok_tg[r0:r1], V),
                    [rows_region("a", "logits", None, b, t0, t1, Vp), Region("tokens.targets", ((b, b + 1), (t0, t1)))],
@@ -290,10 +324,17 @@ def build_step_graph(model, optimizer=None, block_tokens: int | None = None, acc
             (rows(d.logits)[r0:r1], rows(a.probs)[r0:r1], tok_tg[r0:r1], 1.0 / N, V),
             [rows_region("a", "probs", None, b, t0, t1, Vp), Region("tokens.targets", ((b, b + 1), (t0, t1)))],
             [rows_region("d", "logits", None, b, t0, t1, Vp)], block=(b, j), phase=bwd)
-        add(f"matmul_backward_input.logits b{b} j{j}", "matmul_backward_input", kern.matmul_backward_input,
-            (rows(d.lnf)[r0:r1], rows(d.logits)[r0:r1], p.wte),
-            [rows_region("d", "logits", None, b, t0, t1, Vp), param("p", "wte")],
-            [rows_region("d", "lnf", None, b, t0, t1, C)], block=(b, j), phase=bwd)
+        if not split_lm_head:
+            add(f"matmul_backward_input.logits b{b} j{j}", "matmul_backward_input", kern.matmul_backward_input,
+                (rows(d.lnf)[r0:r1], rows(d.logits)[r0:r1], p.wte),
+                [rows_region("d", "logits", None, b, t0, t1, Vp), param("p", "wte")],
+                [rows_region("d", "lnf", None, b, t0, t1, C)], block=(b, j), phase=bwd)
+    if split_lm_head:  # dlnf[:, c0:c1] = dlogits @ wte[:, c0:c1]: all of dlogits, columns of wte
+        for c0, c1 in blocks(C, gemm_channel_block):
+            add(f"matmul_backward_input.logits c{c0}", "matmul_backward_input", kern.matmul_backward_input,
+                (rows(d.lnf)[:, c0:c1], rows(d.logits), p.wte[:, c0:c1]),
+                [all_rows("d", "logits", None, Vp), Region("p.wte", ((0, Vp), (c0, c1)))],
+                [all_rows("d", "lnf", None, C, c0, c1)], block=(c0, c1), phase=bwd)
     weight_grad(".logits", None, "wte", None, d.logits, "logits", None, Vp, a.lnf, "lnf", None, C)
     for b, j, t0, t1, r0, r1 in token_blocks:
         add(f"layernorm_backward_input.lnf b{b} j{j}", "layernorm_backward_input", kern.layernorm_backward_input,
@@ -323,6 +364,14 @@ def build_step_graph(model, optimizer=None, block_tokens: int | None = None, acc
                                          rows_region("d", db_name, l, b, t0, t1, C)])
 
         def input_grad(label, dinp, dinp_name, width_in, dout, dout_name, width_out, weight, weight_name_):
+            if split_layers:  # dinp[:, c0:c1] = dout @ W[:, c0:c1]: all of dout, columns of W
+                for c0, c1 in blocks(width_in, gemm_channel_block):
+                    add(f"matmul_backward_input{label} l{l} c{c0}", "matmul_backward_input",
+                        kern.matmul_backward_input, (rows(dinp[l])[:, c0:c1], rows(dout[l]), weight[l][:, c0:c1]),
+                        [all_rows("d", dout_name, l, width_out),
+                         Region(f"p.{weight_name_}.{l}", ((0, width_out), (c0, c1)))],
+                        [all_rows("d", dinp_name, l, width_in, c0, c1)], layer=l, block=(c0, c1), phase=bwd)
+                return
             per_block("matmul_backward_input", label, kern.matmul_backward_input,
                       lambda b, j, t0, t1, r0, r1: (rows(dinp[l])[r0:r1], rows(dout[l])[r0:r1], weight[l]),
                       lambda b, t0, t1: [rows_region("d", dout_name, l, b, t0, t1, width_out),
@@ -512,9 +561,14 @@ class TaskExecution:
     a runtime, and the step function that runs them and records every task."""
 
     def __init__(self, workers: int, block_tokens: int | None, runtime: str = "native", overlap_steps: bool = False,
-                 channel_block: int = DEFAULT_CHANNEL_BLOCK):
+                 channel_block: int = DEFAULT_CHANNEL_BLOCK, gemm_split: str = "rows",
+                 gemm_channel_block: int | None = None):
         from llmpy.execution.runtime import make_runtime
 
+        if gemm_split not in GEMM_SPLITS:
+            raise ValueError(f"unknown --gemm-split {gemm_split!r}; choose one of {', '.join(GEMM_SPLITS)}")
+        self.gemm_split = gemm_split
+        self.gemm_channel_block = gemm_channel_block or DEFAULT_GEMM_CHANNEL_BLOCK
         self.block_tokens = block_tokens
         self.runtime_name = runtime
         self.overlap_steps = overlap_steps
@@ -537,7 +591,8 @@ class TaskExecution:
                                      self.channel_block, inputs=None if shared is None else shared.inputs,
                                      targets=None if shared is None else shared.targets,
                                      context=None if shared is None else shared.context,
-                                     leading_update=leading_update, grad_norm_at_end=grad_norm_at_end)
+                                     leading_update=leading_update, grad_norm_at_end=grad_norm_at_end,
+                                     gemm_split=self.gemm_split, gemm_channel_block=self.gemm_channel_block)
             self._graphs[key] = graph
         return graph
 
