@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--strategy", choices=STRATEGIES,
                      help="mpi (run under mpiexec): how the ranks combine gradients and update: allreduce (default), "
                           "zero1 (sharded AdamW state), server (rank 0 updates), owners (round-robin blocks)")
-    run.add_argument("--rank-mode", choices=("sequential", "forkjoin"),
+    run.add_argument("--rank-mode", choices=("sequential", "forkjoin", "tasks"),
                      help="mpi: execution model inside each rank, on --threads threads (default: the node's cores "
                           "/ its ranks; sequential when that is 1, else forkjoin)")
 
@@ -186,24 +186,33 @@ def _execution_options(args, threads: int) -> tuple:
     task_flags = {"--workers": args.workers is not None, "--block-tokens": args.block_tokens is not None,
                   "--runtime": args.runtime is not None, "--overlap-steps": args.overlap_steps,
                   "--gemm-split": args.gemm_split is not None}
-    if args.mode != "tasks":
+    tasks_inside_ranks = args.mode == "mpi" and args.rank_mode == "tasks"
+    if args.mode != "tasks" and not tasks_inside_ranks:
         given = [flag for flag, set_ in task_flags.items() if set_]
         if given:
-            raise ValueError(f"{', '.join(given)} apply to --mode tasks only")
+            raise ValueError(f"{', '.join(given)} apply to --mode tasks (or --mode mpi --rank-mode tasks) only")
+    if args.mode != "tasks":
         mpi_flags = [flag for flag, set_ in (("--strategy", args.strategy), ("--rank-mode", args.rank_mode)) if set_]
         if args.mode == "mpi":  # threads per rank; None: the node's cores shared by its ranks
-            return args.threads, args.threading_layer, {"strategy": args.strategy or "allreduce",
-                                                         "rank_mode": args.rank_mode}
+            if args.overlap_steps:
+                raise ValueError("--overlap-steps does not combine with --mode mpi: the strategy runs the update")
+            rank_threads = args.workers if tasks_inside_ranks and args.workers is not None else args.threads
+            return rank_threads, args.threading_layer, {
+                "strategy": args.strategy or "allreduce", "rank_mode": args.rank_mode,
+                "task_options": _task_options(args) if tasks_inside_ranks else None}
         if mpi_flags:
             raise ValueError(f"{', '.join(mpi_flags)} apply to --mode mpi only")
         return threads, args.threading_layer, {}
     if args.workers is not None:
         threads = args.workers
+    return threads, args.threading_layer, _task_options(args)
+
+
+def _task_options(args) -> dict:
     if args.block_tokens is not None and (args.block_tokens < 1 or args.seq_len % args.block_tokens != 0):
         raise ValueError(f"--block-tokens {args.block_tokens} must be a positive divisor of -T {args.seq_len}")
-    options = {"block_tokens": args.block_tokens, "runtime": args.runtime or "native",
-               "overlap_steps": args.overlap_steps, "gemm_split": args.gemm_split or "rows"}
-    return threads, args.threading_layer, options
+    return {"block_tokens": args.block_tokens, "runtime": args.runtime or "native",
+            "overlap_steps": args.overlap_steps, "gemm_split": args.gemm_split or "rows"}
 
 
 def train_step(model: GPT2, optimizer: AdamW, batches, learning_rate: float, recorder: Recorder | None = None,

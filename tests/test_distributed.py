@@ -210,3 +210,25 @@ def test_bad_arguments_are_refused_before_any_work_in_one_line(args, message, da
         assert message in result.stderr
     else:
         assert len(errors) == 1 and message in errors[0], result.stderr
+
+
+@needs_mpi
+@pytest.mark.parametrize("strategy", ["zero1", "owners"])
+def test_tasks_inside_each_rank_match_one_process_with_twice_the_batch(strategy, data_dir, references):
+    out = f"tasks-{strategy}"
+    result = llmpy_train([*COMMON, *PLAIN, "--mode", "mpi", "--strategy", strategy, "--rank-mode", "tasks",
+                          "--block-tokens", "8", "-B", B, "--output", f"{out}/model.bin", "--metrics-dir", out],
+                         data_dir, ranks=2)
+    assert "tasks, 1 worker" in result.stdout
+    ref_losses, ref_params = references["plain"]
+    np.testing.assert_allclose(train_losses(result.stdout), ref_losses, rtol=1e-5)
+    np.testing.assert_allclose(read_model(data_dir / out / "model.bin")[1], ref_params, rtol=0, atol=1e-4)
+    per_rank = json.loads((data_dir / out / "metrics.json").read_text())["summary"]["per_rank"]
+    assert sum(r["moment_elements"] for r in per_rank) == ref_params.size  # the strategy's sharded update ran
+
+
+@needs_mpi
+def test_overlap_steps_is_refused_with_mpi(data_dir):
+    result = llmpy_train([*COMMON, "--mode", "mpi", "--rank-mode", "tasks", "--overlap-steps", "-B", B],
+                         data_dir, ranks=2, check=False)
+    assert result.returncode != 0 and "--overlap-steps" in result.stderr and "Traceback" not in result.stderr

@@ -172,6 +172,8 @@ class DataParallelStrategy:
 
     name = "base"
     shard_grads = False  # the reduced gradient lands in a shard buffer (zero1), not in model.grads
+    # Task mode inside a rank leaves the update out of its graph and calls update() after it (llmpy.execution.tasks).
+    updates_outside_task_graph = True
 
     def __init__(self, model, config: AdamWConfig, kernels, comm, micro_steps: int = 1):
         self.MPI = _mpi()
@@ -467,7 +469,7 @@ class DataParallel(ExecutionModel):
     name = "mpi"
 
     def __init__(self, threads: int | None = None, threading_layer: str = "omp", strategy: str = "allreduce",
-                 rank_mode: str | None = None):
+                 rank_mode: str | None = None, task_options: dict | None = None):
         MPI = _mpi()
         self.MPI = MPI
         world = MPI.COMM_WORLD
@@ -499,12 +501,15 @@ class DataParallel(ExecutionModel):
             self.rank_mode = rank_mode or ("sequential" if threads == 1 else "forkjoin")
             if self.rank_mode == self.name:
                 raise ExecutionError("--rank-mode is the execution model inside each rank; it cannot be mpi")
-            self.inner = make_execution_model(self.rank_mode, threads, threading_layer)
+            # tasks inside a rank: its graph runs forward and backward; the strategy runs the update after it
+            self.inner = make_execution_model(self.rank_mode, threads, threading_layer,
+                                              **(task_options or {} if self.rank_mode == "tasks" else {}))
         except (ExecutionError, ValueError) as caught:
             error = caught
         self.agree(error)
         self.threads = self.inner.threads
         self.kernels = self.inner.kernels
+        self.step_function = self.inner.step_function
         self._clock_reference = 0.0
         world.Barrier()
         self._clock_reference = time.perf_counter()  # the ranks' clocks are aligned at this barrier's exit
@@ -524,6 +529,10 @@ class DataParallel(ExecutionModel):
     def close(self) -> None:
         if self.inner is not None:
             self.inner.close()
+
+    def synchronize(self) -> None:
+        if self.inner is not None:
+            self.inner.synchronize()
 
     def make_optimizer(self, model, config: AdamWConfig, micro_steps: int = 1) -> DataParallelStrategy:
         return STRATEGY_CLASSES[self.strategy](model, config, self.kernels, self.comm, micro_steps)

@@ -28,6 +28,7 @@ worker threads of a runtime (`llmpy.execution.runtime`: llmpy's own scheduler or
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -627,13 +628,19 @@ class TaskExecution:
         loss = 0.0
         graph = None
         overlap = self.overlap_steps
-        clip = optimizer.config.grad_clip > 0.0
+        # a data-parallel strategy (--mode mpi --rank-mode tasks) combines the ranks' gradients and runs AdamW
+        # itself: the graph stops after the backward, the strategy's update runs after it
+        external_update = getattr(optimizer, "updates_outside_task_graph", False)
+        if external_update and overlap:
+            raise ValueError("--overlap-steps needs the AdamW tasks in the graph; it does not combine with --mode mpi")
+        clip = optimizer.config.grad_clip > 0.0 and not external_update
         for micro_step, (inputs, targets) in enumerate(batches):
             last = micro_step == len(batches) - 1
             # --overlap-steps: the first micro-step's graph begins with the previous step's update, and this
             # step's update waits for the next step (or synchronize)
             leading = overlap and micro_step == 0 and self._pending is not None
-            graph = self.step_graph(model, optimizer, accumulate=micro_step > 0, with_update=last and not overlap,
+            graph = self.step_graph(model, optimizer, accumulate=micro_step > 0,
+                                    with_update=last and not overlap and not external_update,
                                     leading_update=leading, grad_norm_at_end=overlap and last and clip)
             inputs = model._check_tokens("inputs", inputs)
             targets = model._check_tokens("targets", targets)
@@ -645,7 +652,7 @@ class TaskExecution:
             if leading:
                 self._set_context(graph.context, self._pending[2])
                 self._pending = None
-            if last:
+            if last and not external_update:
                 cfg = optimizer.config
                 optimizer.step += 1
                 values = (learning_rate, 1.0 - cfg.beta1 ** optimizer.step, 1.0 - cfg.beta2 ** optimizer.step,
@@ -659,6 +666,17 @@ class TaskExecution:
             micro_loss = float(np.mean(model.acts.losses, dtype=np.float64))
             loss += micro_loss / len(batches)
             model._inputs, model._targets, model.mean_loss = inputs, targets, micro_loss
+            if external_update and model.gradients_ready is not None:
+                # every gradient is final now: announce the parts in the order GPT2.backward does
+                for part in (model.config.num_layers, *reversed(range(model.config.num_layers)), -1):
+                    model.gradients_ready(part)
+        if external_update:
+            if recorder is not None:
+                recorder.set_phase("update")  # the strategy's AdamW and MPI calls go through recorder as observer
+            update_start = time.perf_counter()
+            optimizer.update(model.params, model.grads, learning_rate, grad_scale=1.0 / len(batches))
+            if recorder is not None:
+                phases["update"] = (update_start - recorder.origin, time.perf_counter() - recorder.origin)
         if overlap:
             self._pending = (model, optimizer, values)
         if clip:
