@@ -137,14 +137,7 @@ class Recorder:
             self._record_threads(name, layer, start - self.origin, end - start, main_busy,
                                  helpers_before, helpers_after)
         flops, moved = kernel_cost(name, args)
-        totals = self.kernel_totals.setdefault(self.step, {})
-        entry = totals.get(name)
-        if entry is None:
-            entry = totals[name] = [0, 0.0, 0.0, 0.0]
-        entry[0] += 1
-        entry[1] += end - start
-        entry[2] += flops
-        entry[3] += moved
+        self._add_to_totals(name, end - start, flops, moved)
         if self.keep_calls:
             self.calls.append((name, self.phase, layer, self.step, start - self.origin, end - self.origin, flops, moved))
         return result
@@ -155,17 +148,18 @@ class Recorder:
         perf_counter() seconds. Call from one thread (the task model folds its workers' logs in after a step)."""
         if not self.enabled:
             return
-        totals = self.kernel_totals.setdefault(self.step, {})
-        entry = totals.get(name)
-        if entry is None:
-            entry = totals[name] = [0, 0.0, 0.0, 0.0]
-        entry[0] += 1
-        entry[1] += end - start
-        entry[2] += flops
-        entry[3] += moved
+        self._add_to_totals(name, end - start, flops, moved)
         if self.keep_calls:
             self.task_events.append((name, phase, layer, self.step, row, start - self.origin, end - self.origin,
                                      flops, moved, task))
+
+    def _add_to_totals(self, name: str, seconds: float, flops: float, moved: float) -> None:
+        """Per step and kernel: [calls, seconds, FLOPs, bytes]."""
+        entry = self.kernel_totals.setdefault(self.step, {}).setdefault(name, [0, 0.0, 0.0, 0.0])
+        entry[0] += 1
+        entry[1] += seconds
+        entry[2] += flops
+        entry[3] += moved
 
     def _record_threads(self, name, layer, start, wall, main_busy, before, after) -> None:
         busy = sorted((a - b for a, b in zip(after, before) if a - b > MIN_THREAD_BUSY), reverse=True)
