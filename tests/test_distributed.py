@@ -24,6 +24,7 @@ from llmpy.data import DataLoader
 from llmpy.execution import available_cores
 from llmpy.execution.distributed import BLOCK_ELEMENTS, gradient_buckets, owner_blocks, split_evenly
 from llmpy.formats import read_model, write_shard
+from test_cli import train_losses
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 STRATEGIES = ("allreduce", "zero1", "server", "owners")
@@ -52,10 +53,6 @@ def llmpy_train(args, cwd, ranks=None, check=True, env_extra=None):
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, command))} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
-
-
-def train_losses(output: str) -> list[float]:
-    return [float(x) for x in re.findall(r"train loss ([0-9.]+)", output)]
 
 
 @pytest.fixture(scope="module")
