@@ -362,14 +362,15 @@ def run(args, out=sys.stdout) -> TrainResult:
         for step in range(first_step, args.steps + 1):
             last = step == args.steps
             recorder.enabled = False  # validation and samples are not part of the training step
-            if last or (val_loader is not None and step % args.val_every == 0) or (
-                    args.sample_every > 0 and step > 0 and step % args.sample_every == 0):
+            validate = val_loader is not None and (step % args.val_every == 0 or last)
+            sample = args.sample_every > 0 and ((step > 0 and step % args.sample_every == 0) or last)
+            if validate or sample or last:
                 execution.synchronize()  # --overlap-steps: the last step's update is done before reading parameters
-            if val_loader is not None and (step % args.val_every == 0 or last):
+            if validate:
                 val_loss = execution.average(validation_loss(model, val_loader, args.val_batches))
                 result.val_losses.append((step, val_loss))
                 say(f"val loss {val_loss:.6f}")
-            if args.sample_every > 0 and ((step > 0 and step % args.sample_every == 0) or last) and execution.rank == 0:
+            if sample and execution.rank == 0:
                 # seeded by step, so a resumed run samples what the uninterrupted one would
                 tokens = generate(model, [], args.sample_length, rng=np.random.default_rng([args.seed, step]))
                 text = decode(tokens)
