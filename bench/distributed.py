@@ -25,9 +25,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from llmpy.execution import available_cores
-from llmpy.execution.distributed import STRATEGIES, WAIT_CALLS
-from llmpy.trace import Trace, is_communication
+from llmpy.execution.threads import available_cores
+from llmpy.execution.mpi.data_parallel import WAIT_CALLS
+from llmpy.execution.options import STRATEGIES
+from llmpy.observe.trace import Trace, is_communication
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
@@ -50,7 +51,7 @@ def configurations(cores: int, strategies: list[str]) -> list[dict]:
 def run_one(config: dict, args, work: Path, round_index: int) -> dict:
     out = work / f"{config['name'].replace(' ', '_')}-{round_index}"
     per_rank_batch = args.batch_size // config["ranks"]
-    command = [sys.executable, "-m", "llmpy.cli", "train", "--model", args.model, "-T", str(args.seq_len),
+    command = [sys.executable, "-m", "llmpy", "train", "--model", args.model, "-T", str(args.seq_len),
                "-B", str(per_rank_batch), "--steps", str(args.steps + 1), "--val-every", "0", "--sample-every", "0",
                "--no-progress", "--output", "", "--metrics-dir", str(out), "--trace", str(out / "trace"),
                "--mode", config["mode"], "--threads", str(config["threads"]), "--data-dir", args.data_dir]

@@ -15,12 +15,12 @@ import time
 import llmpy  # noqa: F401  (thread-pool environment before numpy loads)
 import numpy as np
 
-from llmpy.config import preset
-from llmpy.execution import make_execution_model
-from llmpy.model import GPT2
-from llmpy.optim import AdamW
-from llmpy.recorder import Recorder
-from llmpy.train import train_step
+from llmpy.core.config import preset
+from llmpy.execution.factory import make_execution_model
+from llmpy.core.model import GPT2
+from llmpy.core.optim import AdamW
+from llmpy.observe.recorder import Recorder
+from llmpy.execution.base import train_step
 
 
 def main() -> None:

@@ -38,8 +38,8 @@ def parse_args(argv=None):
 def scheduler_overhead(workers: int, count: int) -> dict:
     """Wall time per task of `count` empty tasks on the native runtime: independent ones (the ready heap
     and wake-ups) and chains of 10 (each task releases the next)."""
-    from llmpy.execution.runtime import NativeRuntime
-    from llmpy.execution.taskgraph import Region, Task, TaskGraph
+    from llmpy.execution.tasks.runtime import NativeRuntime
+    from llmpy.execution.tasks.graph import Region, Task, TaskGraph
 
     def empty():
         pass
@@ -69,7 +69,7 @@ def _timed(fn, *args) -> float:
 
 
 def main(argv=None) -> int:
-    from llmpy import bench
+    from llmpy.commands import bench
 
     args = parse_args(argv)
     for workers in sorted({int(w) for w in args.workers.split(",")}):

@@ -1,4 +1,4 @@
-"""POP efficiencies and roofline of llmpy.analysis on synthetic traces with answers worked out by hand, and the
+"""POP efficiencies and roofline of llmpy.observe.analysis on synthetic traces with answers worked out by hand, and the
 PNGs of llmpy.plots."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from llmpy.analysis import (
+from llmpy.observe.analysis import (
     TOTAL,
     analyze,
     format_pop_table,
@@ -17,10 +17,10 @@ from llmpy.analysis import (
     pop_metrics,
     pop_table,
     roofline_rows,
-    write_analysis,
 )
-from llmpy.plots import roofline_png, scaling_bases, scaling_pngs, timeline_png
-from llmpy.trace import KernelEvent, StepRecord, Trace
+from llmpy.observe.report import write_analysis
+from llmpy.observe.plots import roofline_png, scaling_bases, scaling_pngs, timeline_png
+from llmpy.observe.trace import KernelEvent, StepRecord, Trace
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmpy.config import GPT2Config
-from llmpy.execution import available_cores
-from llmpy.formats import write_debug_state, write_model, write_shard
-from llmpy.layout import parameter_shapes
-from llmpy.model import GPT2
+from llmpy.core.config import GPT2Config
+from llmpy.execution.threads import available_cores
+from llmpy.io.formats import write_debug_state, write_model, write_shard
+from llmpy.core.layout import parameter_shapes
+from llmpy.core.model import GPT2
 from torch_reference import TorchGPT2
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -28,7 +28,7 @@ CORPUS = "\n\n".join(
 def llmpy(*args, cwd, check=True, env_extra=None):
     env = dict(os.environ)
     env.update(env_extra or {})
-    result = subprocess.run([sys.executable, "-m", "llmpy.cli", *map(str, args)], cwd=cwd, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "llmpy", *map(str, args)], cwd=cwd, capture_output=True,
                             text=True, env=env, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"llmpy {' '.join(map(str, args))} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
@@ -162,7 +162,7 @@ def test_verify_against_a_reference_debug_state(tmp_path):
     # the same check must fail when one gradient disagrees beyond llm.c's tolerance
     tampered = write_reference_state(tmp_path / "m2.bin", tmp_path / "s2.bin", config, B=2, T=16)
     tampered[12345] += 0.05
-    from llmpy.formats import read_debug_state
+    from llmpy.io.formats import read_debug_state
 
     state = read_debug_state(tmp_path / "s2.bin", config)
     write_debug_state(tmp_path / "s2.bin", config, state.inputs, state.targets, state.logits, state.loss, tampered)
@@ -195,9 +195,9 @@ def test_a_killed_run_keeps_its_last_checkpoint(text_dataset, tmp_path):
     import signal
     import time
 
-    from llmpy.formats import read_model, read_run_state
+    from llmpy.io.formats import read_model, read_run_state
 
-    command = [sys.executable, "-m", "llmpy.cli", *CHECKPOINTED, "--data-dir", str(text_dataset / "data"),
+    command = [sys.executable, "-m", "llmpy", *CHECKPOINTED, "--data-dir", str(text_dataset / "data"),
                "--steps", "100000", "--checkpoint-every", "2"]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -1,4 +1,4 @@
-"""Data-parallel training over MPI (`--mode mpi`), run as users run it: `mpiexec -n 2 python -m llmpy.cli train`.
+"""Data-parallel training over MPI (`--mode mpi`), run as users run it: `mpiexec -n 2 python -m llmpy.commands.cli train`.
 
 The reference is one process in sequential mode. Two ranks with per-rank batch B read, in llm.c's layout,
 exactly the rows one process reads with batch 2B (and, in the same order, the two micro-batches of one process
@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmpy.config import PRESETS
-from llmpy.data import DataLoader
-from llmpy.execution import available_cores
-from llmpy.execution.distributed import BLOCK_ELEMENTS, gradient_buckets, owner_blocks, split_evenly
-from llmpy.formats import read_model, write_shard
+from llmpy.core.config import PRESETS
+from llmpy.data.loader import DataLoader
+from llmpy.execution.threads import available_cores
+from llmpy.execution.mpi.data_parallel import BLOCK_ELEMENTS, gradient_buckets, owner_blocks, split_evenly
+from llmpy.io.formats import read_model, write_shard
 from test_cli import train_losses
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -46,7 +46,7 @@ def run(command, cwd, env_extra=None, timeout=120):
 
 
 def llmpy_train(args, cwd, ranks=None, check=True, env_extra=None):
-    command = [sys.executable, "-m", "llmpy.cli", "train", *args]
+    command = [sys.executable, "-m", "llmpy", "train", *args]
     if ranks is not None:
         command = [MPIEXEC, "-n", ranks, *command]
     result = run(command, cwd, env_extra)
@@ -166,7 +166,7 @@ def test_trace_has_one_process_per_rank_and_analyze_reads_it(data_dir):
     assert {"MPI_Ireduce_scatter", "MPI_Iallgatherv", "MPI_Waitall", "adamw_update"} <= names
     header = (data_dir / "trace-zero1" / "trace.prv").read_text().splitlines()[0]
     assert header.endswith(":1:2(1:1,1:1)")  # Paraver: one application of 2 tasks (ranks), 1 thread each
-    analysis = run([sys.executable, "-m", "llmpy.cli", "analyze", "trace-zero1"], data_dir)
+    analysis = run([sys.executable, "-m", "llmpy", "analyze", "trace-zero1"], data_dir)
     assert analysis.returncode == 0, analysis.stderr
     assert "ranks=2" in analysis.stdout and "(2 ranks)" in analysis.stdout
     assert "MPI_" not in analysis.stdout.split("Roofline per kernel")[1]  # communication is not a kernel

@@ -8,8 +8,8 @@ import struct
 import numpy as np
 import pytest
 
-from llmpy.config import GPT2Config
-from llmpy.formats import (
+from llmpy.core.config import GPT2Config
+from llmpy.io.formats import (
     DebugState,
     FormatError,
     atomic_open,
@@ -558,7 +558,7 @@ def test_atomic_write_respects_umask_permissions(tmp_path):
 
 
 def _run_state(n=10, step=7):
-    from llmpy.formats import RunState
+    from llmpy.io.formats import RunState
 
     rng = np.random.default_rng(3)
     return RunState(step=step, seed=42, data_epoch=1, data_shard_position=0, data_sample_index=5,
@@ -566,7 +566,7 @@ def _run_state(n=10, step=7):
 
 
 def test_run_state_round_trip_and_layout(tmp_path):
-    from llmpy.formats import read_run_state, write_run_state
+    from llmpy.io.formats import read_run_state, write_run_state
 
     state = _run_state()
     path = tmp_path / "state.bin"
@@ -581,7 +581,7 @@ def test_run_state_round_trip_and_layout(tmp_path):
 
 
 def test_run_state_bad_files(tmp_path):
-    from llmpy.formats import read_run_state, write_run_state
+    from llmpy.io.formats import read_run_state, write_run_state
 
     path = tmp_path / "state.bin"
     write_run_state(path, _run_state())

@@ -7,13 +7,14 @@ import statistics
 import numpy as np
 import pytest
 
-from llmpy.config import GPT2Config
-from llmpy.execution import available_cores, make_execution_model
+from llmpy.core.config import GPT2Config
+from llmpy.execution.factory import make_execution_model
+from llmpy.execution.threads import available_cores
 from llmpy.kernels.costs import kernel_cost
-from llmpy.model import GPT2
-from llmpy.optim import AdamW
-from llmpy.recorder import Recorder
-from llmpy.train import train_step
+from llmpy.core.model import GPT2
+from llmpy.core.optim import AdamW
+from llmpy.observe.recorder import Recorder
+from llmpy.execution.base import train_step
 from test_cli import llmpy, text_dataset  # noqa: F401  (fixture)
 
 CONFIG = GPT2Config(max_seq_len=32, vocab_size=500, padded_vocab_size=512, num_layers=2, num_heads=2, channels=32)
@@ -217,7 +218,7 @@ def test_bench_vs_torch_pairs_each_configuration_with_the_torch_baseline(tmp_pat
 
 def test_torch_baseline_runs_with_torchs_own_thread_environment(monkeypatch):
     import llmpy
-    from llmpy.bench import _worker_environment
+    from llmpy.commands.bench import _worker_environment
 
     monkeypatch.setattr(llmpy, "THREAD_ENV_SET_BY_LLMPY", ["OMP_WAIT_POLICY"])
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # as llmpy's import set it

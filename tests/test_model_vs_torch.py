@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from llmpy.config import GPT2Config
-from llmpy.execution import make_execution_model
+from llmpy.core.config import GPT2Config
+from llmpy.execution.factory import make_execution_model
 from llmpy.kernels import KernelSet
-from llmpy.model import GPT2
-from llmpy.optim import AdamW, AdamWConfig
+from llmpy.core.model import GPT2
+from llmpy.core.optim import AdamW, AdamWConfig
 from torch_reference import TorchGPT2
 
 LOGITS_ATOL = 1e-4
@@ -91,7 +91,7 @@ def test_gradient_accumulation_matches_torch():
     (0.1, True, 0.5),  # nanoGPT-style decay groups and global-norm clipping
 ])
 def test_ten_adamw_steps_match_torch(weight_decay, decay_matrices_only, grad_clip):
-    from llmpy.layout import MATRIX_PARAMETERS
+    from llmpy.core.layout import MATRIX_PARAMETERS
 
     lr = 1e-3
     model = GPT2(CONFIG, B, T)

@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 from test_cli import llmpy, text_dataset, train_losses  # noqa: F401  (fixture)
 
-from llmpy.config import PRESETS
-from llmpy.execution import ExecutionError, available_cores, make_execution_model
-from llmpy.execution.runtime import NativeRuntime
-from llmpy.execution.taskgraph import GraphError, Region, Task, TaskGraph, uncovered
-from llmpy.execution.tasks import build_step_graph
-from llmpy.model import GPT2
-from llmpy.optim import AdamW, AdamWConfig
-from llmpy.recorder import Recorder
-from llmpy.train import train_step
+from llmpy.core.config import PRESETS
+from llmpy.execution.factory import make_execution_model
+from llmpy.execution.threads import ExecutionError, available_cores
+from llmpy.execution.tasks.runtime import NativeRuntime
+from llmpy.execution.tasks.graph import GraphError, Region, Task, TaskGraph, uncovered
+from llmpy.execution.tasks.execution import build_step_graph
+from llmpy.core.model import GPT2
+from llmpy.core.optim import AdamW, AdamWConfig
+from llmpy.observe.recorder import Recorder
+from llmpy.execution.base import train_step
 
 WORKERS = sorted({1, min(2, available_cores())})
 

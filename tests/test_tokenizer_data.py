@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import llmpy.data as data
-from llmpy.config import GPT2_EOT_TOKEN, GPT2_VOCAB_SIZE
-from llmpy.data import DataError, DataLoader, find_dataset, prepare_default_corpus, prepare_text, prepare_tinyshakespeare
-from llmpy.formats import read_shard, read_tokenizer, write_shard
-from llmpy.tokenizer import Tokenizer, TokenizerError, gpt2_encoding, write_gpt2_tokenizer_file
+import llmpy.data.prepare as data
+from llmpy.core.config import GPT2_EOT_TOKEN, GPT2_VOCAB_SIZE
+from llmpy.data.loader import DataError, DataLoader
+from llmpy.data.prepare import find_dataset, prepare_default_corpus, prepare_text, prepare_tinyshakespeare
+from llmpy.io.formats import read_shard, read_tokenizer, write_shard
+from llmpy.io.tokenizer import Tokenizer, TokenizerError, gpt2_encoding, write_gpt2_tokenizer_file
 
 # ----------------------------------------------------------------------------
 # tokenizer

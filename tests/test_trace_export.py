@@ -21,8 +21,8 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from llmpy.trace import KernelEvent, StepRecord, Trace
-from llmpy.trace_export import (
+from llmpy.observe.trace import KernelEvent, StepRecord, Trace
+from llmpy.observe.trace_export import (
     EVENT_KERNEL,
     EVENT_LAYER,
     EVENT_STEP,

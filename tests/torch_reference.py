@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llmpy.config import GPT2Config
-from llmpy.layout import parameter_shapes
+from llmpy.core.config import GPT2Config
+from llmpy.core.layout import parameter_shapes
 
 
 class TorchGPT2:

@@ -57,7 +57,7 @@ def matmul_backward_input(dinp, dout, weight):
     np.matmul(dout, weight, out=dinp)
 
 
-def matmul_backward_weight(dweight, dbias, dout, inp, accumulate, parallel=False, o0=0, o1=None, scratch=None):
+def matmul_backward_weight(dweight, dbias, dout, inp, accumulate, o0=0, o1=None, scratch=None, parallel=False):
     """Weight and bias gradients for output channels [o0, o1):
     dweight (OC, C)[o0:o1] (+)= dout[:, o0:o1].T @ inp (N, C); dbias (OC,)[o0:o1] (+)= dout[:, o0:o1] summed
     over rows (skipped when dbias is None). Writes unless `accumulate` (gradient accumulation), which adds

@@ -1,0 +1,420 @@
+"""`llmpy train`: llm.c's training loop (train_gpt2.c) on a chosen execution model."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from llmpy.core.config import PRESETS, GPT2Config, preset
+from llmpy.execution.base import ExecutionModel
+from llmpy.execution.factory import MODES, make_execution_model
+from llmpy.execution.threads import THREADING_LAYERS, available_cores
+from llmpy.execution.options import RANK_MODES, RUNTIMES, GEMM_SPLITS, STRATEGIES, MpiOptions, TaskOptions
+from llmpy.observe.metrics import (StepStats, format_kernel_table, kernel_summary, measured_steps,
+                           phase_summary, step_flops, write_run_metrics)
+from llmpy.observe.probes import measure_peak_gflops
+from llmpy.observe.recorder import Recorder
+from llmpy.core.model import GPT2
+from llmpy.core.optim import AdamW, AdamWConfig, LearningRateSchedule
+
+DEFAULT_DATA_DIR = "data"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-dir", default=os.environ.get("LLMPY_DATA_DIR", DEFAULT_DATA_DIR),
+                      help="folder of prepared datasets (default: ./data, or $LLMPY_DATA_DIR); with no dataset "
+                           "there, an offline corpus of Python standard-library docstrings is built first")
+    data.add_argument("--train-data", help="glob pattern of training shards (overrides --data-dir)")
+    data.add_argument("--val-data", help="glob pattern of validation shards (default: the training set's val split)")
+    data.add_argument("--shuffle", action="store_true", help="shuffle shards and windows each epoch (seeded)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--init-from", metavar="MODEL_BIN", help="start from an llm.c model checkpoint")
+    model.add_argument("--model", default="d12", choices=sorted(PRESETS),
+                       help="preset for random init when --init-from is not given (default d12 = GPT-2 124M)")
+    model.add_argument("--seed", type=int, default=42, help="seed of the random init, shuffling and sampling")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("-B", "--batch-size", type=int, default=4, help="sequences per micro-batch (default 4)")
+    run.add_argument("-T", "--seq-len", type=int, default=64, help="tokens per sequence (default 64)")
+    run.add_argument("--steps", type=int, default=40, help="optimizer steps (default 40)")
+    run.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    run.add_argument("--mode", default="forkjoin", choices=MODES,
+                     help="execution model (default forkjoin, as llm.c's OpenMP build; sequential = 1 thread)")
+    run.add_argument("--threads", type=int,
+                     help="threads for forkjoin, numba and BLAS alike (default: every available core)")
+    run.add_argument("--threading-layer", default="omp", choices=THREADING_LAYERS,
+                     help="numba threading layer for forkjoin (default omp)")
+    run.add_argument("--workers", type=int, help="tasks: worker threads (default: --threads, else every core)")
+    run.add_argument("--block-tokens", type=int, metavar="K",
+                     help="tasks: tokens per block of a sequence; must divide -T (default: -T, whole sequences)")
+    run.add_argument("--runtime", choices=RUNTIMES,
+                     help="tasks: llmpy's own scheduler (native, default) or Dask's threaded scheduler")
+    run.add_argument("--overlap-steps", action="store_true",
+                     help="tasks: let a step's forward start while the previous step's updates run")
+    run.add_argument("--gemm-split", choices=GEMM_SPLITS,
+                     help="tasks: cut the forward and input-gradient GEMMs per token block (rows, default), or per "
+                          "block of output columns over all tokens for the lm_head only (lm_head) or every GEMM "
+                          "(channels): each weight is read once per step instead of once per token block")
+    run.add_argument("--strategy", choices=STRATEGIES,
+                     help="mpi (run under mpiexec): how the ranks combine gradients and update: allreduce (default), "
+                          "zero1 (sharded AdamW state), server (rank 0 updates), owners (round-robin blocks)")
+    run.add_argument("--rank-mode", choices=RANK_MODES,
+                     help="mpi: execution model inside each rank, on --threads threads (default: the node's cores "
+                          "/ its ranks; sequential when that is 1, else forkjoin)")
+
+    opt = parser.add_argument_group("optimizer (AdamW; defaults are llm.c's)")
+    opt.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    opt.add_argument("--beta1", type=float, default=0.9)
+    opt.add_argument("--beta2", type=float, default=0.999)
+    opt.add_argument("--eps", type=float, default=1e-8)
+    opt.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (default 0)")
+    opt.add_argument("--decay-matrices-only", action="store_true",
+                     help="apply weight decay to 2-D weight matrices only (default: all parameters, as llm.c)")
+    opt.add_argument("--grad-clip", type=float, default=0.0, help="clip the global gradient norm (0 = off)")
+    opt.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"))
+    opt.add_argument("--warmup-steps", type=int, default=0)
+    opt.add_argument("--final-lr-fraction", type=float, default=0.0,
+                     help="cosine schedule ends at lr * this (default 0)")
+
+    report = parser.add_argument_group("reporting and output")
+    report.add_argument("--val-every", type=int, default=10, help="validation every N steps (default 10; 0 = off)")
+    report.add_argument("--val-batches", type=int, default=5, help="batches per validation (default 5)")
+    report.add_argument("--sample-every", type=int, default=20, help="sample every N steps (default 20; 0 = off)")
+    report.add_argument("--sample-length", type=int, default=64, help="tokens per sample (default 64)")
+    report.add_argument("--peak-gflops", type=float,
+                        help="peak GFLOP/s of one core; MFU counts it once per thread (default: the float32 GEMM "
+                             "peak measured on the threads used, cached)")
+    report.add_argument("--output", default=os.path.join("out", "model.bin"),
+                        help="model checkpoint written at the end (default out/model.bin; '' = none)")
+    report.add_argument("--checkpoint-every", type=int, default=0,
+                        help="every N steps write a resumable checkpoint (model + optimizer and data position) "
+                             "to --checkpoint-dir (0 = off)")
+    report.add_argument("--checkpoint-dir", default=os.path.join("out", "checkpoints"),
+                        help="folder of model_STEP.bin / state_STEP.bin checkpoints (default out/checkpoints)")
+    report.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2; 0 = all)")
+    report.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in --checkpoint-dir (same data, B, T)")
+    report.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (it is shown only when stderr is a terminal anyway)")
+    report.add_argument("--metrics-dir", default="out",
+                        help="where metrics.json, steps.csv and kernels.csv are written (default out; '' = none)")
+    report.add_argument("--warmup-report-steps", type=int, default=1,
+                        help="first steps left out of averages and tables (default 1)")
+    report.add_argument("--trace", metavar="DIR",
+                        help="record what every thread ran and write DIR/trace.json (Perfetto), DIR/trace.prv "
+                             "(Paraver) and DIR/events.json (for llmpy analyze / llmpy plot)")
+
+
+@dataclass
+class TrainResult:
+    train_losses: list[float] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    samples: list[str] = field(default_factory=list)
+    steps: list[StepStats] = field(default_factory=list)
+    kernels: list = field(default_factory=list)  # metrics.KernelSummary rows
+    phases: dict = field(default_factory=dict)  # mean ms per phase
+    trace_paths: dict = field(default_factory=dict)
+
+
+def _load_data(args, vocab_size: int, B: int, T: int, say, execution: ExecutionModel | None = None):
+    """Training and validation loaders; each rank of a data-parallel run reads its own windows."""
+    from llmpy.data.loader import DataLoader
+    from llmpy.data.prepare import find_dataset, prepare_default_corpus
+
+    rank, world_size = (execution.rank, execution.world_size) if execution is not None else (0, 1)
+    train_pattern, val_pattern = args.train_data, args.val_data
+    if train_pattern is None:
+        dataset = find_dataset(args.data_dir)
+        if dataset is None and world_size > 1:  # rank 0 builds the corpus while the others wait for it
+            if rank == 0:
+                prepare_default_corpus(args.data_dir)
+            execution.group.agree()
+            dataset = find_dataset(args.data_dir)
+        if dataset is None:
+            start = time.perf_counter()
+            dataset = prepare_default_corpus(args.data_dir)
+            say(f"no prepared dataset in {args.data_dir}/: built the offline default corpus 'pydocs' (Python "
+                f"standard-library docstrings, {dataset.num_train_tokens + dataset.num_val_tokens:,} GPT-2 tokens, "
+                f"{time.perf_counter() - start:.1f} s); `llmpy prepare tinyshakespeare` for llm.c's default data")
+        train_pattern = dataset.train_pattern
+        val_pattern = val_pattern or dataset.val_pattern
+        say(f"dataset: {dataset.name} ({dataset.num_train_tokens:,} train / {dataset.num_val_tokens:,} val tokens)")
+    train = DataLoader(train_pattern, B, T, rank, world_size, shuffle=args.shuffle, seed=args.seed,
+                       vocab_size=vocab_size)
+    val = (DataLoader(val_pattern, B, T, rank, world_size, vocab_size=vocab_size)
+           if val_pattern and args.val_every > 0 else None)
+    return train, val
+
+
+def build_model(args, execution: ExecutionModel, B: int, T: int) -> GPT2:
+    from llmpy.io.formats import read_model
+
+    init_from = args.init_from
+    if args.resume:
+        found = latest_checkpoint(args.checkpoint_dir)
+        if found is None:
+            raise ValueError(f"--resume: no checkpoint (state_STEP.bin with its model_STEP.bin) in {args.checkpoint_dir}")
+        init_from = found[1]
+    if init_from:
+        config, params = read_model(init_from)
+        model = GPT2(config, B, T, execution.kernels)
+        model.load_parameters(params)
+    else:
+        model = GPT2(preset(args.model), B, T, execution.kernels)
+        model.init_random(args.seed)
+    return model
+
+
+def _check_args(args) -> None:
+    for name in ("batch_size", "seq_len", "steps", "grad_accum", "val_batches", "sample_length"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.resume and args.init_from:
+        raise ValueError("--resume continues from the checkpoint's own model; drop --init-from")
+    for name in ("val_every", "sample_every", "checkpoint_every", "warmup_steps", "keep_checkpoints",
+                 "warmup_report_steps"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+
+
+def execution_options(args, threads: int) -> tuple:
+    """(threads, threading layer, TaskOptions | MpiOptions | None) for make_execution_model, from the flags;
+    refuses flags that do not apply to --mode."""
+    task_flags = {"--workers": args.workers is not None, "--block-tokens": args.block_tokens is not None,
+                  "--runtime": args.runtime is not None, "--overlap-steps": args.overlap_steps,
+                  "--gemm-split": args.gemm_split is not None}
+    tasks_inside_ranks = args.mode == "mpi" and args.rank_mode == "tasks"
+    given = [flag for flag, set_ in task_flags.items() if set_]
+    if args.mode != "tasks" and not tasks_inside_ranks and given:
+        raise ValueError(f"{', '.join(given)} apply to --mode tasks (or --mode mpi --rank-mode tasks) only")
+    mpi_flags = [flag for flag, set_ in (("--strategy", args.strategy), ("--rank-mode", args.rank_mode)) if set_]
+    if args.mode != "mpi" and mpi_flags:
+        raise ValueError(f"{', '.join(mpi_flags)} apply to --mode mpi only")
+    if args.mode == "mpi":  # threads per rank; None: the node's cores shared by its ranks
+        if args.overlap_steps:
+            raise ValueError("--overlap-steps does not combine with --mode mpi: the strategy runs the update")
+        rank_threads = args.workers if tasks_inside_ranks and args.workers is not None else args.threads
+        return rank_threads, args.threading_layer, MpiOptions(args.strategy or "allreduce", args.rank_mode,
+                                                              _task_options(args))
+    if args.mode == "tasks":
+        return args.workers or threads, args.threading_layer, _task_options(args)
+    return threads, args.threading_layer, None
+
+
+def _task_options(args) -> TaskOptions:
+    options = TaskOptions(args.block_tokens, args.runtime or "native", args.overlap_steps, args.gemm_split or "rows")
+    options.tokens_per_block(args.seq_len)
+    return options
+
+
+def run_meta(args, config: GPT2Config, execution: ExecutionModel, peak: float, B: int, T: int) -> dict:
+    """What a run was, for metrics files and traces."""
+    meta = {"model": args.init_from or args.model, "num_parameters": config.num_parameters(),
+            "num_layers": config.num_layers, "channels": config.channels, **execution.meta(), "B": B, "T": T,
+            "grad_accum": args.grad_accum, "peak_gflops": peak, "warmup_steps": args.warmup_report_steps}
+    if "block_tokens" in meta:
+        meta["block_tokens"] = meta["block_tokens"] or T
+    return meta
+
+
+def step_row(stats: StepStats, record) -> dict:
+    row = {"step": stats.step, "loss": stats.loss, "ms": stats.ms, "tokens_per_s": stats.tokens_per_second,
+           "tokens_per_s_per_core": stats.tokens_per_second_per_core, "mfu": stats.mfu}
+    for phase in ("forward", "zero_grad", "backward", "update"):
+        span = record.phases.get(phase)
+        row[f"{phase}_ms"] = 1e3 * (span[1] - span[0]) if span else 0.0
+    return row
+
+
+def latest_checkpoint(directory: str) -> tuple[int, str, str] | None:
+    """(step, model path, state path) of the newest complete checkpoint in `directory`, if any."""
+    steps = []
+    for path in glob.glob(os.path.join(glob.escape(directory), "state_*.bin")):
+        digits = os.path.basename(path)[len("state_"):-len(".bin")]
+        if digits.isdigit():
+            steps.append(int(digits))
+    for step in sorted(steps, reverse=True):
+        model_path = os.path.join(directory, f"model_{step:08d}.bin")
+        if os.path.isfile(model_path):
+            return step, model_path, os.path.join(directory, f"state_{step:08d}.bin")
+    return None
+
+
+def save_checkpoint(directory: str, step: int, model: GPT2, optimizer: AdamW, loader, seed: int, keep: int) -> None:
+    """model_STEP.bin, then state_STEP.bin: both written atomically, the state last, so a state file
+    always has its complete model beside it, whenever the run is killed."""
+    from llmpy.io.formats import RunState, write_model, write_run_state
+
+    os.makedirs(directory, exist_ok=True)
+    write_model(os.path.join(directory, f"model_{step:08d}.bin"), model.config, model.params.flat)
+    write_run_state(os.path.join(directory, f"state_{step:08d}.bin"),
+                    RunState(step, seed, *loader.position(), optimizer.m.flat, optimizer.v.flat))
+    if keep:
+        states = sorted(glob.glob(os.path.join(glob.escape(directory), "state_*.bin")))
+        for old in states[:-keep]:
+            os.remove(old)  # state first: a model without its state is never taken for a checkpoint
+            old_model = old.replace(os.sep + "state_", os.sep + "model_")
+            if os.path.exists(old_model):
+                os.remove(old_model)
+
+
+def validation_loss(model: GPT2, loader, batches: int) -> float:
+    loader.reset()
+    total = 0.0
+    for _ in range(batches):
+        inputs, targets = loader.next_batch()
+        total += model.forward(inputs, targets)
+    return total / batches
+
+
+def run(args, out=sys.stdout) -> TrainResult:
+    from tqdm import tqdm
+
+    from llmpy.io.formats import read_run_state, write_model
+    from llmpy.commands.sample import generate, token_decoder
+
+    _check_args(args)
+    B, T = args.batch_size, args.seq_len
+    progress = None
+
+    def say(line: str) -> None:
+        if execution.rank != 0:  # data-parallel runs: rank 0 speaks for all
+            return
+        if progress is not None:
+            progress.write(line, file=out)
+        else:
+            print(line, file=out, flush=True)
+
+    threads = args.threads if args.threads is not None else (1 if args.mode == "sequential" else available_cores())
+    threads, threading_layer, options = execution_options(args, threads)
+    execution = make_execution_model(args.mode, threads, threading_layer, options)
+    try:
+        if execution.name == "mpi" and (args.resume or args.checkpoint_every):
+            raise ValueError("--checkpoint-every and --resume are not supported with --mode mpi yet")
+        model = build_model(args, execution, B, T)
+        config: GPT2Config = model.config
+        train_loader, val_loader = _load_data(args, config.vocab_size, B, T, say, execution)
+        optimizer = execution.make_optimizer(model, AdamWConfig(args.beta1, args.beta2, args.eps, args.weight_decay,
+                                                                args.decay_matrices_only, args.grad_clip),
+                                             args.grad_accum)
+        schedule = LearningRateSchedule(args.lr, args.warmup_steps, args.steps, args.lr_schedule,
+                                        args.final_lr_fraction)
+        peak = args.peak_gflops * execution.threads if args.peak_gflops else measure_peak_gflops(execution.threads)
+        peak *= execution.world_size  # the rank's peak, once per rank
+        decode = token_decoder(config.vocab_size)
+        flops = step_flops(config, B, T) * args.grad_accum * execution.world_size
+        say(f"model: {config.num_layers} layers, {config.num_heads} heads, {config.channels} channels, "
+            f"{model.num_parameters:,} parameters; B={B}, T={T}, grad_accum={args.grad_accum}")
+        say(f"execution: {execution.describe()}; MFU against {peak:.1f} GFLOP/s"
+            f"{'' if args.peak_gflops else ' (measured float32 GEMM peak)'}")
+        first_step = 0
+        if args.resume:
+            step, _, state_path = latest_checkpoint(args.checkpoint_dir)
+            state = read_run_state(state_path, model.num_parameters)
+            optimizer.m.flat[...] = state.m
+            optimizer.v.flat[...] = state.v
+            optimizer.step = first_step = state.step
+            train_loader.seek(state.data_epoch, state.data_shard_position, state.data_sample_index)
+            say(f"resumed from {state_path} after step {state.step}")
+            if first_step >= args.steps:
+                raise ValueError(f"the checkpoint is at step {first_step}; ask for more --steps than that")
+        execution.group.setup_done()
+        result = TrainResult()
+        recorder = Recorder(rank=execution.rank, per_thread=bool(args.trace), threads=execution.threads)
+        model.observer = optimizer.observer = recorder
+        progress = tqdm(total=args.steps, initial=first_step, unit="step", file=sys.stderr, leave=False,
+                        dynamic_ncols=True, disable=True if args.no_progress or execution.rank else None)  # None: only on a terminal
+        for step in range(first_step, args.steps + 1):
+            last = step == args.steps
+            recorder.enabled = False  # validation and samples are not part of the training step
+            validate = val_loader is not None and (step % args.val_every == 0 or last)
+            sample = args.sample_every > 0 and ((step > 0 and step % args.sample_every == 0) or last)
+            if validate or sample or last:
+                execution.synchronize()  # --overlap-steps: the last step's update is done before reading parameters
+            if validate:
+                val_loss = execution.group.average(validation_loss(model, val_loader, args.val_batches))
+                result.val_losses.append((step, val_loss))
+                say(f"val loss {val_loss:.6f}")
+            if sample and execution.rank == 0:
+                # seeded by step, so a resumed run samples what the uninterrupted one would
+                tokens = generate(model, [], args.sample_length, rng=np.random.default_rng([args.seed, step]))
+                text = decode(tokens)
+                result.samples.append(text)
+                say("generating:\n---\n" + text + "\n---")
+            if last:
+                break
+            recorder.enabled = True
+            start = time.perf_counter()
+            batches = (train_loader.next_batch() for _ in range(args.grad_accum))
+            loss = execution.train_step(model, optimizer, batches, schedule(step), recorder, step + 1)
+            loss = execution.group.average(loss)
+            elapsed = time.perf_counter() - start
+            stats = StepStats(step + 1, loss, elapsed, B * T * args.grad_accum * execution.world_size, flops,
+                              execution.cores, peak)
+            result.steps.append(stats)
+            result.train_losses.append(loss)
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"step {step + 1}: loss is {loss}; lower --lr or enable --grad-clip")
+            say(f"step {stats.step:4d}/{args.steps}: train loss {loss:.6f} ({stats.ms:.0f} ms, "
+                f"{stats.tokens_per_second:,.0f} tok/s, {stats.tokens_per_second_per_core:,.0f} tok/s/core, "
+                f"MFU {100 * stats.mfu:.1f}%)")
+            progress.update(1)
+            if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+                execution.synchronize()
+                save_checkpoint(args.checkpoint_dir, step + 1, model, optimizer, train_loader, args.seed,
+                                args.keep_checkpoints)
+        progress.close()
+        progress = None
+        skip = args.warmup_report_steps
+        measured = measured_steps(result.steps, skip)
+        if measured:
+            ms = np.median([s.ms for s in measured])
+            say(f"median step {ms:.0f} ms, {np.median([s.tokens_per_second for s in measured]):,.0f} tok/s, "
+                f"{np.median([s.tokens_per_second_per_core for s in measured]):,.0f} tok/s/core, "
+                f"MFU {100 * np.median([s.mfu for s in measured]):.1f}% (median of {len(measured)} steps)")
+            result.kernels = kernel_summary(recorder.kernel_totals, recorder.steps, skip)
+            result.phases = phase_summary(recorder.steps, skip)
+            say(format_kernel_table(result.kernels, result.phases))
+            ranks = execution.group.rank_report(recorder, optimizer, skip)
+            if ranks:
+                from llmpy.execution.mpi.data_parallel import format_rank_report
+
+                say(format_rank_report(ranks))
+            meta = run_meta(args, config, execution, peak / execution.world_size, B, T)  # the roof of one rank
+            if args.metrics_dir and execution.rank == 0:
+                step_rows = [step_row(stats, record) for stats, record in zip(result.steps, recorder.steps)]
+                summary = dict(meta, ms_per_step_median=float(ms), steps=len(result.steps), measured_steps=len(measured),
+                               tokens_per_s=float(np.median([s.tokens_per_second for s in measured])),
+                               mfu=float(np.median([s.mfu for s in measured])), phases_ms=result.phases,
+                               **({"per_rank": ranks} if ranks else {}))
+                paths = write_run_metrics(args.metrics_dir, summary, step_rows, result.kernels)
+                say(f"wrote {paths['metrics.json']}, {paths['steps.csv']}, {paths['kernels.csv']}")
+            if args.trace:
+                from llmpy.observe.probes import measure_memory_bandwidth
+
+                trace = execution.group.gather_trace(recorder, meta)  # every rank's, on rank 0
+                if trace is not None:
+                    trace.meta["bandwidth_gbs"] = measure_memory_bandwidth(execution.threads)
+                    result.trace_paths = trace.save(args.trace)
+                    say(f"wrote trace to {args.trace}/ (trace.json for Perfetto, trace.prv for Paraver; "
+                        f"`llmpy analyze {args.trace}`)")
+        if args.output and execution.rank == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+            write_model(args.output, config, model.params.flat)
+            say(f"wrote {args.output}")
+        return result
+    except BaseException as error:
+        execution.group.fail(error)  # data-parallel runs: every rank stops (see llmpy.execution.mpi.data_parallel)
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+        execution.close()

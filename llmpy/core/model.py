@@ -1,0 +1,286 @@
+"""GPT-2 as a fixed list of kernel calls over flat parameter and activation buffers (llm.c's gpt2_*).
+
+`forward_calls` and `backward_calls` are the one description of the step: `forward`/`backward` run them in
+order (sequential, fork-join), the task model splits them into a dataflow graph, data-parallel ranks start
+their collectives at the `GradientsReady` points of the backward list.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Callable
+
+import numpy as np
+
+from llmpy.core.config import GPT2Config
+from llmpy.core.step import GradientsReady, KernelCall, KernelObserver, run_calls
+from llmpy.kernels import KernelSet
+from llmpy.core.layout import FlatBuffer, activation_buffer, activation_shapes, parameter_buffer
+
+# gradients_ready(part) is called inside backward at each GradientsReady point of the backward list (see
+# llmpy.core.step); data-parallel execution starts that group's collective there. It must not write the gradients.
+GradientsReadyHook = Callable[[int], None]
+
+
+def init_parameters(params: FlatBuffer, config: GPT2Config, seed: int = 42) -> None:
+    """llm.c's train_gpt2.py init, in place: N(0, 0.02) weights and embeddings, residual projections scaled
+    by 1/sqrt(2L), zero biases, unit layernorm gains; the padded vocabulary rows stay zero."""
+    rng = np.random.default_rng(seed)
+    p = params
+    p.flat.fill(0.0)
+    std = 0.02
+    residual_std = std / math.sqrt(2 * config.num_layers)
+    V = config.vocab_size
+    p.wte[:V] = rng.standard_normal(p.wte[:V].shape, dtype=np.float32) * std
+    p.wpe[...] = rng.standard_normal(p.wpe.shape, dtype=np.float32) * std
+    p.qkvw[...] = rng.standard_normal(p.qkvw.shape, dtype=np.float32) * std
+    p.attprojw[...] = rng.standard_normal(p.attprojw.shape, dtype=np.float32) * residual_std
+    p.fcw[...] = rng.standard_normal(p.fcw.shape, dtype=np.float32) * std
+    p.fcprojw[...] = rng.standard_normal(p.fcprojw.shape, dtype=np.float32) * residual_std
+    for gain in (p.ln1w, p.ln2w, p.lnfw):
+        gain.fill(1.0)
+
+
+class GPT2:
+    """Parameters, gradients, activations and their gradients for batches of up to B x T tokens.
+
+    `forward`, `backward` and the optimizer run the same kernel calls whatever the execution model;
+    the `kernels` set (serial or parallel variants) and the thread settings are the execution model's.
+    """
+
+    def __init__(self, config: GPT2Config, B: int, T: int, kernels: KernelSet | None = None, training: bool = True):
+        if B <= 0 or T <= 0:
+            raise ValueError(f"batch size B={B} and sequence length T={T} must be positive")
+        if T > config.max_seq_len:
+            raise ValueError(f"sequence length T={T} is larger than the model's max_seq_len={config.max_seq_len}")
+        self.config = config
+        self.B = B
+        self.T = T
+        self.kernels = kernels if kernels is not None else KernelSet(parallel=False)
+        self.params = parameter_buffer(config)
+        # Inference (training=False) needs neither gradient buffer.
+        self.grads = parameter_buffer(config) if training else None
+        self.acts = activation_buffer(config, B, T)
+        self.grad_acts = activation_buffer(config, B, T) if training else None
+        self.observer: KernelObserver | None = None
+        self.gradients_ready: GradientsReadyHook | None = None
+        self._views: dict[tuple[int, int], tuple[FlatBuffer, FlatBuffer]] = {(B, T): (self.acts, self.grad_acts)}
+        # token ids of the current batch, (b*t,) at the front: the calls read them from here (llm.c's model->inputs)
+        self.inputs = np.zeros(B * T, dtype=np.int32)
+        self.targets = np.zeros(B * T, dtype=np.int32)
+        self.batch_shape: tuple[int, int] | None = None  # (b, t) of the last batch loaded
+        self.has_targets = False
+        self.mean_loss: float | None = None
+        self._calls: dict[tuple, list] = {}
+
+    @property
+    def num_parameters(self) -> int:
+        return self.params.size
+
+    # ------------------------------------------------------------------ initialisation
+    def init_random(self, seed: int = 42) -> None:
+        """llm.c's train_gpt2.py init (see `init_parameters`)."""
+        init_parameters(self.params, self.config, seed)
+
+    def load_parameters(self, flat: np.ndarray) -> None:
+        if flat.shape != self.params.flat.shape:
+            raise ValueError(f"parameter array has {flat.size} values, the model needs {self.params.size}")
+        self.params.flat[...] = flat
+
+    # ------------------------------------------------------------------ helpers
+    def _buffers_for(self, b: int, t: int) -> tuple[FlatBuffer, FlatBuffer]:
+        """Activation views for a smaller batch, laid over the front of the allocated buffers."""
+        if (b, t) not in self._views:
+            size = sum(math.prod(s) for s in activation_shapes(self.config, b, t).values())
+            acts = activation_buffer(self.config, b, t, self.acts.flat[:size])
+            grad_acts = None if self.grad_acts is None else activation_buffer(self.config, b, t, self.grad_acts.flat[:size])
+            self._views[(b, t)] = (acts, grad_acts)
+        return self._views[(b, t)]
+
+    def _check_tokens(self, name: str, tokens: np.ndarray) -> np.ndarray:
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"{name} must have shape (B, T), got shape {tokens.shape}")
+        b, t = tokens.shape
+        if b > self.B or t > self.T or b == 0 or t == 0:
+            raise ValueError(
+                f"{name} has shape ({b}, {t}); this model was allocated for at most B={self.B}, T={self.T}"
+                f" (max_seq_len={self.config.max_seq_len})"
+            )
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+        return np.ascontiguousarray(tokens, dtype=np.int32)
+
+    def load_batch(self, inputs: np.ndarray, targets: np.ndarray | None = None) -> tuple[int, int]:
+        """Check the token ids (b, t) with b <= B, t <= T and copy them into the model's token buffers."""
+        inputs = self._check_tokens("inputs", inputs)
+        if targets is not None:
+            targets = self._check_tokens("targets", targets)
+            if targets.shape != inputs.shape:
+                raise ValueError(f"targets shape {targets.shape} differs from inputs shape {inputs.shape}")
+        b, t = inputs.shape
+        self.inputs[:b * t] = inputs.reshape(-1)
+        if targets is not None:
+            self.targets[:b * t] = targets.reshape(-1)
+        self.batch_shape, self.has_targets = (b, t), targets is not None
+        return b, t
+
+    def read_loss(self) -> float:
+        """The mean loss of the batch whose forward ran last."""
+        b, t = self.batch_shape
+        acts, _ = self._buffers_for(b, t)
+        self.mean_loss = float(np.mean(acts.losses, dtype=np.float64))
+        return self.mean_loss
+
+    # ------------------------------------------------------------------ the step as kernel calls
+    def forward_calls(self, b: int, t: int, with_loss: bool = True, kernels: KernelSet | None = None) -> list[KernelCall]:
+        """The forward pass over a (b, t) batch as kernel calls, with the cross-entropy loss when `with_loss`;
+        the kernels are `kernels`' variants (default: the model's)."""
+        return self._cached_calls(self._forward_calls, b, t, with_loss, kernels)
+
+    def backward_calls(self, b: int, t: int, accumulate: bool = False, kernels: KernelSet | None = None) -> list:
+        """The backward pass over a (b, t) batch as kernel calls and GradientsReady points (see `backward`)."""
+        return self._cached_calls(self._backward_calls, b, t, accumulate, kernels)
+
+    def _cached_calls(self, build, b: int, t: int, flag: bool, kernels: KernelSet | None) -> list:
+        kernels = kernels or self.kernels
+        key = (build.__name__, b, t, flag, id(kernels))
+        if key not in self._calls:
+            self._calls[key] = build(b, t, flag, kernels)
+        return self._calls[key]
+
+    @staticmethod
+    def _call(kernels: KernelSet, kernel: str, label: str, layer: int, *args, phase: str = "forward") -> KernelCall:
+        return KernelCall(kernel, label, layer, getattr(kernels, kernel), args, phase)
+
+    def _forward_calls(self, b: int, t: int, with_loss: bool, kernels: KernelSet) -> list[KernelCall]:
+        cfg = self.config
+        acts, _ = self._buffers_for(b, t)
+        p, a = self.params, acts
+        L, NH = cfg.num_layers, cfg.num_heads
+        N = b * t
+        rows = lambda x: x.reshape(N, -1)  # (b, t, X) -> (b*t, X)
+        flat = lambda x: x.reshape(-1)
+        call = partial(self._call, kernels)
+        calls = [call("encoder_forward", "", -1, rows(a.encoded), self.inputs[:N], p.wte, p.wpe, t, 0)]
+        for l in range(L):
+            residual = a.encoded if l == 0 else a.residual3[l - 1]
+            calls += [
+                call("layernorm_forward", "ln1", l, rows(a.ln1[l]), flat(a.ln1_mean[l]), flat(a.ln1_rstd[l]),
+                     rows(residual), p.ln1w[l], p.ln1b[l]),
+                call("matmul_forward", "qkv", l, rows(a.qkv[l]), rows(a.ln1[l]), p.qkvw[l], p.qkvb[l]),
+                call("attention_forward", "", l, a.atty[l], a.preatt[l], a.att[l], a.qkv[l], NH, 0, b, 0, t),
+                call("matmul_forward", "attproj", l, rows(a.attproj[l]), rows(a.atty[l]), p.attprojw[l], p.attprojb[l]),
+                call("residual_forward", "residual2", l, flat(a.residual2[l]), flat(residual), flat(a.attproj[l])),
+                call("layernorm_forward", "ln2", l, rows(a.ln2[l]), flat(a.ln2_mean[l]), flat(a.ln2_rstd[l]),
+                     rows(a.residual2[l]), p.ln2w[l], p.ln2b[l]),
+                call("matmul_forward", "fc", l, rows(a.fch[l]), rows(a.ln2[l]), p.fcw[l], p.fcb[l]),
+                call("gelu_forward", "", l, flat(a.fch_gelu[l]), flat(a.fch[l])),
+                call("matmul_forward", "fcproj", l, rows(a.fcproj[l]), rows(a.fch_gelu[l]), p.fcprojw[l], p.fcprojb[l]),
+                call("residual_forward", "residual3", l, flat(a.residual3[l]), flat(a.residual2[l]), flat(a.fcproj[l])),
+            ]
+        calls += [
+            call("layernorm_forward", "lnf", -1, rows(a.lnf), flat(a.lnf_mean), flat(a.lnf_rstd),
+                 rows(a.residual3[L - 1]), p.lnfw, p.lnfb),
+            call("matmul_forward", "logits", -1, rows(a.logits), rows(a.lnf), p.wte, None),
+        ]
+        if with_loss:
+            calls.append(call("crossentropy_forward", "", -1, rows(a.probs), flat(a.losses), rows(a.logits),
+                              self.targets[:N], cfg.vocab_size))
+        return calls
+
+    def _backward_calls(self, b: int, t: int, accumulate: bool, kernels: KernelSet) -> list:
+        cfg = self.config
+        acts, grad_acts = self._buffers_for(b, t)
+        p, g, a, d = self.params, self.grads, acts, grad_acts
+        L, NH, C, Vp = cfg.num_layers, cfg.num_heads, cfg.channels, cfg.padded_vocab_size
+        N = b * t
+        acc = accumulate
+        rows = lambda x: x.reshape(N, -1)
+        flat = lambda x: x.reshape(-1)
+
+        def call(kernel, label, layer, *args):
+            return self._call(kernels, kernel, label, layer, *args, phase="backward")
+
+        def linear(label, l, dinp, dout, inp, weight, dweight, dbias, out_channels):
+            return [call("matmul_backward_input", label, l, rows(dinp), rows(dout), weight),
+                    call("matmul_backward_weight", label, l, dweight, dbias, rows(dout), rows(inp), acc, 0, out_channels)]
+
+        def layernorm(label, l, dinp, dout, inp, weight, dweight, dbias, mean, rstd, accumulate_input):
+            return [call("layernorm_backward_input", label, l, rows(dinp), rows(dout), rows(inp), weight, flat(mean),
+                         flat(rstd), accumulate_input),
+                    call("layernorm_backward_params", label, l, dweight, dbias, rows(dout), rows(inp), flat(mean),
+                         flat(rstd), 0, C, acc)]
+
+        calls = [call("crossentropy_backward", "", -1, rows(d.logits), rows(a.probs), self.targets[:N], 1.0 / N,
+                      cfg.vocab_size)]
+        calls += linear("logits", -1, d.lnf, d.logits, a.lnf, p.wte, g.wte, None, Vp)
+        calls += layernorm("lnf", -1, d.residual3[L - 1], d.lnf, a.residual3[L - 1], p.lnfw, g.lnfw, g.lnfb,
+                           a.lnf_mean, a.lnf_rstd, False)
+        calls.append(GradientsReady(L))
+        for l in reversed(range(L)):
+            residual = a.encoded if l == 0 else a.residual3[l - 1]
+            dresidual = d.encoded if l == 0 else d.residual3[l - 1]
+            calls.append(call("residual_backward", "residual3", l, flat(d.residual2[l]), flat(d.fcproj[l]),
+                              flat(d.residual3[l])))
+            calls += linear("fcproj", l, d.fch_gelu[l], d.fcproj[l], a.fch_gelu[l], p.fcprojw[l], g.fcprojw[l],
+                            g.fcprojb[l], C)
+            calls.append(call("gelu_backward", "", l, flat(d.fch[l]), flat(a.fch[l]), flat(d.fch_gelu[l])))
+            calls += linear("fc", l, d.ln2[l], d.fch[l], a.ln2[l], p.fcw[l], g.fcw[l], g.fcb[l], 4 * C)
+            calls += layernorm("ln2", l, d.residual2[l], d.ln2[l], a.residual2[l], p.ln2w[l], g.ln2w[l], g.ln2b[l],
+                               a.ln2_mean[l], a.ln2_rstd[l], True)
+            calls.append(call("residual_backward", "residual2", l, flat(dresidual), flat(d.attproj[l]),
+                              flat(d.residual2[l])))
+            calls += linear("attproj", l, d.atty[l], d.attproj[l], a.atty[l], p.attprojw[l], g.attprojw[l],
+                            g.attprojb[l], C)
+            calls.append(call("attention_backward", "", l, d.qkv[l], d.preatt[l], d.att[l], d.atty[l], a.qkv[l],
+                              a.att[l], NH, 0, b, 0, t, False))
+            calls += linear("qkv", l, d.ln1[l], d.qkv[l], a.ln1[l], p.qkvw[l], g.qkvw[l], g.qkvb[l], 3 * C)
+            calls += layernorm("ln1", l, dresidual, d.ln1[l], residual, p.ln1w[l], g.ln1w[l], g.ln1b[l],
+                               a.ln1_mean[l], a.ln1_rstd[l], True)
+            calls.append(GradientsReady(l))
+        calls.append(call("encoder_backward", "", -1, g.wte, g.wpe, rows(d.encoded), self.inputs[:N], t, 0, C, acc))
+        calls.append(GradientsReady(-1))
+        return calls
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, inputs: np.ndarray, targets: np.ndarray | None = None) -> float | None:
+        """inputs, targets (b, t) token ids with b <= B, t <= T. Fills the activations; returns the mean
+        loss when targets are given (logits only otherwise, in `self.logits()`)."""
+        b, t = self.load_batch(inputs, targets)
+        run_calls(self.forward_calls(b, t, with_loss=targets is not None), self.observer)
+        if targets is None:
+            self.mean_loss = None
+            return None
+        return self.read_loss()
+
+    def logits(self) -> np.ndarray:
+        """Logits (b, t, V) of the last forward, without the padded vocabulary columns (a view)."""
+        if self.batch_shape is None:
+            raise RuntimeError("logits() needs a forward pass first")
+        acts, _ = self._buffers_for(*self.batch_shape)
+        return acts.logits[:, :, : self.config.vocab_size]
+
+    # ------------------------------------------------------------------ backward
+    def zero_grad(self) -> None:
+        """Zero every parameter gradient (llm.c's gpt2_zero_grad). Not needed before a backward that
+        writes its gradients (`accumulate_gradients=False`)."""
+        if self.grads is not None:
+            self.grads.flat.fill(0.0)
+
+    def backward(self, accumulate_gradients: bool = False) -> None:
+        """Gradients of the mean loss of the last forward (which must have had targets).
+
+        With `accumulate_gradients=False` every parameter gradient is written, so no zero_grad pass is
+        needed; with True they are added to (gradient accumulation micro-steps). Activation gradients
+        are always written (see each kernel's docstring for how)."""
+        if self.grads is None:
+            raise RuntimeError("backward() on a model built with training=False")
+        if self.batch_shape is None or not self.has_targets:
+            raise RuntimeError("backward() needs a forward pass with targets first")
+        run_calls(self.backward_calls(*self.batch_shape, accumulate_gradients), self.observer, self.gradients_ready)

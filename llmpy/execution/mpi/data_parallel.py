@@ -1,0 +1,668 @@
+"""Data-parallel training over MPI (`mpiexec -n P llmpy train --mode mpi --strategy S`).
+
+Every rank holds the whole model, reads its own windows of the data (llm.c's rank/world-size layout of
+`DataLoader`) and runs forward and backward on them with an inner execution model (`--rank-mode sequential`
+or `forkjoin`, `--threads` per rank). The gradients are then combined and AdamW applied by one of four
+strategies; all of them give every rank the parameters one process would have after a step over the union
+of the ranks' batches (gradients averaged over the ranks):
+
+- `allreduce` (`AllreduceStrategy`): Iallreduce of the gradients, every rank runs AdamW on everything;
+- `zero1` (`Zero1Strategy`, llm.c's ZeRO-1): Ireduce_scatter of the gradients, each rank runs AdamW on its
+  shard with its shard of m and v, Iallgatherv of the parameters;
+- `server` (`ParameterServerStrategy`): Ireduce of the gradients to rank 0, rank 0 runs AdamW (and alone
+  holds m and v), Ibcast of the parameters;
+- `owners` (`OwnerBlocksStrategy`): the parameters cut into blocks of at most BLOCK_ELEMENTS, owned
+  round-robin by the ranks; Ireduce of each block to its owner, owner-only AdamW with m and v for its
+  blocks only, Ibcast of each block from its owner.
+
+Buckets and overlap. `GPT2.backward` reports (`gradients_ready`) when a group of gradients is final: the final
+layernorm, then each transformer block from the last to the first, then the encoder (wte, wpe). llm.c's
+layout stores the parameters tensor by tensor, each [L, ...], so the gradients of one block are 12 slices
+spread over the flat buffer, each contiguous. A bucket is such a group, and its collective is one
+non-blocking call per contiguous slice, started as soon as the block's backward is done: no gradient is
+copied into a staging buffer (one such copy of the whole gradient would cost more memory traffic than the
+collectives themselves move on one node), and no bucket waits for a later block. `wte` is final only after
+the encoder's backward (it is also the output projection), so 31% of d12's gradient cannot overlap the
+backward pass. MPI progresses non-blocking collectives only inside MPI calls (no progress thread: it would
+take a core from the kernels), so after each bucket the strategy calls MPI_Testall on what is in flight.
+The update then takes the buckets in the order they were started, waits only for that bucket's
+collectives, updates it, and starts that bucket's parameter collective (zero1, server, owners) while the
+next bucket is updated.
+
+Equivalence with one process. Gradients are summed over ranks and scaled by 1/P inside AdamW's gradient scale
+(as gradient accumulation scales by 1/micro-steps), weight decay follows each tensor's kind as `AdamW` does
+(the buckets are per tensor slice), and the global gradient norm for clipping is the sum of squares over the
+reduced gradient, each rank summing what it owns and an Allreduce adding those up. The AdamW arithmetic is
+`kernels.adamw_update` on slices; it is elementwise, so a slice gives the same bits as the whole buffer.
+
+Metrics. Every MPI call runs through the Recorder as an event named after the MPI function (MPI_Iallreduce,
+MPI_Testall, MPI_Waitall, ...), so the per-kernel table, the traces (one Perfetto process and one Paraver task
+per rank, merged on rank 0 with the ranks' clocks aligned by a barrier) and `llmpy analyze` see them; analysis
+counts them as communication, not useful time. Per step and rank the strategy also records which part of the
+gradient (and parameter) bytes had finished their collective before the update had to wait for them: the
+overlap that the backward pass (or the update of other buckets) hid.
+
+Failures. Until the run's setup is done every rank meets the others at agreement points (`agree`), so an error
+on any rank during setup (bad arguments, data too small for the world size) is printed once by rank 0 and all
+ranks exit with status 2. After that a rank that raises prints the error with its rank and calls
+MPI_Abort, which ends every rank within a second; a rank that dies is reported by mpiexec with its pid, and
+rank 0 prints the pid of every rank at startup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from llmpy.core.config import GPT2Config
+from llmpy.execution.base import ExecutionModel
+from llmpy.execution.factory import make_execution_model
+from llmpy.execution.options import MpiOptions
+from llmpy.execution.threads import ExecutionError
+from llmpy.core.layout import PARAMETER_NAMES, parameter_shapes
+from llmpy.core.optim import AdamWConfig, AdamWRule
+from llmpy.observe.trace import Trace, is_communication
+
+BLOCK_ELEMENTS = 1 << 20  # owners: largest parameter block (4 MiB of float32)
+# Failure-handling tests: "RANK:STEP" makes that rank raise at that step's update, "RANK:STEP:kill" kills it (SIGKILL).
+FAIL_ENV = "LLMPY_FAIL_RANK"
+ROOT = 0
+
+
+def _mpi():
+    """mpi4py's MPI module; MPI_Init happens here, at the first use (FUNNELED: only the main thread calls MPI)."""
+    if "mpi4py.MPI" not in sys.modules:
+        try:
+            import mpi4py
+        except ImportError:
+            raise ExecutionError("--mode mpi needs mpi4py (pip install mpi4py mpich)") from None
+        mpi4py.rc.thread_level = "funneled"
+    from mpi4py import MPI
+
+    return MPI
+
+
+# ---------------------------------------------------------------------------------------------- buckets
+FINAL_PARAMETERS = ("lnfw", "lnfb")
+ENCODER_PARAMETERS = ("wte", "wpe")
+LAYER_PARAMETERS = tuple(n for n in PARAMETER_NAMES if n not in FINAL_PARAMETERS + ENCODER_PARAMETERS)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A contiguous slice [start, stop) of the flat parameter (and gradient) buffer, inside tensor `name`."""
+
+    name: str
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class Bucket:
+    """The gradients `GPT2.backward` finishes together: part = L (final layernorm), l (block l), -1 (encoder)."""
+
+    part: int
+    segments: list[Segment]
+
+    @property
+    def size(self) -> int:
+        return sum(s.size for s in self.segments)
+
+
+def gradient_buckets(config: GPT2Config) -> list[Bucket]:
+    """Buckets in the order backward finishes them: final layernorm, blocks L-1 .. 0, encoder."""
+    shapes = parameter_shapes(config)
+    offsets, offset = {}, 0
+    for name, shape in shapes.items():
+        offsets[name] = offset
+        offset += int(np.prod(shape))
+    L = config.num_layers
+
+    def whole(names):
+        return [Segment(n, offsets[n], offsets[n] + int(np.prod(shapes[n]))) for n in names]
+
+    def layer(l):
+        segments = []
+        for n in LAYER_PARAMETERS:
+            per_layer = int(np.prod(shapes[n][1:]))
+            segments.append(Segment(n, offsets[n] + l * per_layer, offsets[n] + (l + 1) * per_layer))
+        return segments
+
+    return [Bucket(L, whole(FINAL_PARAMETERS))] + [Bucket(l, layer(l)) for l in reversed(range(L))] + \
+        [Bucket(-1, whole(ENCODER_PARAMETERS))]
+
+
+def split_evenly(size: int, parts: int) -> tuple[list[int], list[int]]:
+    """(counts, displacements) of `size` elements cut into `parts` contiguous parts, the first ones 1 larger."""
+    counts = [size // parts + (1 if r < size % parts else 0) for r in range(parts)]
+    displacements = [int(x) for x in np.cumsum([0] + counts[:-1])]
+    return counts, displacements
+
+
+# ---------------------------------------------------------------------------------------------- strategies
+@dataclass
+class OwnedRange:
+    """A slice of the parameters this rank runs AdamW on: params[start:stop] with moments m[moment:...]; its
+    reduced gradient is grads[start:stop] or, with `shard_grads`, the strategy's shard buffer at `moment`."""
+
+    segment: Segment
+    start: int
+    stop: int
+    moment: int
+
+
+@dataclass
+class BucketState:
+    bucket: Bucket
+    grad_requests: list = field(default_factory=list)
+    param_requests: list = field(default_factory=list)
+    owned: list[OwnedRange] = field(default_factory=list)
+
+
+class DataParallelStrategy(AdamWRule):
+    """AdamW over data-parallel ranks, driven by `train_step` like `AdamW` (update(params, grads, lr,
+    grad_scale)); it also starts the gradient collectives from `GPT2.gradients_ready` during backward. The
+    arithmetic (step counter, scalars, clipping, decay rule, the kernel) is AdamWRule's, applied to the slices
+    this rank owns."""
+
+    name = "base"
+    shard_grads = False  # the reduced gradient lands in a shard buffer (zero1), not in model.grads
+    # Task mode inside a rank leaves the update out of its graph and calls update() after it (llmpy.execution.tasks.step).
+    updates_outside_task_graph = True
+
+    def __init__(self, model, config: AdamWConfig, kernels, comm, micro_steps: int = 1):
+        super().__init__(config, kernels)
+        self.MPI = _mpi()
+        self.comm = comm
+        self.rank, self.world_size = comm.Get_rank(), comm.Get_size()
+        self.micro_steps = micro_steps
+        self.params, self.grads = model.params, model.grads
+        self.states = [BucketState(b) for b in gradient_buckets(model.config)]
+        self._by_part = {s.bucket.part: s for s in self.states}
+        moment = 0
+        for state in self.states:
+            for segment in state.bucket.segments:
+                for start, stop in self.owned_slices(segment):
+                    state.owned.append(OwnedRange(segment, start, stop, moment))
+                    moment += stop - start
+        self.m = np.zeros(moment, dtype=np.float32)  # only what this rank updates
+        self.v = np.zeros(moment, dtype=np.float32)
+        self.grad_shard = np.zeros(moment if self.shard_grads else 0, dtype=np.float32)
+        self.step_overlap: list[dict] = []  # per step: share of bytes whose collective was done before needed
+        self._backwards = 0  # backward passes seen in this optimizer step (gradient accumulation)
+        self._started: set[int] = set()
+        self._fail_step, self._fail_kill = None, False
+        failure = os.environ.get(FAIL_ENV, "").split(":")
+        if failure[0] and int(failure[0]) == self.rank:
+            self._fail_step = int(failure[1]) if len(failure) > 1 else 1
+            self._fail_kill = failure[2:] == ["kill"]
+        self.model = model
+        self._model_observer = None  # the model's own observer while backward runs through _progressing_observer
+        self._grads_in_flight: list = []
+        model.gradients_ready = self._gradients_ready
+
+    # ---- what each strategy defines
+    def owned_slices(self, segment: Segment) -> list[tuple[int, int]]:
+        """The [start, stop) pieces of `segment` this rank runs AdamW on."""
+        raise NotImplementedError
+
+    def start_gradient_collectives(self, state: BucketState) -> None:
+        raise NotImplementedError
+
+    def start_parameter_collectives(self, state: BucketState) -> None:
+        """After this rank updated its part of the bucket (nothing to do where every rank updates everything)."""
+
+    def norm_needs_allreduce(self) -> bool:
+        return True
+
+    # ---- common machinery
+    def _run(self, name: str, layer: int, fn, *args):
+        if self.observer is None:
+            return fn(*args)
+        return self.observer(name, layer, fn, args)
+
+    def _test(self, layer: int, requests: list) -> bool:
+        """Progress (and check) requests in flight: MPI moves data only inside MPI calls."""
+        pending = [r for r in requests if r]
+        if not pending:
+            return True
+        return self._run("MPI_Testall", layer, self.MPI.Request.Testall, pending)
+
+    def _wait(self, layer: int, requests: list) -> None:
+        pending = [r for r in requests if r]
+        if pending:
+            self._run("MPI_Waitall", layer, self.MPI.Request.Waitall, pending)
+
+    def _gradients_ready(self, part: int) -> None:
+        last_backward = self._backwards == self.micro_steps - 1
+        if part == -1:
+            self._backwards += 1
+        if part in self._started:
+            raise RuntimeError(f"gradients of part {part} changed after their collective started (more backward "
+                               f"passes in this step than the {self.micro_steps} micro-steps announced)")
+        if not last_backward:
+            return
+        state = self._by_part[part]
+        self._started.add(part)
+        self.start_gradient_collectives(state)
+        self._grads_in_flight += state.grad_requests
+        self._progress(part)
+        model = self.model
+        if part != -1 and model.observer != self._progressing_observer:  # the rest of backward progresses MPI
+            self._model_observer, model.observer = model.observer, self._progressing_observer
+        elif part == -1 and model.observer == self._progressing_observer:
+            model.observer = self._model_observer
+
+    def _progress(self, layer: int) -> None:
+        self._grads_in_flight = [r for r in self._grads_in_flight if r]
+        if self._grads_in_flight:
+            self._test(layer, self._grads_in_flight)
+
+    def _progressing_observer(self, name: str, layer: int, kernel, args):
+        """The model's observer for the kernels after the first bucket's collective started: it runs the kernel,
+        then lets MPI progress the collectives in flight (with no progress thread, MPI moves data only inside
+        MPI calls, so one test per bucket would leave most of a large collective for the update's wait)."""
+        observer = self._model_observer
+        result = kernel(*args) if observer is None else observer(name, layer, kernel, args)
+        self._progress(layer)
+        return result
+
+    def update(self, params, grads, learning_rate: float, grad_scale: float = 1.0) -> None:
+        """One AdamW step on the gradient summed over ranks times grad_scale / P (AdamW.update's contract)."""
+        self.scalars = self.next_step(learning_rate, grad_scale / self.world_size)
+        if self._fail_step == self.step:
+            if self._fail_kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"failure injected by {FAIL_ENV} at step {self.step}")
+        for state in self.states:  # a backward that did not report (fewer micro-steps than announced)
+            if state.bucket.part not in self._started:
+                self._started.add(state.bucket.part)
+                self.start_gradient_collectives(state)
+        total_bytes = 4 * sum(s.bucket.size for s in self.states)
+        grads_done = sum(4 * s.bucket.size for s in self.states if self._test(s.bucket.part, s.grad_requests))
+        if self.clips:
+            for state in self.states:
+                self._wait(state.bucket.part, state.grad_requests)
+            self.grad_norm_sq[0] = self._global_sum_of_squares()
+            self.last_grad_norm = self.grad_norm(self.scalars)
+        in_flight: list = []
+        for state in self.states:
+            self._wait(state.bucket.part, state.grad_requests)
+            state.grad_requests = []
+            for owned in state.owned:
+                self._adamw(owned)
+            self.start_parameter_collectives(state)
+            in_flight += state.param_requests
+            self._test(state.bucket.part, in_flight)
+        params_done = sum(4 * s.bucket.size for s in self.states if s.param_requests
+                          and self._test(s.bucket.part, s.param_requests))
+        params_total = sum(4 * s.bucket.size for s in self.states if s.param_requests)
+        self._wait(-1, in_flight)
+        for state in self.states:
+            state.param_requests = []
+        self.step_overlap.append({"grad_hidden": grads_done / total_bytes,
+                                  "param_hidden": params_done / params_total if params_total else None})
+        self._started.clear()
+        self._backwards = 0
+
+    def _adamw(self, owned: OwnedRange) -> None:
+        n = owned.stop - owned.start
+        grad = (self.grad_shard[owned.moment:owned.moment + n] if self.shard_grads
+                else self.grads.flat[owned.start:owned.stop])
+        self._run("adamw_update", -1, self.apply, self.params.flat[owned.start:owned.stop], grad,
+                  self.m[owned.moment:owned.moment + n], self.v[owned.moment:owned.moment + n],
+                  self.weight_decay(owned.segment.name))
+
+    def _global_sum_of_squares(self) -> float:
+        """The sum of squares of the reduced (summed) gradient, each rank adding what it owns."""
+        if self.shard_grads:
+            local = self._run("sum_of_squares", -1, self.kernels.sum_of_squares, self.grad_shard)
+        else:
+            local = sum(self._run("sum_of_squares", -1, self.kernels.sum_of_squares,
+                                  self.grads.flat[o.start:o.stop]) for s in self.states for o in s.owned)
+        if self.norm_needs_allreduce():
+            local = self._run("MPI_Allreduce", -1, self.comm.allreduce, float(local), self.MPI.SUM)
+        return float(local)
+
+
+class AllreduceStrategy(DataParallelStrategy):
+    """Allreduce of the gradients; every rank runs AdamW on all parameters (m, v replicated)."""
+
+    name = "allreduce"
+
+    def owned_slices(self, segment):
+        return [(segment.start, segment.stop)]
+
+    def start_gradient_collectives(self, state):
+        MPI = self.MPI
+        for s in state.bucket.segments:
+            state.grad_requests.append(self._run("MPI_Iallreduce", state.bucket.part, self.comm.Iallreduce,
+                                                 MPI.IN_PLACE, self.grads.flat[s.start:s.stop], MPI.SUM))
+
+    def norm_needs_allreduce(self):
+        return False  # every rank holds the whole reduced gradient
+
+
+class Zero1Strategy(DataParallelStrategy):
+    """ZeRO-1: ReduceScatter of each gradient slice (rank r gets the r-th of P even parts), AdamW on that part
+    with that part's m and v, Allgather of the updated parameter slice."""
+
+    name = "zero1"
+    shard_grads = True
+
+    def owned_slices(self, segment):
+        counts, displacements = split_evenly(segment.size, self.world_size)
+        start = segment.start + displacements[self.rank]
+        return [(start, start + counts[self.rank])]
+
+    def start_gradient_collectives(self, state):
+        MPI = self.MPI
+        for s, owned in zip(state.bucket.segments, state.owned):
+            counts, _ = split_evenly(s.size, self.world_size)
+            shard = self.grad_shard[owned.moment:owned.moment + owned.stop - owned.start]
+            state.grad_requests.append(self._run("MPI_Ireduce_scatter", state.bucket.part, self.comm.Ireduce_scatter,
+                                                 self.grads.flat[s.start:s.stop], shard, counts, MPI.SUM))
+
+    def start_parameter_collectives(self, state):
+        MPI = self.MPI
+        for s in state.bucket.segments:
+            counts, displacements = split_evenly(s.size, self.world_size)
+            state.param_requests.append(self._run(
+                "MPI_Iallgatherv", state.bucket.part, self.comm.Iallgatherv, MPI.IN_PLACE,
+                [self.params.flat[s.start:s.stop], (counts, displacements), MPI.FLOAT]))
+
+
+class ParameterServerStrategy(DataParallelStrategy):
+    """Reduce of the gradients to rank 0, which alone holds m and v and runs AdamW; Bcast of the parameters."""
+
+    name = "server"
+
+    def owned_slices(self, segment):
+        return [(segment.start, segment.stop)] if self.rank == ROOT else []
+
+    def start_gradient_collectives(self, state):
+        for s in state.bucket.segments:
+            state.grad_requests.append(self._reduce(state.bucket.part, self.grads.flat[s.start:s.stop], ROOT))
+
+    def _reduce(self, part, buffer, root):
+        MPI = self.MPI
+        if self.rank == root:
+            return self._run("MPI_Ireduce", part, self.comm.Ireduce, MPI.IN_PLACE, buffer, MPI.SUM, root)
+        return self._run("MPI_Ireduce", part, self.comm.Ireduce, buffer, None, MPI.SUM, root)
+
+    def start_parameter_collectives(self, state):
+        for s in state.bucket.segments:
+            state.param_requests.append(self._run("MPI_Ibcast", state.bucket.part, self.comm.Ibcast,
+                                                  self.params.flat[s.start:s.stop], ROOT))
+
+    def norm_needs_allreduce(self):
+        return False  # only rank 0 updates, and it holds the whole reduced gradient
+
+
+class OwnerBlocksStrategy(ParameterServerStrategy):
+    """Blocks of at most BLOCK_ELEMENTS (each gradient slice cut evenly), owned round-robin by the ranks in
+    backward order; Reduce of each block to its owner, owner-only AdamW (m, v for its blocks), Bcast from it."""
+
+    name = "owners"
+
+    def __init__(self, model, config, kernels, comm, micro_steps=1):
+        self.blocks = owner_blocks(gradient_buckets(model.config), comm.Get_size())
+        super().__init__(model, config, kernels, comm, micro_steps)
+
+    def owned_slices(self, segment):
+        return [(start, stop) for start, stop, owner in self.blocks[segment] if owner == self.rank]
+
+    def start_gradient_collectives(self, state):
+        for s in state.bucket.segments:
+            for start, stop, owner in self.blocks[s]:
+                state.grad_requests.append(self._reduce(state.bucket.part, self.grads.flat[start:stop], owner))
+
+    def start_parameter_collectives(self, state):
+        for s in state.bucket.segments:
+            for start, stop, owner in self.blocks[s]:
+                state.param_requests.append(self._run("MPI_Ibcast", state.bucket.part, self.comm.Ibcast,
+                                                      self.params.flat[start:stop], owner))
+
+    def norm_needs_allreduce(self):
+        return True
+
+
+def owner_blocks(buckets: list[Bucket], world_size: int) -> dict[Segment, list[tuple[int, int, int]]]:
+    """Each segment cut evenly into blocks of at most BLOCK_ELEMENTS: segment -> [(start, stop, owner rank)],
+    owners round-robin over all blocks in backward order (so every bucket's update is spread over the ranks)."""
+    blocks, index = {}, 0
+    for bucket in buckets:
+        for s in bucket.segments:
+            counts, displacements = split_evenly(s.size, max(1, -(-s.size // BLOCK_ELEMENTS)))
+            blocks[s] = []
+            for count, displacement in zip(counts, displacements):
+                blocks[s].append((s.start + displacement, s.start + displacement + count, index % world_size))
+                index += 1
+    return blocks
+
+
+STRATEGY_CLASSES = {cls.name: cls for cls in (AllreduceStrategy, Zero1Strategy, ParameterServerStrategy,
+                                              OwnerBlocksStrategy)}
+
+
+# ---------------------------------------------------------------------------------------------- execution model
+class MpiRanks:
+    """Where the ranks of MPI_COMM_WORLD meet: setup agreements, failures, averages, traces, per-rank reports."""
+
+    def __init__(self, MPI):
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD
+        self.rank, self.world_size = self.comm.Get_rank(), self.comm.Get_size()
+        self._agreement = self.comm.Dup()  # setup agreements never match a training collective
+        self._setup_over = False
+        self.clock_reference = 0.0
+
+    def agree(self, error: BaseException | None = None) -> None:
+        """A point every rank reaches during setup: if `error` (or another rank's) happened, rank 0 raises it
+        (the same error on every rank is reported once) and the other ranks exit with status 2."""
+        if self._setup_over:
+            if error is not None:
+                raise error
+            return
+        messages = self._agreement.allgather(None if error is None else str(error))
+        failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+        if not failed:
+            return
+        self._setup_over = True
+        if self.rank != ROOT:
+            raise SystemExit(2)
+        if error is not None and len(failed) == self.world_size and len({m for _, m in failed}) == 1:
+            raise error  # the same error everywhere: as one process would report it
+        rank, message = failed[0]
+        more = f" (and on {len(failed) - 1} more rank{'s' if len(failed) > 2 else ''})" if len(failed) > 1 else ""
+        raise ExecutionError(f"rank {rank}: {message}{more}")
+
+    def setup_done(self) -> None:
+        """The last agreement: from here on a failing rank aborts every rank."""
+        self.agree(None)
+        self._setup_over = True
+
+    def fail(self, error: BaseException) -> None:
+        """A rank raised `error`. During setup: agree on it (see agree). After: print it naming the rank and abort
+        every rank."""
+        if isinstance(error, SystemExit):
+            return
+        if not self._setup_over:
+            self.agree(error)  # raises
+        if os.environ.get("LLMPY_DEBUG"):
+            import traceback
+
+            traceback.print_exception(error)
+        what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"error: {error}"
+        sys.stderr.write(f"llmpy train: rank {self.rank} of {self.world_size} (pid {os.getpid()}) {what}; "
+                         f"aborting all ranks\n")
+        sys.stderr.flush()
+        self.comm.Abort(1)
+
+    def average(self, value: float) -> float:
+        return self.comm.allreduce(float(value), self.MPI.SUM) / self.world_size
+
+    def gather_trace(self, recorder, meta: dict) -> Trace | None:
+        """Every rank's trace merged on rank 0 (times shifted to rank 0's clock origin); None on the others."""
+        trace = recorder.to_trace(meta)
+        offset = recorder.origin - self.clock_reference
+        parts = self.comm.gather((trace.events, trace.steps, offset), root=ROOT)
+        if self.rank != ROOT:
+            return None
+        events, steps = [], []
+        base = parts[ROOT][2]
+        for rank_events, rank_steps, rank_offset in parts:
+            shift = rank_offset - base
+            events += [replace(e, start=e.start + shift, end=e.end + shift) for e in rank_events]
+            for s in rank_steps:
+                phases = {k: (a + shift, b + shift) for k, (a, b) in s.phases.items()}
+                steps.append(replace(s, start=s.start + shift, end=s.end + shift, phases=phases))
+        return Trace(events, steps, dict(trace.meta, ranks=self.world_size))
+
+    def rank_report(self, recorder, optimizer: DataParallelStrategy, skip: int) -> list[dict] | None:
+        """Per rank: mean ms per step of compute, update, each MPI call and waiting, overlap, and the moment
+        elements held, gathered on rank 0 (None on the others)."""
+        rows = self.comm.gather(rank_summary(recorder, optimizer, skip), root=ROOT)
+        return rows if self.rank == ROOT else None
+
+
+class DataParallel(ExecutionModel):
+    """`mpi` mode: this process is one rank of MPI_COMM_WORLD and runs an inner execution model."""
+
+    name = "mpi"
+
+    def __init__(self, threads: int | None = None, threading_layer: str = "omp", options: MpiOptions | None = None):
+        options = options or MpiOptions()
+        self.group = group = MpiRanks(_mpi())
+        world = group.comm
+        self.inner: ExecutionModel | None = None
+        node = world.Split_type(group.MPI.COMM_TYPE_SHARED)
+        self.local_ranks = node.Get_size()
+        try:
+            node_cores = len(set().union(*node.allgather(_affinity())))
+        finally:
+            node.Free()
+        self.options, self.strategy, self.threading_layer = options, options.strategy, threading_layer
+        error = None
+        try:
+            if threads is None:
+                threads = max(1, node_cores // self.local_ranks)
+            if threads < 1:
+                raise ExecutionError(f"threads must be at least 1, got {threads}")
+            if threads * self.local_ranks > node_cores:
+                raise ExecutionError(
+                    f"{self.local_ranks} ranks x {threads} thread{'s' if threads > 1 else ''} on this node would oversubscribe its {node_cores}"
+                    f" cores; use at most {max(1, node_cores // self.local_ranks)} threads per rank or fewer ranks per node")
+            self.rank_mode = options.rank_mode or ("sequential" if threads == 1 else "forkjoin")
+            # tasks inside a rank: its graph runs forward and backward; the strategy runs the update after it
+            self.inner = make_execution_model(self.rank_mode, threads, threading_layer,
+                                              options.tasks if self.rank_mode == "tasks" else None)
+        except (ExecutionError, ValueError) as caught:
+            error = caught
+        group.agree(error)
+        self.threads = self.inner.threads
+        self.kernels = self.inner.kernels
+        world.Barrier()
+        group.clock_reference = time.perf_counter()  # the ranks' clocks are aligned at this barrier's exit
+        self.pids = world.allgather(os.getpid())
+
+    @property
+    def cores(self) -> int:
+        return self.threads * self.world_size
+
+    def meta(self) -> dict:
+        return dict(self.inner.meta(), mode=self.name, ranks=self.world_size, strategy=self.strategy,
+                    rank_mode=self.rank_mode)
+
+    def describe(self) -> str:
+        inner = self.inner.describe()
+        pids = ", ".join(f"{rank}={pid}" for rank, pid in enumerate(self.pids))
+        return (f"mpi, {self.world_size} rank{'s' if self.world_size > 1 else ''} x ({inner}), strategy "
+                f"{self.strategy} (rank pids {pids})")
+
+    def train_step(self, model, optimizer, batches, learning_rate: float, recorder=None, step: int = 0) -> float:
+        return self.inner.train_step(model, optimizer, batches, learning_rate, recorder, step)
+
+    def close(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+
+    def synchronize(self) -> None:
+        if self.inner is not None:
+            self.inner.synchronize()
+
+    def make_optimizer(self, model, config: AdamWConfig, micro_steps: int = 1) -> DataParallelStrategy:
+        return STRATEGY_CLASSES[self.strategy](model, config, self.kernels, self.group.comm, micro_steps)
+
+
+def _affinity() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return set(range(os.cpu_count() or 1))
+
+
+UPDATE_KERNELS = ("adamw_update", "sum_of_squares")
+WAIT_CALLS = ("MPI_Waitall", "MPI_Allreduce")  # the calls where a rank waits for the others
+
+
+def rank_summary(recorder, optimizer: DataParallelStrategy, skip: int) -> dict:
+    measured = recorder.steps[skip:] or recorder.steps
+    numbers = {s.step for s in measured}
+    n = max(1, len(measured))
+    compute = update = wait = 0.0
+    communication: dict[str, float] = {}
+    for step, kernels in recorder.kernel_totals.items():
+        if step not in numbers:
+            continue
+        for name, (_, seconds, _, _) in kernels.items():
+            if is_communication(name):
+                communication[name] = communication.get(name, 0.0) + 1e3 * seconds / n
+                if name in WAIT_CALLS:
+                    wait += 1e3 * seconds / n
+            elif name in UPDATE_KERNELS:
+                update += 1e3 * seconds / n
+            else:
+                compute += 1e3 * seconds / n
+    overlap = optimizer.step_overlap[skip:] or optimizer.step_overlap
+    grad_hidden = [o["grad_hidden"] for o in overlap]
+    param_hidden = [o["param_hidden"] for o in overlap if o["param_hidden"] is not None]
+    step_ms = float(np.mean([1e3 * s.duration for s in measured])) if measured else 0.0
+    comm_ms = sum(communication.values())
+    return {
+        "rank": optimizer.rank, "step_ms": step_ms, "compute_ms": compute, "update_ms": update,
+        "communication_ms": comm_ms, "wait_ms": wait, "communication_share": comm_ms / step_ms if step_ms else 0.0,
+        "grad_hidden": float(np.mean(grad_hidden)) if grad_hidden else None,
+        "param_hidden": float(np.mean(param_hidden)) if param_hidden else None,
+        "communication_by_call_ms": communication, "moment_elements": int(optimizer.m.size),
+        "parameters": int(optimizer.params.size),
+    }
+
+
+def format_rank_report(rows: list[dict]) -> str:
+    """The per-rank table train prints at the end of an mpi run."""
+    def hidden(share):
+        return f"{100 * share:.0f}%" if share is not None else "-"
+
+    lines = [("per rank, ms per step: compute = forward+backward kernels, update = AdamW kernels, comm = time in "
+              "MPI calls (wait: MPI_Waitall and blocking ones); hidden = share of the bytes whose collective had "
+              "finished before the update needed them"),
+             (f"{'rank':>4s} {'step':>8s} {'compute':>8s} {'update':>8s} {'comm':>8s} {'wait':>8s} {'comm%':>6s} "
+              f"{'grads hidden':>12s} {'params hidden':>13s} {'m,v floats':>12s}  comm by call")]
+    for r in rows:
+        calls = ", ".join(f"{name[4:]} {ms:.1f}" for name, ms in sorted(r["communication_by_call_ms"].items(),
+                                                                        key=lambda kv: -kv[1]))
+        lines.append(f"{r['rank']:4d} {r['step_ms']:8.1f} {r['compute_ms']:8.1f} {r['update_ms']:8.1f} "
+                     f"{r['communication_ms']:8.1f} {r['wait_ms']:8.1f} {100 * r['communication_share']:5.1f}% "
+                     f"{hidden(r['grad_hidden']):>12s} {hidden(r['param_hidden']):>13s} "
+                     f"{r['moment_elements']:12,d}  {calls}")
+    return "\n".join(lines)

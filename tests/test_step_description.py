@@ -1,0 +1,119 @@
+"""The step has one description: the model's list of kernel calls. The task graph derived from it is the graph
+the hand-written builder gave (legacy_step_graph.py, kept as the reference), and a kernel added to the list
+reaches every execution model without a change to the execution code."""
+
+import numpy as np
+import pytest
+from legacy_step_graph import build_step_graph as legacy_build_step_graph
+from numba import prange
+
+from llmpy.core.config import PRESETS
+from llmpy.core.model import GPT2
+from llmpy.core.optim import AdamW, AdamWConfig
+from llmpy.core.step import KernelCall
+from llmpy.execution.factory import make_execution_model
+from llmpy.execution.tasks.execution import build_step_graph
+from llmpy.execution.threads import available_cores
+from llmpy.kernels import costs, specs
+from llmpy.kernels.compile import kernel
+from llmpy.observe.recorder import Recorder
+
+
+def _model(name, B=2, T=16):
+    model = GPT2(PRESETS[name], B, T)
+    model.init_random(1)
+    return model
+
+
+def _described(graph):
+    """Every task by name: kernel, layer, block, phase, cost, and its predecessors by name."""
+    names = [t.name for t in graph.tasks]
+    return {t.name: (t.kernel, t.layer, tuple(t.block), t.phase, round(t.cost, 12), round(t.flops), round(t.bytes),
+                     frozenset(names[p] for p in t.preds)) for t in graph.tasks}
+
+
+GRAPH_CASES = [
+    dict(),
+    dict(with_update=False),
+    dict(accumulate=True),
+    dict(with_update=False, leading_update=True),
+    dict(with_update=False, grad_norm_at_end=True),
+]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "d2"])
+@pytest.mark.parametrize("block_tokens", [4, 8, 16])
+@pytest.mark.parametrize("gemm_split", ["rows", "lm_head", "channels"])
+def test_derived_graph_equals_the_hand_written_one(preset, block_tokens, gemm_split):
+    model = _model(preset)
+    columns = 64 if preset == "tiny" else 384  # tiny: 2 column blocks per GEMM; d2: the default
+    configs = [AdamWConfig(), AdamWConfig(weight_decay=0.1, decay_matrices_only=True, grad_clip=1.0)]
+    for config in configs:
+        optimizer = AdamW(model.params, config)
+        for case in GRAPH_CASES:
+            new = build_step_graph(model, optimizer, block_tokens, gemm_split=gemm_split, gemm_channel_block=columns,
+                                   **case).graph
+            old = legacy_build_step_graph(model, optimizer, block_tokens, gemm_split=gemm_split,
+                                          gemm_channel_block=columns, **case).graph
+            described_new, described_old = _described(new), _described(old)
+            assert described_new.keys() == described_old.keys(), (config, case)
+            for name, entry in described_old.items():
+                assert described_new[name] == entry, (name, config, case)
+            assert len(new.edges()) == len(old.edges())
+
+
+# ------------------------------------------------------------------ a new kernel reaches every execution model
+@kernel
+def scale_rows(out, inp, factor):
+    """out (N, C) = inp (N, C) * factor: a toy kernel for the test."""
+    for n in prange(out.shape[0]):
+        for c in range(out.shape[1]):
+            out[n, c] = inp[n, c] * factor
+
+
+def _scale_rows_accesses(out, inp, factor):
+    return [(specs.W, out), (specs.R, inp)]
+
+
+class ScaledGPT2(GPT2):
+    """GPT-2 with one more call: the final layernorm's output scaled by 0.5 in place, before the lm_head."""
+
+    def _forward_calls(self, b, t, with_loss, kernels):
+        calls = super()._forward_calls(b, t, with_loss, kernels)
+        rows = self.acts.lnf.reshape(-1, self.config.channels)[: b * t]
+        lm_head = next(i for i, c in enumerate(calls) if c.name == "matmul_forward.logits")
+        toy = KernelCall("scale_rows", "", -1, scale_rows.variant(kernels.parallel), (rows, rows, np.float32(0.5)))
+        return calls[:lm_head] + [toy] + calls[lm_head:]
+
+
+@pytest.fixture
+def toy_kernel_registered(monkeypatch):
+    monkeypatch.setitem(specs.SPECS, "scale_rows", specs.KernelSpec(
+        "scale_rows", _scale_rows_accesses, {"rows": specs.rows_rule((0, 1))}))
+    monkeypatch.setitem(costs.KERNEL_COSTS, "scale_rows", lambda out, inp, factor: (out.size, 8 * out.size))
+
+
+def test_a_kernel_added_to_the_model_runs_in_every_execution_model(toy_kernel_registered):
+    rng = np.random.default_rng(5)
+    batch = (rng.integers(0, 97, (2, 16)), rng.integers(0, 97, (2, 16)))
+    plain = _model("tiny")
+    plain_loss = plain.forward(*batch)
+    losses, calls = {}, {}
+    threads = min(2, available_cores())
+    for mode, workers in (("sequential", 1), ("forkjoin", threads), ("tasks", threads)):
+        execution = make_execution_model(mode, workers, **({"block_tokens": 8} if mode == "tasks" else {}))
+        try:
+            model = ScaledGPT2(PRESETS["tiny"], 2, 16, execution.kernels)
+            model.init_random(1)
+            optimizer = execution.make_optimizer(model, AdamWConfig())
+            recorder = Recorder(keep_calls=True)
+            model.observer = optimizer.observer = recorder
+            losses[mode] = execution.train_step(model, optimizer, [batch], 1e-3, recorder, 1)
+        finally:
+            execution.close()
+        calls[mode] = recorder.kernel_totals[1]["scale_rows"][0]
+    assert calls == {"sequential": 1, "forkjoin": 1, "tasks": 2 * 2}  # tasks: one per (sequence, 8-token block)
+    assert losses["sequential"] != pytest.approx(plain_loss, abs=1e-3)  # the call changed the logits
+    # the same arithmetic in every execution model (the GEMMs' blocking differs in tasks: float tolerance)
+    assert losses["forkjoin"] == pytest.approx(losses["sequential"], abs=1e-6)
+    assert losses["tasks"] == pytest.approx(losses["sequential"], abs=1e-5)
