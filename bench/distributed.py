@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from llmpy.execution.threads import available_cores
-from llmpy.execution.mpi.data_parallel import WAIT_CALLS
+from llmpy.execution.mpi.report import WAIT_CALLS
 from llmpy.execution.options import STRATEGIES
 from llmpy.observe.trace import Trace, is_communication
 

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     bench_args = ["--model", args.model, "-B", str(args.batch_size), "-T", str(args.seq_len), "--steps",
                   str(args.steps), "--warmup", str(args.warmup), "--threads", args.workers,
                   "--modes", "sequential,forkjoin,tasks", "--block-tokens", args.block_tokens,
-                  "--task-runtime", args.runtimes, "--gemm-split", args.gemm_split]
+                  "--runtime", args.runtimes, "--gemm-split", args.gemm_split]
     if args.json:
         bench_args += ["--json", args.json]
     if args.trace:

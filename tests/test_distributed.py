@@ -22,7 +22,7 @@ import pytest
 from llmpy.core.config import PRESETS
 from llmpy.data.loader import DataLoader
 from llmpy.execution.threads import available_cores
-from llmpy.execution.mpi.data_parallel import BLOCK_ELEMENTS, gradient_buckets, owner_blocks, split_evenly
+from llmpy.execution.mpi.strategies import BLOCK_ELEMENTS, gradient_buckets, owner_blocks, split_evenly
 from llmpy.io.formats import read_model, write_shard
 from test_cli import train_losses
 

@@ -118,7 +118,7 @@ def test_train_writes_metrics_that_add_up(text_dataset, tmp_path):  # noqa: F811
 
 def test_bench_matrix_writes_json_csv_and_plots(tmp_path):
     threads = "1,2" if available_cores() >= 2 else "1"
-    result = llmpy("bench", "--model", "d2", "--steps", "2", "--threads", threads, "--runtime", "omp,tbb",
+    result = llmpy("bench", "--model", "d2", "--steps", "2", "--threads", threads, "--threading-layer", "omp,tbb",
                    "--json", "r.json", "--csv", "r.csv", "--plots", "plots", cwd=tmp_path)
     results = json.loads((tmp_path / "r.json").read_text())
     expected = {("sequential", "-", 1)} | {("forkjoin", rt, int(t)) for rt in ("omp", "tbb") for t in threads.split(",")}
@@ -139,7 +139,7 @@ def test_bench_matrix_writes_json_csv_and_plots(tmp_path):
 def test_bench_runs_tasks_configurations_with_idle_time_per_worker(tmp_path):
     threads = [1, 2] if available_cores() >= 2 else [1]
     result = llmpy("bench", "--model", "d2", "--steps", "2", "--modes", "sequential,forkjoin,tasks", "--threads",
-                   ",".join(map(str, threads)), "--block-tokens", "16,64", "--task-runtime", "native,dask",
+                   ",".join(map(str, threads)), "--block-tokens", "16,64", "--runtime", "native,dask",
                    "--json", "r.json", cwd=tmp_path)
     results = json.loads((tmp_path / "r.json").read_text())
     tasks = [r for r in results if r["mode"] == "tasks"]

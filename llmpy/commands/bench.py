@@ -3,7 +3,7 @@
 Configurations that can share a process (same numba threading layer) run in one worker process,
 interleaved step by step (A B C A B C ...) on one model, so machine drift hits them alike; each threading
 layer gets its own worker process (numba picks its layer once per process). Mode tasks runs every
-(task runtime, K, workers) of --task-runtime x --block-tokens x --threads in the first layer's process (its
+(task runtime, K, workers) of --runtime x --block-tokens x --threads in the first layer's process (its
 kernels are serial) and reports each worker's idle fraction from the recorded tasks. The first steps are warm-up.
 Results: a table with speedup and efficiency, a per-kernel table per configuration, JSON/CSV, and scaling
 plots (runtime, speedup, efficiency for the whole step, forward and backward).
@@ -24,7 +24,7 @@ import numpy as np
 from llmpy.core.config import PRESETS
 from llmpy.execution.factory import MODES
 from llmpy.execution.threads import THREADING_LAYERS, available_cores
-from llmpy.execution.tasks.runtime import RUNTIMES as TASK_RUNTIMES
+from llmpy.execution.options import GEMM_SPLITS, RUNTIMES as TASK_RUNTIMES
 
 RESULT_PREFIX = "LLMPY-BENCH-RESULT "
 READY_LINE = "LLMPY-BENCH-READY"
@@ -39,10 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="warm-up steps per configuration (default 1)")
     parser.add_argument("--modes", default="sequential,forkjoin", help=f"comma list of {', '.join(MODES)}")
     parser.add_argument("--threads", default="1,2", help="comma list of thread counts (default 1,2)")
-    parser.add_argument("--runtime", default="omp", help=f"comma list of numba threading layers: {', '.join(THREADING_LAYERS)}")
+    parser.add_argument("--threading-layer", default="omp",
+                        help=f"comma list of numba threading layers for forkjoin: {', '.join(THREADING_LAYERS)} (default omp)")
     parser.add_argument("--block-tokens", default="16", help="mode tasks: comma list of token-block sizes K, each "
                         "dividing -T (default 16)")
-    parser.add_argument("--task-runtime", default="native", help=f"mode tasks: comma list of task runtimes: "
+    parser.add_argument("--runtime", default="native", help=f"mode tasks: comma list of task runtimes: "
                         f"{', '.join(TASK_RUNTIMES)} (default native); --threads gives the worker counts")
     parser.add_argument("--gemm-split", default="rows", help="mode tasks: comma list of GEMM splits: rows, lm_head, "
                         "channels (default rows; see train --gemm-split); shown as RUNTIME+SPLIT unless rows")
@@ -85,10 +86,10 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def _configurations(args) -> dict[str, list[Config]]:
-    """numba runtime -> [(mode, threads, K, task runtime)], sequential once (1 thread) and the task
-    configurations (serial kernels: any numba layer) with the first runtime."""
+    """numba threading layer -> [(mode, threads, K, task runtime)], sequential once (1 thread) and the task
+    configurations (serial kernels: any numba layer) with the first layer."""
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    runtimes = [r.strip() for r in args.runtime.split(",") if r.strip()]
+    runtimes = [r.strip() for r in args.threading_layer.split(",") if r.strip()]
     threads = _int_list(args.threads, "--threads")
     for mode in modes:
         if mode == "mpi":
@@ -98,7 +99,8 @@ def _configurations(args) -> dict[str, list[Config]]:
             raise ValueError(f"unknown mode {mode!r} in --modes; choose from {', '.join(MODES)}")
     for runtime in runtimes:
         if runtime not in THREADING_LAYERS:
-            raise ValueError(f"unknown runtime {runtime!r} in --runtime; choose from {', '.join(THREADING_LAYERS)}")
+            raise ValueError(f"unknown threading layer {runtime!r} in --threading-layer; choose from "
+                             f"{', '.join(THREADING_LAYERS)}")
     cores = available_cores()
     if not threads or min(threads) < 1 or max(threads) > cores:
         raise ValueError(f"--threads must be between 1 and the {cores} cores available, got {args.threads!r}")
@@ -114,14 +116,14 @@ def _configurations(args) -> dict[str, list[Config]]:
         block_sizes = _int_list(args.block_tokens, "--block-tokens")
         if not block_sizes or min(block_sizes) < 1 or any(args.seq_len % k for k in block_sizes):
             raise ValueError(f"--block-tokens must be positive divisors of -T {args.seq_len}, got {args.block_tokens!r}")
-        task_runtimes = [r.strip() for r in args.task_runtime.split(",") if r.strip()]
+        task_runtimes = [r.strip() for r in args.runtime.split(",") if r.strip()]
         for name in task_runtimes:
             if name not in TASK_RUNTIMES:
-                raise ValueError(f"unknown task runtime {name!r} in --task-runtime; choose from {', '.join(TASK_RUNTIMES)}")
+                raise ValueError(f"unknown task runtime {name!r} in --runtime; choose from {', '.join(TASK_RUNTIMES)}")
         splits = [s.strip() for s in args.gemm_split.split(",") if s.strip()]
         for split in splits:
-            if split not in ("rows", "lm_head", "channels"):
-                raise ValueError(f"unknown GEMM split {split!r} in --gemm-split; choose from rows, lm_head, channels")
+            if split not in GEMM_SPLITS:
+                raise ValueError(f"unknown GEMM split {split!r} in --gemm-split; choose from {', '.join(GEMM_SPLITS)}")
         # the split rides in the task runtime's name: "native" (rows) or "native+channels"
         task_runtimes = [name if split == "rows" else f"{name}+{split}" for name in task_runtimes for split in splits]
         groups[runtimes[0]].extend(("tasks", t, k, name) for name in task_runtimes for k in block_sizes for t in threads)
@@ -148,57 +150,51 @@ def _lockstep_rounds():
 
 
 def _run_worker(args) -> None:
-    import numba
-    from threadpoolctl import threadpool_limits
-
     from llmpy.core.config import preset
-    from llmpy.execution.threads import configure_numba_threads
-    from llmpy.execution.options import TaskOptions
-    from llmpy.execution.tasks.execution import TaskExecution
-    from llmpy.kernels import KernelSet
-    from llmpy.observe.metrics import kernel_summary, phase_summary, step_flops
-    from llmpy.observe.probes import measure_memory_bandwidth, measure_peak_gflops
     from llmpy.core.model import GPT2
     from llmpy.core.optim import AdamW
+    from llmpy.execution.factory import make_execution_model
+    from llmpy.execution.options import TaskOptions
+    from llmpy.observe.metrics import kernel_summary, phase_summary, step_flops
+    from llmpy.observe.probes import measure_memory_bandwidth, measure_peak_gflops
     from llmpy.observe.recorder import Recorder
-    from llmpy.execution.base import train_step
 
-    runtime, _, spec = args.worker.partition(":")
+    threading_layer, _, spec = args.worker.partition(":")
     configs = [_parse_config(item) for item in spec.split(",")]
-    max_threads = max(c[1] for c in configs)
-    if any(c[0] == "forkjoin" for c in configs):
-        configure_numba_threads(max_threads, runtime)
     config = preset(args.model)
     B, T = args.batch_size, args.seq_len
     model = GPT2(config, B, T)
     model.init_random(args.seed)
     optimizer = AdamW(model.params)
     inputs, targets = _batch(config, B, T, args.seed)
-    kernel_sets = {False: KernelSet(parallel=False), True: KernelSet(parallel=True)}
-    # task configurations: every task on the trace (their idle time per worker), serial kernels, BLAS 1 thread
+
+    def execution_model(c: Config):
+        mode, threads, block_tokens, task_runtime = c
+        if mode != "tasks":
+            return make_execution_model(mode, threads, threading_layer)
+        runtime, _, split = task_runtime.partition("+")
+        return make_execution_model(mode, threads, threading_layer, TaskOptions(block_tokens, runtime,
+                                                                                 gemm_split=split or "rows"))
+
+    # the configurations of this process take turns, each step under its own execution model's thread settings
+    executions = {c: execution_model(c) for c in configs}
+    # task configurations: every task on the trace (their idle time per worker)
     recorders = {c: Recorder(threads=c[1], keep_calls=True) if c[0] == "tasks" else
                  Recorder(per_thread=bool(args.trace), threads=c[1]) for c in configs}
     peaks = {t: (args.peak_gflops * t if args.peak_gflops else measure_peak_gflops(t)) for t in {c[1] for c in configs}}
     flops = step_flops(config, B, T)
     losses: dict[Config, list[float]] = {c: [] for c in configs}
-    executions = {c: TaskExecution(c[1], TaskOptions(c[2], c[3].partition("+")[0],
-                                                     gemm_split=c[3].partition("+")[2] or "rows"))
-                  for c in configs if c[0] == "tasks"}
-
     try:
         for round_index in _lockstep_rounds():
             for c in configs:
-                mode, threads = c[0], c[1]
-                recorder = recorders[c]
-                model.kernels = optimizer.kernels = kernel_sets[mode == "forkjoin"]
+                execution, recorder = executions[c], recorders[c]
+                model.kernels = optimizer.kernels = execution.kernels
                 model.observer = optimizer.observer = recorder
-                if mode == "forkjoin":
-                    numba.set_num_threads(threads)
-                step = executions[c].train_step if mode == "tasks" else train_step
-                with threadpool_limits(limits=1 if mode == "tasks" else threads, user_api="blas"):
-                    loss = step(model, optimizer, [(inputs, targets)], 1e-4, recorder, round_index + 1)
+                with execution.activate():
+                    loss = execution.train_step(model, optimizer, [(inputs, targets)], 1e-4, recorder, round_index + 1)
                 losses[c].append(loss)
-        tasks_per_step = {c: len(execution.step_graph(model, optimizer).graph) for c, execution in executions.items()}
+        tasks_per_step = {c: len(execution.tasks.step_graph(model, optimizer).graph)
+                          for c, execution in executions.items() if c[0] == "tasks"}
     finally:
         for execution in executions.values():
             execution.close()
@@ -213,7 +209,7 @@ def _run_worker(args) -> None:
         median = float(np.median(ms))
         result = {
             "model": args.model, "mode": mode,
-            "runtime": runtime if mode == "forkjoin" else f"{task_runtime} K{block_tokens}" if mode == "tasks" else "-",
+            "runtime": threading_layer if mode == "forkjoin" else f"{task_runtime} K{block_tokens}" if mode == "tasks" else "-",
             "threads": threads, "ranks": 1, "cores": threads, "B": B, "T": T, "steps": len(measured),
             "ms_per_step_median": median, "ms_per_step_min": float(ms.min()), "ms_per_step_max": float(ms.max()),
             "forward_ms": phases["forward"], "zero_grad_ms": phases["zero_grad"], "backward_ms": phases["backward"],

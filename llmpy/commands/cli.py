@@ -117,7 +117,7 @@ def _graph(args) -> int:
     if args.output:
         print(f"wrote {graph.save(args.output)}")
     if args.png:
-        from llmpy.observe.graph_plot import task_graph_png
+        from llmpy.execution.tasks.plot import task_graph_png
 
         print(f"wrote {task_graph_png(graph, args.layer, args.png)}")
     return 0

@@ -385,7 +385,7 @@ def run(args, out=sys.stdout) -> TrainResult:
             say(format_kernel_table(result.kernels, result.phases))
             ranks = execution.group.rank_report(recorder, optimizer, skip)
             if ranks:
-                from llmpy.execution.mpi.data_parallel import format_rank_report
+                from llmpy.execution.mpi.report import format_rank_report
 
                 say(format_rank_report(ranks))
             meta = run_meta(args, config, execution, peak / execution.world_size, B, T)  # the roof of one rank
@@ -412,7 +412,7 @@ def run(args, out=sys.stdout) -> TrainResult:
             say(f"wrote {args.output}")
         return result
     except BaseException as error:
-        execution.group.fail(error)  # data-parallel runs: every rank stops (see llmpy.execution.mpi.data_parallel)
+        execution.group.fail(error)  # data-parallel runs: every rank stops (see llmpy.execution.mpi.strategies)
         raise
     finally:
         if progress is not None:

@@ -9,6 +9,8 @@ its `group`'s business: one process here, MPI ranks in llmpy.execution.mpi.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from threadpoolctl import threadpool_limits
 
 from llmpy.execution.threads import ExecutionError, available_cores, configure_numba_threads
@@ -84,8 +86,30 @@ class ExecutionModel:
         self.threads = threads
         self.threading_layer = threading_layer
         self.group = SingleProcess()
-        self._blas_limits = threadpool_limits(limits=threads, user_api="blas")
+        self._blas_limits = threadpool_limits(limits=self.blas_threads, user_api="blas")
         self.kernels = KernelSet(parallel=self.name == "forkjoin")
+
+    @property
+    def blas_threads(self) -> int:
+        """OpenBLAS threads: the GEMMs of a kernel call run on all of this model's threads."""
+        return self.threads
+
+    @contextmanager
+    def activate(self):
+        """This model's thread settings for the duration of the block (several models in one process take turns:
+        llmpy bench interleaves them step by step)."""
+        import numba
+
+        with threadpool_limits(limits=self.blas_threads, user_api="blas"):
+            if self.kernels.parallel:
+                previous = numba.get_num_threads()
+                numba.set_num_threads(self.threads)
+                try:
+                    yield self
+                finally:
+                    numba.set_num_threads(previous)
+            else:
+                yield self
 
     @property
     def rank(self) -> int:

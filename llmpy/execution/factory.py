@@ -24,9 +24,9 @@ def make_execution_model(mode: str, threads: int | None = 1, threading_layer: st
 
         return Tasks(threads, threading_layer, options)
     if mode == "mpi":
-        from llmpy.execution.mpi.data_parallel import DataParallel
+        from llmpy.execution.mpi.model import DataParallel
 
-        return DataParallel(threads, threading_layer, options or MpiOptions())
+        return DataParallel(make_execution_model, threads, threading_layer, options or MpiOptions())
     if options is not None:
         raise ExecutionError(f"mode {mode} takes no options")
     return (Sequential if mode == "sequential" else ForkJoin)(threads, threading_layer)

@@ -29,7 +29,7 @@ TRACE_FORMAT_VERSION = 1
 
 def is_communication(name: str) -> bool:
     """Events named after an MPI function (MPI_Iallreduce, MPI_Waitall, ...) are a rank's communication (data-
-    parallel runs, llmpy.execution.mpi.data_parallel), not kernels: no useful time, no roofline row."""
+    parallel runs, llmpy.execution.mpi), not kernels: no useful time, no roofline row."""
     return name.startswith("MPI_")
 
 

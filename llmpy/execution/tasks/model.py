@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from threadpoolctl import threadpool_limits
-
 from llmpy.execution.base import ExecutionModel
 from llmpy.execution.options import TaskOptions
 
@@ -17,10 +15,12 @@ class Tasks(ExecutionModel):
         from llmpy.execution.tasks.execution import TaskExecution
 
         super().__init__(threads, threading_layer)
-        self._blas_limits.restore_original_limits()
-        self._blas_limits = threadpool_limits(limits=1, user_api="blas")
         self.options = options or TaskOptions()
         self.tasks = TaskExecution(threads, self.options)
+
+    @property
+    def blas_threads(self) -> int:
+        return 1  # each worker runs its own GEMMs
 
     def describe(self) -> str:
         o = self.options

@@ -20,9 +20,9 @@ import threading
 from collections.abc import Callable
 from time import perf_counter
 
+from llmpy.execution.options import RUNTIMES
 from llmpy.execution.tasks.graph import TaskGraph
 
-RUNTIMES = ("native", "dask")
 
 TaskLog = Callable[[int, int, float, float], None]
 

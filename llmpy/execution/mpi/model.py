@@ -1,0 +1,177 @@
+"""The `mpi` execution model: this process is one data-parallel rank (see .strategies for how the ranks combine
+gradients and updates, and how failures are handled)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import replace
+
+from llmpy.core.optim import AdamWConfig
+from llmpy.execution.base import ExecutionModel
+from llmpy.execution.mpi.report import rank_summary
+from llmpy.execution.mpi.strategies import ROOT, STRATEGY_CLASSES, DataParallelStrategy, _mpi
+from llmpy.execution.options import MpiOptions
+from llmpy.execution.threads import ExecutionError
+from llmpy.observe.trace import Trace
+
+
+class MpiRanks:
+    """Where the ranks of MPI_COMM_WORLD meet: setup agreements, failures, averages, traces, per-rank reports."""
+
+    def __init__(self, MPI):
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD
+        self.rank, self.world_size = self.comm.Get_rank(), self.comm.Get_size()
+        self._agreement = self.comm.Dup()  # setup agreements never match a training collective
+        self._setup_over = False
+        self.clock_reference = 0.0
+
+    def agree(self, error: BaseException | None = None) -> None:
+        """A point every rank reaches during setup: if `error` (or another rank's) happened, rank 0 raises it
+        (the same error on every rank is reported once) and the other ranks exit with status 2."""
+        if self._setup_over:
+            if error is not None:
+                raise error
+            return
+        messages = self._agreement.allgather(None if error is None else str(error))
+        failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+        if not failed:
+            return
+        self._setup_over = True
+        if self.rank != ROOT:
+            raise SystemExit(2)
+        if error is not None and len(failed) == self.world_size and len({m for _, m in failed}) == 1:
+            raise error  # the same error everywhere: as one process would report it
+        rank, message = failed[0]
+        more = f" (and on {len(failed) - 1} more rank{'s' if len(failed) > 2 else ''})" if len(failed) > 1 else ""
+        raise ExecutionError(f"rank {rank}: {message}{more}")
+
+    def setup_done(self) -> None:
+        """The last agreement: from here on a failing rank aborts every rank."""
+        self.agree(None)
+        self._setup_over = True
+
+    def fail(self, error: BaseException) -> None:
+        """A rank raised `error`. During setup: agree on it (see agree). After: print it naming the rank and abort
+        every rank."""
+        if isinstance(error, SystemExit):
+            return
+        if not self._setup_over:
+            self.agree(error)  # raises
+        if os.environ.get("LLMPY_DEBUG"):
+            import traceback
+
+            traceback.print_exception(error)
+        what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"error: {error}"
+        sys.stderr.write(f"llmpy train: rank {self.rank} of {self.world_size} (pid {os.getpid()}) {what}; "
+                         f"aborting all ranks\n")
+        sys.stderr.flush()
+        self.comm.Abort(1)
+
+    def average(self, value: float) -> float:
+        return self.comm.allreduce(float(value), self.MPI.SUM) / self.world_size
+
+    def gather_trace(self, recorder, meta: dict) -> Trace | None:
+        """Every rank's trace merged on rank 0 (times shifted to rank 0's clock origin); None on the others."""
+        trace = recorder.to_trace(meta)
+        offset = recorder.origin - self.clock_reference
+        parts = self.comm.gather((trace.events, trace.steps, offset), root=ROOT)
+        if self.rank != ROOT:
+            return None
+        events, steps = [], []
+        base = parts[ROOT][2]
+        for rank_events, rank_steps, rank_offset in parts:
+            shift = rank_offset - base
+            events += [replace(e, start=e.start + shift, end=e.end + shift) for e in rank_events]
+            for s in rank_steps:
+                phases = {k: (a + shift, b + shift) for k, (a, b) in s.phases.items()}
+                steps.append(replace(s, start=s.start + shift, end=s.end + shift, phases=phases))
+        return Trace(events, steps, dict(trace.meta, ranks=self.world_size))
+
+    def rank_report(self, recorder, optimizer: DataParallelStrategy, skip: int) -> list[dict] | None:
+        """Per rank: mean ms per step of compute, update, each MPI call and waiting, overlap, and the moment
+        elements held, gathered on rank 0 (None on the others)."""
+        rows = self.comm.gather(rank_summary(recorder, optimizer, skip), root=ROOT)
+        return rows if self.rank == ROOT else None
+
+
+class DataParallel(ExecutionModel):
+    """`mpi` mode: this process is one rank of MPI_COMM_WORLD and runs an inner execution model."""
+
+    name = "mpi"
+
+    def __init__(self, make_inner, threads: int | None = None, threading_layer: str = "omp",
+                 options: MpiOptions | None = None):
+        """make_inner(mode, threads, threading_layer, options): the factory of the execution model inside the rank."""
+        options = options or MpiOptions()
+        self.group = group = MpiRanks(_mpi())
+        world = group.comm
+        self.inner: ExecutionModel | None = None
+        node = world.Split_type(group.MPI.COMM_TYPE_SHARED)
+        self.local_ranks = node.Get_size()
+        try:
+            node_cores = len(set().union(*node.allgather(_affinity())))
+        finally:
+            node.Free()
+        self.options, self.strategy, self.threading_layer = options, options.strategy, threading_layer
+        error = None
+        try:
+            if threads is None:
+                threads = max(1, node_cores // self.local_ranks)
+            if threads < 1:
+                raise ExecutionError(f"threads must be at least 1, got {threads}")
+            if threads * self.local_ranks > node_cores:
+                raise ExecutionError(
+                    f"{self.local_ranks} ranks x {threads} thread{'s' if threads > 1 else ''} on this node would oversubscribe its {node_cores}"
+                    f" cores; use at most {max(1, node_cores // self.local_ranks)} threads per rank or fewer ranks per node")
+            self.rank_mode = options.rank_mode or ("sequential" if threads == 1 else "forkjoin")
+            # tasks inside a rank: its graph runs forward and backward; the strategy runs the update after it
+            self.inner = make_inner(self.rank_mode, threads, threading_layer,
+                                              options.tasks if self.rank_mode == "tasks" else None)
+        except (ExecutionError, ValueError) as caught:
+            error = caught
+        group.agree(error)
+        self.threads = self.inner.threads
+        self.kernels = self.inner.kernels
+        world.Barrier()
+        group.clock_reference = time.perf_counter()  # the ranks' clocks are aligned at this barrier's exit
+        self.pids = world.allgather(os.getpid())
+
+    @property
+    def cores(self) -> int:
+        return self.threads * self.world_size
+
+    def meta(self) -> dict:
+        return dict(self.inner.meta(), mode=self.name, ranks=self.world_size, strategy=self.strategy,
+                    rank_mode=self.rank_mode)
+
+    def describe(self) -> str:
+        inner = self.inner.describe()
+        pids = ", ".join(f"{rank}={pid}" for rank, pid in enumerate(self.pids))
+        return (f"mpi, {self.world_size} rank{'s' if self.world_size > 1 else ''} x ({inner}), strategy "
+                f"{self.strategy} (rank pids {pids})")
+
+    def train_step(self, model, optimizer, batches, learning_rate: float, recorder=None, step: int = 0) -> float:
+        return self.inner.train_step(model, optimizer, batches, learning_rate, recorder, step)
+
+    def close(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+
+    def synchronize(self) -> None:
+        if self.inner is not None:
+            self.inner.synchronize()
+
+    def make_optimizer(self, model, config: AdamWConfig, micro_steps: int = 1) -> DataParallelStrategy:
+        return STRATEGY_CLASSES[self.strategy](model, config, self.kernels, self.group.comm, micro_steps)
+
+
+def _affinity() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return set(range(os.cpu_count() or 1))
+
+

@@ -1,0 +1,64 @@
+"""The per-rank report of a data-parallel run: compute, update, each MPI call, waiting, and overlap per step."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llmpy.observe.trace import is_communication
+
+
+UPDATE_KERNELS = ("adamw_update", "sum_of_squares")
+WAIT_CALLS = ("MPI_Waitall", "MPI_Allreduce")  # the calls where a rank waits for the others
+
+
+def rank_summary(recorder, optimizer, skip: int) -> dict:
+    measured = recorder.steps[skip:] or recorder.steps
+    numbers = {s.step for s in measured}
+    n = max(1, len(measured))
+    compute = update = wait = 0.0
+    communication: dict[str, float] = {}
+    for step, kernels in recorder.kernel_totals.items():
+        if step not in numbers:
+            continue
+        for name, (_, seconds, _, _) in kernels.items():
+            if is_communication(name):
+                communication[name] = communication.get(name, 0.0) + 1e3 * seconds / n
+                if name in WAIT_CALLS:
+                    wait += 1e3 * seconds / n
+            elif name in UPDATE_KERNELS:
+                update += 1e3 * seconds / n
+            else:
+                compute += 1e3 * seconds / n
+    overlap = optimizer.step_overlap[skip:] or optimizer.step_overlap
+    grad_hidden = [o["grad_hidden"] for o in overlap]
+    param_hidden = [o["param_hidden"] for o in overlap if o["param_hidden"] is not None]
+    step_ms = float(np.mean([1e3 * s.duration for s in measured])) if measured else 0.0
+    comm_ms = sum(communication.values())
+    return {
+        "rank": optimizer.rank, "step_ms": step_ms, "compute_ms": compute, "update_ms": update,
+        "communication_ms": comm_ms, "wait_ms": wait, "communication_share": comm_ms / step_ms if step_ms else 0.0,
+        "grad_hidden": float(np.mean(grad_hidden)) if grad_hidden else None,
+        "param_hidden": float(np.mean(param_hidden)) if param_hidden else None,
+        "communication_by_call_ms": communication, "moment_elements": int(optimizer.m.size),
+        "parameters": int(optimizer.params.size),
+    }
+
+
+def format_rank_report(rows: list[dict]) -> str:
+    """The per-rank table train prints at the end of an mpi run."""
+    def hidden(share):
+        return f"{100 * share:.0f}%" if share is not None else "-"
+
+    lines = [("per rank, ms per step: compute = forward+backward kernels, update = AdamW kernels, comm = time in "
+              "MPI calls (wait: MPI_Waitall and blocking ones); hidden = share of the bytes whose collective had "
+              "finished before the update needed them"),
+             (f"{'rank':>4s} {'step':>8s} {'compute':>8s} {'update':>8s} {'comm':>8s} {'wait':>8s} {'comm%':>6s} "
+              f"{'grads hidden':>12s} {'params hidden':>13s} {'m,v floats':>12s}  comm by call")]
+    for r in rows:
+        calls = ", ".join(f"{name[4:]} {ms:.1f}" for name, ms in sorted(r["communication_by_call_ms"].items(),
+                                                                        key=lambda kv: -kv[1]))
+        lines.append(f"{r['rank']:4d} {r['step_ms']:8.1f} {r['compute_ms']:8.1f} {r['update_ms']:8.1f} "
+                     f"{r['communication_ms']:8.1f} {r['wait_ms']:8.1f} {100 * r['communication_share']:5.1f}% "
+                     f"{hidden(r['grad_hidden']):>12s} {hidden(r['param_hidden']):>13s} "
+                     f"{r['moment_elements']:12,d}  {calls}")
+    return "\n".join(lines)
