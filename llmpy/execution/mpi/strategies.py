@@ -1,8 +1,8 @@
 """Data-parallel training over MPI (`mpiexec -n P llmpy train --mode mpi --strategy S`).
 
 Every rank holds the whole model, reads its own windows of the data (llm.c's rank/world-size layout of
-`DataLoader`) and runs forward and backward on them with an inner execution model (`--rank-mode sequential`
-or `forkjoin`, `--threads` per rank). The gradients are then combined and AdamW applied by one of four
+`DataLoader`) and runs forward and backward on them with an inner execution model (rank mode `sequential`,
+`forkjoin` or `tasks`, on a number of threads per rank). The gradients are then combined and AdamW applied by one of four
 strategies; all of them give every rank the parameters one process would have after a step over the union
 of the ranks' batches (gradients averaged over the ranks):
 
@@ -75,7 +75,7 @@ def _mpi():
         try:
             import mpi4py
         except ImportError:
-            raise ExecutionError("--mode mpi needs mpi4py (pip install mpi4py mpich)") from None
+            raise ExecutionError("mpi mode needs mpi4py (pip install mpi4py mpich)") from None
         mpi4py.rc.thread_level = "funneled"
     from mpi4py import MPI
 

@@ -38,7 +38,7 @@ class NativeRuntime:
 
     def __init__(self, workers: int):
         if workers < 1:
-            raise ValueError(f"--workers must be at least 1, got {workers}")
+            raise ValueError(f"a runtime needs at least 1 worker, got {workers}")
         self.workers = workers
         self._cond = threading.Condition(threading.Lock())
         self._ready: list[tuple[float, int]] = []
@@ -143,7 +143,7 @@ class DaskRuntime:
         import dask  # noqa: F401  (a clear ImportError here rather than mid-step)
 
         if workers < 1:
-            raise ValueError(f"--workers must be at least 1, got {workers}")
+            raise ValueError(f"a runtime needs at least 1 worker, got {workers}")
         self.workers = workers
         self.graph: TaskGraph | None = None
         self.on_done: TaskLog | None = None
