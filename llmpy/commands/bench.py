@@ -24,7 +24,7 @@ import numpy as np
 from llmpy.core.config import PRESETS
 from llmpy.execution.factory import MODES
 from llmpy.execution.threads import THREADING_LAYERS, available_cores
-from llmpy.execution.options import GEMM_SPLITS, RUNTIMES as TASK_RUNTIMES
+from llmpy.execution.options import RUNTIMES as TASK_RUNTIMES, TaskOptions
 
 RESULT_PREFIX = "LLMPY-BENCH-RESULT "
 READY_LINE = "LLMPY-BENCH-READY"
@@ -114,16 +114,14 @@ def _configurations(args) -> dict[str, list[Config]]:
             groups[runtime].extend(("forkjoin", t, 0, "-") for t in threads)
     if "tasks" in modes:
         block_sizes = _int_list(args.block_tokens, "--block-tokens")
-        if not block_sizes or min(block_sizes) < 1 or any(args.seq_len % k for k in block_sizes):
-            raise ValueError(f"--block-tokens must be positive divisors of -T {args.seq_len}, got {args.block_tokens!r}")
         task_runtimes = [r.strip() for r in args.runtime.split(",") if r.strip()]
-        for name in task_runtimes:
-            if name not in TASK_RUNTIMES:
-                raise ValueError(f"unknown task runtime {name!r} in --runtime; choose from {', '.join(TASK_RUNTIMES)}")
         splits = [s.strip() for s in args.gemm_split.split(",") if s.strip()]
-        for split in splits:
-            if split not in GEMM_SPLITS:
-                raise ValueError(f"unknown GEMM split {split!r} in --gemm-split; choose from {', '.join(GEMM_SPLITS)}")
+        if not block_sizes or not task_runtimes or not splits:
+            raise ValueError("--block-tokens, --runtime and --gemm-split need at least one value each")
+        for k in block_sizes:  # each combination is validated as train validates it
+            for name in task_runtimes:
+                for split in splits:
+                    TaskOptions(k, name, gemm_split=split).tokens_per_block(args.seq_len)
         # the split rides in the task runtime's name: "native" (rows) or "native+channels"
         task_runtimes = [name if split == "rows" else f"{name}+{split}" for name in task_runtimes for split in splits]
         groups[runtimes[0]].extend(("tasks", t, k, name) for name in task_runtimes for k in block_sizes for t in threads)
