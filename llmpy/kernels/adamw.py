@@ -4,11 +4,12 @@ import numpy as np
 from numba import prange
 
 from llmpy.kernels.compile import kernel
+from llmpy.kernels.vector_math import LANES, fma, lanes_fill, lanes_float64, lanes_load, lanes_sum
 
 CHUNK = 16384
 
 
-@kernel(fastmath=False)
+@kernel
 def adamw_update(params, grads, m, v, learning_rate, beta1, beta2, eps, weight_decay,
                  bias_correction1, bias_correction2, grad_scale):
     """One AdamW step over flat (N,) float32 arrays, in place on params, m, v.
@@ -44,16 +45,27 @@ def adamw_update(params, grads, m, v, learning_rate, beta1, beta2, eps, weight_d
 
 @kernel
 def sum_of_squares(x):
-    """Sum of x (N,)^2 accumulated in float64 (for the global gradient norm)."""
+    """Sum of x (N,)^2 accumulated in float64 (for the global gradient norm).
+
+    Each chunk of CHUNK elements is summed in the lane order of vector_math (16 float64 lanes of exact
+    squares, combined by halving, then the leftover elements); the chunk sums are then added in order
+    from 0. The result does not depend on the CPU, the variant or the thread count. (A float32 value's
+    square is exact in float64, so the fused `fma(v, v, acc)` equals acc + v * v: one instruction
+    instead of two, same result.)"""
     N = x.shape[0]
     num_chunks = (N + CHUNK - 1) // CHUNK
     partial = np.zeros(num_chunks, dtype=np.float64)
     for chunk in prange(num_chunks):
         x_chunk = x[chunk * CHUNK:min(N, (chunk + 1) * CHUNK)]
-        acc = 0.0
-        for i in range(x_chunk.shape[0]):
-            acc += np.float64(x_chunk[i]) * np.float64(x_chunk[i])
-        partial[chunk] = acc
+        n = x_chunk.shape[0]
+        acc = lanes_fill(np.float64(0.0))
+        for k in range(n // LANES):
+            v = lanes_float64(lanes_load(x_chunk, k * LANES))
+            acc = fma(v, v, acc)
+        total = lanes_sum(acc)
+        for i in range(n - n % LANES, n):
+            total += np.float64(x_chunk[i]) * np.float64(x_chunk[i])
+        partial[chunk] = total
     total = 0.0
     for chunk in range(num_chunks):
         total += partial[chunk]

@@ -7,7 +7,7 @@ from llmpy.kernels.compile import kernel
 CHANNEL_BLOCK = 64
 
 
-@kernel(fastmath=False)
+@kernel
 def encoder_forward(out, tokens, wte, wpe, T, row0):
     """out (N, C) = wte[tokens[n]] + wpe[(row0 + n) % T].
 

@@ -17,7 +17,7 @@ GELU_SCALE = math.sqrt(2.0 / math.pi)
 CHUNK = 4096
 
 
-@kernel(fastmath=False)
+@kernel
 def gelu_forward(out, inp):
     """out (N,) = gelu(inp (N,)), both flat views of the same shape. Writes."""
     N = inp.shape[0]
@@ -35,7 +35,7 @@ def gelu_forward(out, inp):
             out_chunk[i] = half * x * (one + tanh_float32(s * (x + k * x * x * x)))
 
 
-@kernel(fastmath=False)
+@kernel
 def gelu_backward(dinp, inp, dout):
     """dinp (N,) = gelu'(inp (N,)) * dout (N,), flat views. Writes: the MLP's pre-activation has no other
     gradient, so no zeroing is needed."""

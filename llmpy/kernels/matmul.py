@@ -12,7 +12,7 @@ from llmpy.kernels.compile import kernel
 CHANNEL_BLOCK = 64
 
 
-@kernel(fastmath=False)
+@kernel
 def bias_add(out, bias):
     """out (N, OC) += bias (OC,) on every row."""
     N, OC = out.shape

@@ -7,7 +7,7 @@ from llmpy.kernels.compile import kernel
 CHUNK = 4096
 
 
-@kernel(fastmath=False)
+@kernel
 def residual_forward(out, a, b):
     """out (N,) = a (N,) + b (N,), flat views. Writes."""
     N = out.shape[0]
@@ -19,7 +19,7 @@ def residual_forward(out, a, b):
             out_chunk[i] = a_chunk[i] + b_chunk[i]
 
 
-@kernel(fastmath=False)
+@kernel
 def residual_backward(da, db, dout):
     """da (N,) = dout, db (N,) = dout (flat views). Writes both: the skip path is each one's first
     gradient; the layernorm that also reads `a` adds its part afterwards."""
