@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _describe(error: BaseException) -> str:
     """The error as the command line says it: an option by its flag."""
-    from llmpy.execution.options import OptionError
+    from llmpy.core.errors import OptionError
 
     if isinstance(error, OptionError):
         value = "" if isinstance(error.value, bool) else f" {error.value}"
@@ -229,6 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LLMPY_DEBUG"):
             raise
         print(f"llmpy {args.command}: error: {_describe(error)}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader went away (`llmpy ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as error:
+        if os.environ.get("LLMPY_DEBUG"):
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"llmpy {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"llmpy {args.command}: interrupted", file=sys.stderr)

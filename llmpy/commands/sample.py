@@ -67,12 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args, out=sys.stdout) -> str:
-    from llmpy.io.formats import read_model
+    from llmpy.io.formats import load_model
     from llmpy.kernels import KernelSet
 
     if args.length <= 0:
         raise ValueError(f"--length must be positive, got {args.length}")
-    config, params = read_model(args.model)
+    config, params = load_model(args.model)
     prompt: list[int] = []
     if args.prompt:
         if config.vocab_size != GPT2_VOCAB_SIZE:

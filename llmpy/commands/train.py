@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -16,12 +16,15 @@ from llmpy.execution.base import ExecutionModel
 from llmpy.execution.factory import MODES, make_execution_model
 from llmpy.execution.threads import THREADING_LAYERS, available_cores
 from llmpy.execution.options import RANK_MODES, RUNTIMES, GEMM_SPLITS, STRATEGIES, MpiOptions, TaskOptions
+from llmpy.io.checkpoints import Checkpoint, checkpoint_steps, identity_mismatch, latest_checkpoint, new_run_id
+from llmpy.io.checkpoints import save_checkpoint as write_checkpoint
+from llmpy.io.formats import RunState, is_model_file, load_model, remove_stale_temporaries, write_model
 from llmpy.observe.metrics import (StepStats, format_kernel_table, kernel_summary, measured_steps,
                            phase_summary, step_flops, write_run_metrics)
 from llmpy.observe.probes import measure_peak_gflops
 from llmpy.observe.recorder import Recorder
 from llmpy.core.model import GPT2
-from llmpy.core.optim import AdamW, AdamWConfig, LearningRateSchedule
+from llmpy.core.optim import AdamWConfig, LearningRateSchedule
 
 DEFAULT_DATA_DIR = "data"
 
@@ -94,6 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "peak measured on the threads used, cached)")
     report.add_argument("--output", default=os.path.join("out", "model.bin"),
                         help="model checkpoint written at the end (default out/model.bin; '' = none)")
+    report.add_argument("--force", action="store_true",
+                        help="let --output replace a file that is not an llm.c model file")
     report.add_argument("--checkpoint-every", type=int, default=0,
                         help="every N steps write a resumable checkpoint (model + optimizer and data position) "
                              "to --checkpoint-dir (0 = off)")
@@ -154,29 +159,115 @@ def _load_data(args, vocab_size: int, B: int, T: int, say, execution: ExecutionM
     return train, val
 
 
-def build_model(args, execution: ExecutionModel, B: int, T: int) -> GPT2:
-    from llmpy.io.formats import read_model
-
-    init_from = args.init_from
+def build_model(args, execution: ExecutionModel, B: int, T: int, say) -> tuple[GPT2, Checkpoint | None]:
+    """The model (from --init-from, the newest verified checkpoint with --resume, or random init) and the
+    checkpoint it came from."""
+    checkpoint = None
     if args.resume:
-        found = latest_checkpoint(args.checkpoint_dir)
-        if found is None:
+        checkpoint = latest_checkpoint(args.checkpoint_dir, say)
+        if checkpoint is None:
             raise ValueError(f"--resume: no checkpoint (state_STEP.bin with its model_STEP.bin) in {args.checkpoint_dir}")
-        init_from = found[1]
-    if init_from:
-        config, params = read_model(init_from)
-        model = GPT2(config, B, T, execution.kernels)
-        model.load_parameters(params)
+        config, params = checkpoint.config, checkpoint.params
+    elif args.init_from:
+        config, params = load_model(args.init_from)
     else:
-        model = GPT2(preset(args.model), B, T, execution.kernels)
+        config, params = preset(args.model), None
+    _check_memory(config, B, T, args.grad_accum)
+    model = GPT2(config, B, T, execution.kernels)
+    if params is None:
         model.init_random(args.seed)
-    return model
+    else:
+        model.load_parameters(params)
+    return model, checkpoint
+
+
+def _check_memory(config: GPT2Config, B: int, T: int, grad_accum: int) -> None:
+    """Refuse before allocating what the machine does not have: parameters, gradients and AdamW moments, and
+    activations with their gradients (llm.c's layout)."""
+    from llmpy.core.layout import activation_shapes
+
+    activations = sum(int(np.prod(s)) for s in activation_shapes(config, B, T).values())
+    needed = 4 * (4 * config.num_parameters() + 2 * activations)
+    available = _available_memory()
+    if available is not None and needed > available:
+        raise ValueError(f"-B {B} -T {T} needs about {needed / 2**30:.1f} GiB for parameters, AdamW state and "
+                         f"activations; this machine has {available / 2**30:.1f} GiB available (lower -B or -T; "
+                         f"--grad-accum {grad_accum} costs no memory)")
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def run_identity(args, config: GPT2Config, B: int, T: int, loader, world_size: int) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint."""
+    return {"model": [config.max_seq_len, config.vocab_size, config.num_layers, config.num_heads, config.channels],
+            "batch_size": B, "seq_len": T, "grad_accum": args.grad_accum, "seed": args.seed,
+            "shuffle": bool(args.shuffle), "world_size": world_size,
+            "train_data": [[os.path.basename(f), os.path.getsize(f)] for f in loader.files]}
+
+
+def _writable_folder(path: str, flag: str) -> None:
+    """Create `path` if needed and check a file can be made there, before any step runs."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".llmpy-write-check-")
+        os.close(fd)
+        os.remove(probe)
+    except FileExistsError:
+        raise ValueError(f"{flag} {path}: exists and is not a folder") from None
+    except OSError as error:
+        raise ValueError(f"{flag} {path}: cannot write there ({error.strerror or error})") from None
+    remove_stale_temporaries(path)
+
+
+def _check_outputs(args) -> None:
+    if args.output:
+        if os.path.isdir(args.output):
+            raise ValueError(f"--output {args.output}: is a folder; name the model file to write")
+        if os.path.exists(args.output) and not args.force and not is_model_file(args.output):
+            raise ValueError(f"--output {args.output}: exists and is not an llm.c model file; it is left alone "
+                             "(--force replaces it)")
+        _writable_folder(os.path.dirname(os.path.abspath(args.output)), "--output")
+    for flag, folder in (("--metrics-dir", args.metrics_dir), ("--trace", args.trace),
+                         ("--checkpoint-dir", args.checkpoint_dir if args.checkpoint_every else None)):
+        if folder:
+            _writable_folder(folder, flag)
+
+
+def _refuse_overwriting_checkpoints(args) -> None:
+    """A fresh run never writes over another run's checkpoints in its folder."""
+    taken = [step for step in checkpoint_steps(args.checkpoint_dir)
+             if step <= args.steps and step % args.checkpoint_every == 0]
+    if taken:
+        raise ValueError(f"--checkpoint-dir {args.checkpoint_dir}: holds another run's checkpoints at steps "
+                         f"{', '.join(map(str, sorted(taken)))}, which this run would overwrite; --resume that run, "
+                         "or give another --checkpoint-dir")
+
+
+def _check_finite_state(step: int, model: GPT2, optimizer) -> None:
+    """Before anything is saved: parameters and AdamW moments must be finite."""
+    for what, values in (("the parameters", model.params.flat), ("AdamW m", optimizer.m.flat),
+                         ("AdamW v", optimizer.v.flat)):
+        if not np.isfinite(values).all():
+            raise FloatingPointError(f"step {step}: {what} hold non-finite values after the update; nothing of this "
+                                     "step is saved (the last checkpoint stays as it was); lower --lr or use "
+                                     "--grad-clip")
 
 
 def _check_args(args) -> None:
     for name in ("batch_size", "seq_len", "steps", "grad_accum", "val_batches", "sample_length"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**31:
+        raise ValueError(f"--seed must be in [0, 2^31), got {args.seed}")
     if args.resume and args.init_from:
         raise ValueError("--resume continues from the checkpoint's own model; drop --init-from")
     for name in ("val_every", "sample_every", "checkpoint_every", "warmup_steps", "keep_checkpoints",
@@ -234,36 +325,10 @@ def step_row(stats: StepStats, record) -> dict:
     return row
 
 
-def latest_checkpoint(directory: str) -> tuple[int, str, str] | None:
-    """(step, model path, state path) of the newest complete checkpoint in `directory`, if any."""
-    steps = []
-    for path in glob.glob(os.path.join(glob.escape(directory), "state_*.bin")):
-        digits = os.path.basename(path)[len("state_"):-len(".bin")]
-        if digits.isdigit():
-            steps.append(int(digits))
-    for step in sorted(steps, reverse=True):
-        model_path = os.path.join(directory, f"model_{step:08d}.bin")
-        if os.path.isfile(model_path):
-            return step, model_path, os.path.join(directory, f"state_{step:08d}.bin")
-    return None
-
-
-def save_checkpoint(directory: str, step: int, model: GPT2, optimizer: AdamW, loader, seed: int, keep: int) -> None:
-    """model_STEP.bin, then state_STEP.bin: both written atomically, the state last, so a state file
-    always has its complete model beside it, whenever the run is killed."""
-    from llmpy.io.formats import RunState, write_model, write_run_state
-
-    os.makedirs(directory, exist_ok=True)
-    write_model(os.path.join(directory, f"model_{step:08d}.bin"), model.config, model.params.flat)
-    write_run_state(os.path.join(directory, f"state_{step:08d}.bin"),
-                    RunState(step, seed, *loader.position(), optimizer.m.flat, optimizer.v.flat))
-    if keep:
-        states = sorted(glob.glob(os.path.join(glob.escape(directory), "state_*.bin")))
-        for old in states[:-keep]:
-            os.remove(old)  # state first: a model without its state is never taken for a checkpoint
-            old_model = old.replace(os.sep + "state_", os.sep + "model_")
-            if os.path.exists(old_model):
-                os.remove(old_model)
+def save_checkpoint(args, step: int, model: GPT2, optimizer, loader, run_id: str, identity: dict) -> None:
+    _check_finite_state(step, model, optimizer)
+    state = RunState(step, args.seed, *loader.position(), optimizer.m.flat, optimizer.v.flat, run_id, identity)
+    write_checkpoint(args.checkpoint_dir, step, model.config, model.params.flat, state, args.keep_checkpoints)
 
 
 def validation_loss(model: GPT2, loader, batches: int) -> float:
@@ -275,13 +340,69 @@ def validation_loss(model: GPT2, loader, batches: int) -> float:
     return total / batches
 
 
+def _resume(args, checkpoint: Checkpoint, identity: dict, optimizer, loader, say) -> int:
+    """Continue the checkpoint's run: its AdamW state, step and data position. Returns the step it is at."""
+    mismatch = identity_mismatch(checkpoint.state.identity, identity)
+    if mismatch:
+        raise ValueError(f"--resume: {checkpoint.state_path} is another run's checkpoint ({mismatch})")
+    state = checkpoint.state
+    optimizer.m.flat[...] = state.m
+    optimizer.v.flat[...] = state.v
+    optimizer.step = state.step
+    loader.seek(state.data_epoch, state.data_shard_position, state.data_sample_index)
+    verified = "" if checkpoint.verified else " (a checkpoint from before checksums: not verified)"
+    say(f"resumed from {checkpoint.state_path} after step {state.step}{verified}")
+    if state.step > args.steps:
+        raise ValueError(f"the checkpoint is at step {state.step}; ask for at least that many --steps")
+    if state.step == args.steps:
+        say("the checkpoint is the run's last step: finishing its final save")
+    return state.step
+
+
+def _report(args, result: TrainResult, recorder, execution, optimizer, meta: dict, say) -> None:
+    """The run's summary: median step, per-kernel table, per-rank table, metrics files and the trace."""
+    skip = args.warmup_report_steps
+    measured = measured_steps(result.steps, skip)
+    if not measured:
+        return
+    ms = np.median([s.ms for s in measured])
+    say(f"median step {ms:.0f} ms, {np.median([s.tokens_per_second for s in measured]):,.0f} tok/s, "
+        f"{np.median([s.tokens_per_second_per_core for s in measured]):,.0f} tok/s/core, "
+        f"MFU {100 * np.median([s.mfu for s in measured]):.1f}% (median of {len(measured)} steps)")
+    result.kernels = kernel_summary(recorder.kernel_totals, recorder.steps, skip)
+    result.phases = phase_summary(recorder.steps, skip)
+    say(format_kernel_table(result.kernels, result.phases))
+    ranks = execution.group.rank_report(recorder, optimizer, skip)
+    if ranks:
+        from llmpy.execution.mpi.report import format_rank_report
+
+        say(format_rank_report(ranks))
+    if args.metrics_dir and execution.rank == 0:
+        step_rows = [step_row(stats, record) for stats, record in zip(result.steps, recorder.steps)]
+        summary = dict(meta, ms_per_step_median=float(ms), steps=len(result.steps), measured_steps=len(measured),
+                       tokens_per_s=float(np.median([s.tokens_per_second for s in measured])),
+                       mfu=float(np.median([s.mfu for s in measured])), phases_ms=result.phases,
+                       **({"per_rank": ranks} if ranks else {}))
+        paths = write_run_metrics(args.metrics_dir, summary, step_rows, result.kernels)
+        say(f"wrote {paths['metrics.json']}, {paths['steps.csv']}, {paths['kernels.csv']}")
+    if args.trace:
+        from llmpy.observe.probes import measure_memory_bandwidth
+
+        trace = execution.group.gather_trace(recorder, meta)  # every rank's, on rank 0
+        if trace is not None:
+            trace.meta["bandwidth_gbs"] = measure_memory_bandwidth(execution.threads)
+            result.trace_paths = trace.save(args.trace)
+            say(f"wrote trace to {args.trace}/ (trace.json for Perfetto, trace.prv for Paraver; "
+                f"`llmpy analyze {args.trace}`)")
+
+
 def run(args, out=sys.stdout) -> TrainResult:
     from tqdm import tqdm
 
-    from llmpy.io.formats import read_run_state, write_model
     from llmpy.commands.sample import generate, token_decoder
 
     _check_args(args)
+    _check_outputs(args)
     B, T = args.batch_size, args.seq_len
     progress = None
 
@@ -295,18 +416,17 @@ def run(args, out=sys.stdout) -> TrainResult:
 
     threads = args.threads if args.threads is not None else (1 if args.mode == "sequential" else available_cores())
     threads, threading_layer, options = execution_options(args, threads)
+    optimizer_config = AdamWConfig(args.beta1, args.beta2, args.eps, args.weight_decay, args.decay_matrices_only,
+                                   args.grad_clip)
+    schedule = LearningRateSchedule(args.lr, args.warmup_steps, args.steps, args.lr_schedule, args.final_lr_fraction)
     execution = make_execution_model(args.mode, threads, threading_layer, options)
     try:
         if execution.name == "mpi" and (args.resume or args.checkpoint_every):
             raise ValueError("--checkpoint-every and --resume are not supported with --mode mpi yet")
-        model = build_model(args, execution, B, T)
+        model, checkpoint = build_model(args, execution, B, T, say)
         config: GPT2Config = model.config
         train_loader, val_loader = _load_data(args, config.vocab_size, B, T, say, execution)
-        optimizer = execution.make_optimizer(model, AdamWConfig(args.beta1, args.beta2, args.eps, args.weight_decay,
-                                                                args.decay_matrices_only, args.grad_clip),
-                                             args.grad_accum)
-        schedule = LearningRateSchedule(args.lr, args.warmup_steps, args.steps, args.lr_schedule,
-                                        args.final_lr_fraction)
+        optimizer = execution.make_optimizer(model, optimizer_config, args.grad_accum)
         peak = args.peak_gflops * execution.threads if args.peak_gflops else measure_peak_gflops(execution.threads)
         peak *= execution.world_size  # the rank's peak, once per rank
         decode = token_decoder(config.vocab_size)
@@ -315,17 +435,12 @@ def run(args, out=sys.stdout) -> TrainResult:
             f"{model.num_parameters:,} parameters; B={B}, T={T}, grad_accum={args.grad_accum}")
         say(f"execution: {execution.describe()}; MFU against {peak:.1f} GFLOP/s"
             f"{'' if args.peak_gflops else ' (measured float32 GEMM peak)'}")
-        first_step = 0
-        if args.resume:
-            step, _, state_path = latest_checkpoint(args.checkpoint_dir)
-            state = read_run_state(state_path, model.num_parameters)
-            optimizer.m.flat[...] = state.m
-            optimizer.v.flat[...] = state.v
-            optimizer.step = first_step = state.step
-            train_loader.seek(state.data_epoch, state.data_shard_position, state.data_sample_index)
-            say(f"resumed from {state_path} after step {state.step}")
-            if first_step >= args.steps:
-                raise ValueError(f"the checkpoint is at step {first_step}; ask for more --steps than that")
+        identity = run_identity(args, config, B, T, train_loader, execution.world_size)
+        first_step = 0 if checkpoint is None else _resume(args, checkpoint, identity, optimizer, train_loader, say)
+        if checkpoint is None and args.checkpoint_every:
+            _refuse_overwriting_checkpoints(args)
+        run_id = (checkpoint.state.run_id if checkpoint is not None and checkpoint.verified
+                  else new_run_id(identity, args.checkpoint_dir))
         execution.group.setup_done()
         result = TrainResult()
         recorder = Recorder(rank=execution.rank, per_thread=bool(args.trace), threads=execution.threads)
@@ -369,47 +484,15 @@ def run(args, out=sys.stdout) -> TrainResult:
             progress.update(1)
             if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
                 execution.synchronize()
-                save_checkpoint(args.checkpoint_dir, step + 1, model, optimizer, train_loader, args.seed,
-                                args.keep_checkpoints)
+                save_checkpoint(args, step + 1, model, optimizer, train_loader, run_id, identity)
         progress.close()
         progress = None
-        skip = args.warmup_report_steps
-        measured = measured_steps(result.steps, skip)
-        if measured:
-            ms = np.median([s.ms for s in measured])
-            say(f"median step {ms:.0f} ms, {np.median([s.tokens_per_second for s in measured]):,.0f} tok/s, "
-                f"{np.median([s.tokens_per_second_per_core for s in measured]):,.0f} tok/s/core, "
-                f"MFU {100 * np.median([s.mfu for s in measured]):.1f}% (median of {len(measured)} steps)")
-            result.kernels = kernel_summary(recorder.kernel_totals, recorder.steps, skip)
-            result.phases = phase_summary(recorder.steps, skip)
-            say(format_kernel_table(result.kernels, result.phases))
-            ranks = execution.group.rank_report(recorder, optimizer, skip)
-            if ranks:
-                from llmpy.execution.mpi.report import format_rank_report
-
-                say(format_rank_report(ranks))
-            meta = run_meta(args, config, execution, peak / execution.world_size, B, T)  # the roof of one rank
-            if args.metrics_dir and execution.rank == 0:
-                step_rows = [step_row(stats, record) for stats, record in zip(result.steps, recorder.steps)]
-                summary = dict(meta, ms_per_step_median=float(ms), steps=len(result.steps), measured_steps=len(measured),
-                               tokens_per_s=float(np.median([s.tokens_per_second for s in measured])),
-                               mfu=float(np.median([s.mfu for s in measured])), phases_ms=result.phases,
-                               **({"per_rank": ranks} if ranks else {}))
-                paths = write_run_metrics(args.metrics_dir, summary, step_rows, result.kernels)
-                say(f"wrote {paths['metrics.json']}, {paths['steps.csv']}, {paths['kernels.csv']}")
-            if args.trace:
-                from llmpy.observe.probes import measure_memory_bandwidth
-
-                trace = execution.group.gather_trace(recorder, meta)  # every rank's, on rank 0
-                if trace is not None:
-                    trace.meta["bandwidth_gbs"] = measure_memory_bandwidth(execution.threads)
-                    result.trace_paths = trace.save(args.trace)
-                    say(f"wrote trace to {args.trace}/ (trace.json for Perfetto, trace.prv for Paraver; "
-                        f"`llmpy analyze {args.trace}`)")
-        if args.output and execution.rank == 0:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        if args.output and execution.rank == 0:  # the model first: the reports come after it
+            _check_finite_state(args.steps, model, optimizer)
             write_model(args.output, config, model.params.flat)
             say(f"wrote {args.output}")
+        meta = run_meta(args, config, execution, peak / execution.world_size, B, T)  # the roof of one rank
+        _report(args, result, recorder, execution, optimizer, meta, say)
         return result
     except BaseException as error:
         execution.group.fail(error)  # data-parallel runs: every rank stops (see llmpy.execution.mpi.strategies)

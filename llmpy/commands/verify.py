@@ -69,13 +69,13 @@ def _expected_losses(spec: str, config: GPT2Config, first_loss: float, out) -> t
 
 def run(args, out=sys.stdout) -> bool:
     from llmpy.execution.base import Sequential
-    from llmpy.io.formats import read_debug_state, read_model
+    from llmpy.io.formats import load_model, read_debug_state
     from llmpy.core.model import GPT2
     from llmpy.core.optim import AdamW, AdamWConfig
 
     if args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
-    config, params = read_model(args.model)
+    config, params = load_model(args.model)
     state = read_debug_state(args.state, config)
     print(f"[GPT-2] max_seq_len {config.max_seq_len}, vocab_size {config.vocab_size}, padded_vocab_size "
           f"{config.padded_vocab_size}, num_layers {config.num_layers}, num_heads {config.num_heads}, "

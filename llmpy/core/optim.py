@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llmpy.core.errors import OptionError
 from llmpy.core.layout import MATRIX_PARAMETERS, FlatBuffer
 from llmpy.core.step import KernelCall, run_calls
 from llmpy.kernels import KernelSet
@@ -22,6 +23,18 @@ class AdamWConfig:
     weight_decay: float = 0.0
     decay_matrices_only: bool = False  # decay only the 2-D weight matrices (GPT-2 / nanoGPT practice)
     grad_clip: float = 0.0  # clip the global gradient norm to this value; 0 disables
+
+    def __post_init__(self) -> None:
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0.0 <= value < 1.0):
+                raise OptionError(name, value, "must be in [0, 1)")
+        if not (math.isfinite(self.eps) and self.eps > 0.0):
+            raise OptionError("eps", self.eps, "must be a positive number")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0.0):
+                raise OptionError(name, value, "must be a number >= 0")
 
 
 @dataclass
@@ -133,9 +146,13 @@ class LearningRateSchedule:
 
     def __post_init__(self) -> None:
         if self.kind not in ("constant", "cosine"):
-            raise ValueError(f"learning-rate schedule must be 'constant' or 'cosine', got {self.kind!r}")
-        if self.base < 0 or self.warmup_steps < 0 or not 0.0 <= self.final_fraction <= 1.0:
-            raise ValueError("learning rate and warmup must be >= 0 and final_fraction in [0, 1]")
+            raise OptionError("lr_schedule", self.kind, "must be 'constant' or 'cosine'")
+        if not (math.isfinite(self.base) and self.base >= 0):
+            raise OptionError("lr", self.base, "must be a number >= 0")
+        if self.warmup_steps < 0:
+            raise OptionError("warmup_steps", self.warmup_steps, "must be >= 0")
+        if not (math.isfinite(self.final_fraction) and 0.0 <= self.final_fraction <= 1.0):
+            raise OptionError("final_lr_fraction", self.final_fraction, "must be in [0, 1]")
 
     def __call__(self, step: int) -> float:
         """Learning rate for optimizer step `step` (0-based)."""

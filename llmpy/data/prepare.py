@@ -10,9 +10,11 @@ validation split, the rest the training split; each split is one llm.c token sha
 from __future__ import annotations
 
 import ast
+import contextlib
 import glob
 import itertools
 import os
+import stat
 import sysconfig
 import urllib.request
 import warnings
@@ -98,6 +100,10 @@ def tokenize_sections(sections: Iterable[str], max_tokens: int | None = None) ->
 
 def _read_text(path: str | os.PathLike, what: str = "input file") -> str:
     path = Path(path)
+    with contextlib.suppress(OSError):  # a named pipe or device would block or never end: refuse it
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise DataError(f"{what} {path} is not a regular file (a named pipe or device)")
     try:
         # Text mode turns \r\n into \n (as llm.c's open(...).read() does), so blank lines split.
         with open(path, "r", encoding="utf-8") as f:

@@ -8,18 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llmpy.core.errors import OptionError
+
 RUNTIMES = ("native", "dask")
 GEMM_SPLITS = ("rows", "lm_head", "channels")
 STRATEGIES = ("allreduce", "zero1", "server", "owners")
 RANK_MODES = ("sequential", "forkjoin", "tasks")
-
-
-class OptionError(ValueError):
-    """An option value that cannot be used; `option` is its field name, `value` what was given."""
-
-    def __init__(self, option: str, value, problem: str):
-        self.option, self.value, self.problem = option, value, problem
-        super().__init__(f"{option} {value!r} {problem}")
 
 
 def _positive_multiple_of_64(option: str, value: int) -> None:

@@ -12,9 +12,11 @@ Every file is a 1024-byte header (256 little-endian 32-bit ints) followed by a p
                  per token: uint8 length (> 0), then that many bytes
     token shard  magic 20240520  int32 [magic, version=1, num_tokens]
                  num_tokens uint16
-    run state    magic 20241122  int32 [magic, version=1, step, num_parameters (low, high 31 bits),
-                 seed, data epoch, data shard position, data sample index]   (llmpy's own)
-                 AdamW m (num_parameters float32), v (num_parameters float32)
+    run state    magic 20241122  int32 [magic, version, step, num_parameters (low, high 31 bits),
+                 seed, data epoch, data shard position, data sample index, trailer bytes]   (llmpy's own)
+                 AdamW m (num_parameters float32), v (num_parameters float32); version 2 (training
+                 checkpoints) then a UTF-8 JSON trailer: the run's id and identity, the sha256 of the
+                 model file beside it and of m and v, which `read_run_state` verifies
 
 Readers check the header, then the exact file size, before touching the payload; any problem
 raises FormatError naming the file, the field, what was expected and what was found.
@@ -25,8 +27,12 @@ so a failed or interrupted write never leaves a half-written file at the destina
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import re
 import secrets
+import stat
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Iterator
 
@@ -57,7 +63,7 @@ SHARD_KIND = "llm.c token shard"
 # llmpy's training state beside a model checkpoint (llm.c's CPU trainer has none; its CUDA state file
 # holds mixed-precision fields that do not apply here, so this is a format of our own).
 RUN_STATE_MAGIC = 20241122
-RUN_STATE_VERSION = 1
+RUN_STATE_VERSIONS = (1, 2)
 
 INT32_MAX = 2**31 - 1
 UINT16_MAX = 2**16 - 1
@@ -80,6 +86,7 @@ class FormatError(ValueError):
 @contextlib.contextmanager
 def _open_for_read(path) -> Iterator[tuple[BinaryIO, int]]:
     """Open `path` for reading and yield (file, size in bytes); OS errors become FormatError."""
+    check_regular_file(path)
     try:
         f = open(path, "rb")
     except FileNotFoundError as err:
@@ -89,6 +96,47 @@ def _open_for_read(path) -> Iterator[tuple[BinaryIO, int]]:
     with f:
         # fstat on the open file, not getsize on the path, so size and contents are the same file.
         yield f, os.fstat(f.fileno()).st_size
+
+
+def check_regular_file(path) -> None:
+    """Refuse what is not a regular file (a FIFO would block the read forever, a device never end)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError as err:
+        raise FormatError(f"{path}: file not found") from err
+    except OSError as err:
+        raise FormatError(f"{path}: cannot open file: {err.strerror or err}") from err
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise FormatError(f"{path}: cannot open file: expected a regular file, found {kind}")
+
+
+def check_finite(path, what: str, values: np.ndarray, config: GPT2Config | None = None) -> None:
+    """FormatError naming the file and the tensor (llm.c's parameter layout, with `config`) where `values`
+    first holds a NaN or an infinity."""
+    bad = np.flatnonzero(~np.isfinite(values[: values.size]))
+    if bad.size == 0:
+        return
+    where = f"element {int(bad[0])}"
+    if config is not None:
+        from llmpy.core.layout import parameter_shapes
+
+        offset, first = 0, int(bad[0])
+        for name, shape in parameter_shapes(config).items():
+            size = int(np.prod(shape))
+            if first < offset + size:
+                where = f"tensor {name}, element {first - offset}"
+                break
+            offset += size
+    raise FormatError(f"{path}: {what}: {bad.size} non-finite values (first: {where})")
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_header(f: BinaryIO, path, size: int, magic: int, dtype: np.dtype, kind: str) -> np.ndarray:
@@ -153,18 +201,55 @@ def atomic_open(path) -> Iterator[BinaryIO]:
     tmp_path = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     # O_EXCL: never clobber someone else's temp file; mode 0o666 lets the umask decide permissions,
     # as a plain open() would (mkstemp would force 0o600 onto the final file).
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, path) from None
+    with contextlib.suppress(OSError):  # a replaced file keeps its permissions
+        os.chmod(fd, stat.S_IMODE(os.stat(path).st_mode))
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_path)
+        if isinstance(error, OSError) and error.filename is None:  # a failed write names no file: name ours
+            raise OSError(error.errno, error.strerror, path) from None
         raise
     _fsync_directory(directory)
+
+
+_TEMPORARY = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def remove_stale_temporaries(directory) -> list[str]:
+    """Remove the temp files that atomic writes of processes no longer running left in `directory`."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        match = _TEMPORARY.match(name)
+        if match is None or _process_alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_directory(directory: str) -> None:
@@ -248,6 +333,15 @@ def _config_from_model_header(path, header: np.ndarray) -> GPT2Config:
     return GPT2Config(**fields)
 
 
+def is_model_file(path) -> bool:
+    """Whether `path` starts like an llm.c model file (its magic), for refusing to overwrite anything else."""
+    try:
+        with open(path, "rb") as f:
+            return np.frombuffer(f.read(4).ljust(4, b"\0"), dtype=I32)[0] == MODEL_MAGIC
+    except OSError:
+        return False
+
+
 def read_model(path) -> tuple[GPT2Config, np.ndarray]:
     """Read an llm.c model file: (config, flat float32 parameters in llm.c's order).
 
@@ -275,6 +369,13 @@ def read_model(path) -> tuple[GPT2Config, np.ndarray]:
             params = _read_array(f, path, F32, num_parameters, "parameters")
         else:
             params = bfloat16_bits_to_float32(_read_array(f, path, U16, num_parameters, "parameters"))
+    return config, params
+
+
+def load_model(path) -> tuple[GPT2Config, np.ndarray]:
+    """read_model for weights that will be used: NaN or Inf anywhere is refused, naming the tensor."""
+    config, params = read_model(path)
+    check_finite(path, "the parameters", params, config)
     return config, params
 
 
@@ -532,7 +633,8 @@ def write_debug_state(path, config: GPT2Config, inputs, targets, logits, loss: f
 
 @dataclass
 class RunState:
-    """Optimizer and data-loader position after `step` optimizer steps."""
+    """Optimizer and data-loader position after `step` optimizer steps; a training checkpoint's state also
+    names its run (run_id, identity) and the checksum of the model file written beside it (version 2)."""
 
     step: int
     seed: int
@@ -541,39 +643,94 @@ class RunState:
     data_sample_index: int
     m: np.ndarray  # (num_parameters,) float32, AdamW first moment
     v: np.ndarray  # (num_parameters,) float32, AdamW second moment
+    run_id: str | None = None
+    identity: dict | None = None
+    model_sha256: str | None = None
+
+
+def _moments_sha256(m: np.ndarray, v: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for array in (m, v):
+        digest.update(np.ascontiguousarray(array, dtype=F32).data.cast("B"))
+    return digest.hexdigest()
+
+
+def _read_run_state_header(f: BinaryIO, path, size: int, num_parameters: int | None) -> np.ndarray:
+    header = _read_header(f, path, size, RUN_STATE_MAGIC, I32, "llmpy run state file")
+    if header[1] not in RUN_STATE_VERSIONS:
+        raise FormatError(f"{path}: header version: expected one of {RUN_STATE_VERSIONS}, found {header[1]}")
+    _check_positive(path, "step", header[2])
+    found = int(header[3]) | (int(header[4]) << 31)
+    if num_parameters is not None and found != num_parameters:
+        raise FormatError(
+            f"{path}: header num_parameters: expected {num_parameters} (the model checkpoint's), found {found}"
+        )
+    for index, field in ((5, "seed"), (6, "data epoch"), (7, "data shard position"), (8, "data sample index"),
+                         (9, "trailer bytes")):
+        if header[index] < 0:
+            raise FormatError(f"{path}: header {field}: expected a non-negative integer, found {header[index]}")
+    if header[1] == 1 and header[9] != 0:
+        raise FormatError(f"{path}: header trailer bytes: expected 0 in version 1, found {header[9]}")
+    trailer = int(header[9])
+    _check_file_size(path, size, HEADER_BYTES + 8 * found + trailer,
+                     f"{HEADER_BYTES} + 2*4*{found}" + (f" + {trailer}" if trailer else ""),
+                     f"AdamW m and v for {found} parameters" + (" and the JSON trailer" if trailer else ""))
+    return header
+
+
+def _read_trailer(f: BinaryIO, path, header: np.ndarray) -> dict:
+    raw = f.read(int(header[9]))
+    try:
+        trailer = json.loads(raw.decode("utf-8"))
+        if not isinstance(trailer, dict) or not all(isinstance(trailer.get(k), str) for k in
+                                                    ("run_id", "model_sha256", "moments_sha256")):
+            raise ValueError("missing fields")
+    except (UnicodeDecodeError, ValueError) as err:
+        raise FormatError(f"{path}: trailer: expected the run's JSON record, found unreadable bytes ({err})") from None
+    return trailer
+
+
+def read_run_state_owner(path) -> tuple[int, str | None]:
+    """(step, run id) of a run state, reading only its header and trailer (run id None: version 1)."""
+    with _open_for_read(path) as (f, size):
+        header = _read_run_state_header(f, path, size, None)
+        if header[1] == 1:
+            return int(header[2]), None
+        f.seek(HEADER_BYTES + 8 * (int(header[3]) | (int(header[4]) << 31)))
+        return int(header[2]), _read_trailer(f, path, header)["run_id"]
 
 
 def read_run_state(path, num_parameters: int) -> RunState:
-    """Read a run state for a model of `num_parameters` parameters (layout: see the module docstring)."""
+    """Read a run state for a model of `num_parameters` parameters (layout: see the module docstring); version 2
+    files are checked against their checksum of m and v, and m, v must be finite (v >= 0)."""
     with _open_for_read(path) as (f, size):
-        header = _read_header(f, path, size, RUN_STATE_MAGIC, I32, "llmpy run state file")
-        if header[1] != RUN_STATE_VERSION:
-            raise FormatError(f"{path}: header version: expected {RUN_STATE_VERSION}, found {header[1]}")
-        step = _check_positive(path, "step", header[2])
-        found = int(header[3]) | (int(header[4]) << 31)
-        if found != num_parameters:
-            raise FormatError(
-                f"{path}: header num_parameters: expected {num_parameters} (the model checkpoint's), found {found}"
-            )
-        for index, field in ((5, "seed"), (6, "data epoch"), (7, "data shard position"), (8, "data sample index")):
-            if header[index] < 0:
-                raise FormatError(f"{path}: header {field}: expected a non-negative integer, found {header[index]}")
-        _check_file_size(path, size, HEADER_BYTES + 8 * num_parameters, f"{HEADER_BYTES} + 2*4*{num_parameters}",
-                         f"AdamW m and v for {num_parameters} parameters")
+        header = _read_run_state_header(f, path, size, num_parameters)
         m = _read_array(f, path, F32, num_parameters, "m")
         v = _read_array(f, path, F32, num_parameters, "v")
-    return RunState(step, int(header[5]), int(header[6]), int(header[7]), int(header[8]), m, v)
+        trailer = _read_trailer(f, path, header) if header[1] == 2 else {}
+    if trailer and _moments_sha256(m, v) != trailer["moments_sha256"]:
+        raise FormatError(f"{path}: checksum of AdamW m and v: does not match the one written (file corrupt)")
+    check_finite(path, "AdamW m", m)
+    check_finite(path, "AdamW v", v)
+    if (v < 0).any():
+        raise FormatError(f"{path}: AdamW v holds negative values (first at element {int(np.argmax(v < 0))})")
+    return RunState(int(header[2]), int(header[5]), int(header[6]), int(header[7]), int(header[8]), m, v,
+                    trailer.get("run_id"), trailer.get("identity"), trailer.get("model_sha256"))
 
 
 def write_run_state(path, state: RunState) -> None:
-    """Atomically write a run state."""
+    """Atomically write a run state: version 1, or version 2 with its trailer when the state names its run."""
     m, v = np.asarray(state.m), np.asarray(state.v)
     if m.ndim != 1 or m.shape != v.shape:
         raise ValueError(f"write_run_state: m and v must be 1-D of one size, got {m.shape} and {v.shape}")
     fields = (state.step, state.seed, state.data_epoch, state.data_shard_position, state.data_sample_index)
     if state.step < 1 or min(fields) < 0 or max(fields) > INT32_MAX:
         raise ValueError(f"write_run_state: step must be >= 1 and every field in [0, 2^31), got {fields}")
+    trailer = b""
+    if state.run_id is not None:
+        trailer = json.dumps({"run_id": state.run_id, "identity": state.identity, "model_sha256": state.model_sha256,
+                              "moments_sha256": _moments_sha256(m, v)}, sort_keys=True).encode()
     n = m.size
-    header = _header([RUN_STATE_MAGIC, RUN_STATE_VERSION, state.step, n & INT32_MAX, n >> 31, state.seed,
-                      state.data_epoch, state.data_shard_position, state.data_sample_index], I32)
-    atomic_write_bytes(path, (header, m.astype(F32, copy=False), v.astype(F32, copy=False)))
+    header = _header([RUN_STATE_MAGIC, 2 if trailer else 1, state.step, n & INT32_MAX, n >> 31, state.seed,
+                      state.data_epoch, state.data_shard_position, state.data_sample_index, len(trailer)], I32)
+    atomic_write_bytes(path, (header, m.astype(F32, copy=False), v.astype(F32, copy=False), trailer))

@@ -11,6 +11,8 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from llmpy.io.formats import atomic_write_bytes
+
 
 def cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -41,10 +43,9 @@ def _cached(key: str, measure) -> float:
         return float(cached[full_key])
     value = float(measure())
     cached[full_key] = value
-    try:
+    try:  # atomic: runs started together never read half a file
         os.makedirs(cache_dir(), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(cached, f, indent=1)
+        atomic_write_bytes(path, json.dumps(cached, indent=1).encode())
     except OSError:
         pass
     return value
