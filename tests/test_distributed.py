@@ -8,6 +8,7 @@ sums are added up.
 """
 
 import itertools
+import contextlib
 import json
 import os
 import re
@@ -229,3 +230,50 @@ def test_overlap_steps_is_refused_with_mpi(data_dir):
     result = llmpy_train([*COMMON, "--mode", "mpi", "--rank-mode", "tasks", "--overlap-steps", "-B", B],
                          data_dir, ranks=2, check=False)
     assert result.returncode != 0 and "--overlap-steps" in result.stderr and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------ ranks that disagree or stop
+@needs_mpi
+@pytest.mark.parametrize("flags, field", [(["--steps", "7"], "--steps"), (["--strategy", "zero1"], "--strategy"),
+                                          (["--model", "d2"], "model")])
+def test_ranks_started_differently_stop_with_one_error_naming_rank_and_field(flags, field, data_dir):
+    train = [sys.executable, "-m", "llmpy", "train", *COMMON, *PLAIN, "--mode", "mpi", "-B", B, "--output", ""]
+    start = time.perf_counter()
+    # MPMD launch: rank 0 with the common command, rank 1 with one flag changed (the later flag wins)
+    result = run([MPIEXEC, "-n", 1, *train, ":", "-n", 1, *train, *flags], data_dir, timeout=120)
+    assert result.returncode == 2 and "train loss" not in result.stdout
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "rank 1 was started with" in errors[0] and field in errors[0], result.stderr
+    assert time.perf_counter() - start < 60
+
+
+@needs_mpi
+def test_a_stopped_rank_is_named_and_every_rank_stops_within_the_timeout(data_dir):
+    import signal
+
+    command = [MPIEXEC, "-n", 2, sys.executable, "-m", "llmpy", "train", *COMMON, *PLAIN, "--steps", "100000",
+               "--mode", "mpi", "-B", B, "--output", "", "--mpi-timeout", "5"]
+    process = subprocess.Popen([str(c) for c in command], cwd=data_dir, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    pid = None
+    try:
+        lines = []
+        for line in process.stdout:  # wait until training runs, then stop rank 1
+            lines.append(line)
+            found = re.search(r"rank pids 0=\d+, 1=(\d+)", line)
+            pid = int(found.group(1)) if found else pid
+            if "train loss" in line and pid is not None:
+                break
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.perf_counter()
+        out, err = process.communicate(timeout=90)
+        elapsed = time.perf_counter() - stopped
+    finally:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        process.kill()
+        process.wait()
+    assert process.returncode != 0
+    assert f"rank 1 (pid {pid}) is stopped" in err and "no answer for 5 s" in err, err
+    assert elapsed < 45, elapsed  # the 5 s timeout, then MPI_Abort ends every rank

@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--strategy", choices=STRATEGIES,
                      help="mpi (run under mpiexec): how the ranks combine gradients and update: allreduce (default), "
                           "zero1 (sharded AdamW state), server (rank 0 updates), owners (round-robin blocks)")
+    run.add_argument("--mpi-timeout", type=float, metavar="SECONDS",
+                     help="mpi: how long a rank waits for the others before it stops the run, naming the ranks "
+                          "that do not answer (default 600)")
     run.add_argument("--rank-mode", choices=RANK_MODES,
                      help="mpi: execution model inside each rank, on --threads threads (default: the node's cores "
                           "/ its ranks; sequential when that is 1, else forkjoin)")
@@ -252,6 +255,16 @@ def _refuse_overwriting_checkpoints(args) -> None:
                          "or give another --checkpoint-dir")
 
 
+def _agreement_fields(args, config: GPT2Config) -> dict:
+    """What every rank of a data-parallel run must have been started with."""
+    names = ("batch_size", "seq_len", "steps", "grad_accum", "strategy", "rank_mode", "lr", "beta1", "beta2", "eps",
+             "weight_decay", "decay_matrices_only", "grad_clip", "lr_schedule", "warmup_steps", "final_lr_fraction",
+             "seed", "shuffle", "val_every", "val_batches", "checkpoint_every", "block_tokens", "gemm_split")
+    fields = {f"--{name.replace('_', '-')}": getattr(args, name) for name in names}
+    fields["model"] = [config.max_seq_len, config.vocab_size, config.num_layers, config.num_heads, config.channels]
+    return fields
+
+
 def _check_finite_state(step: int, model: GPT2, optimizer) -> None:
     """Before anything is saved: parameters and AdamW moments must be finite."""
     for what, values in (("the parameters", model.params.flat), ("AdamW m", optimizer.m.flat),
@@ -286,15 +299,17 @@ def execution_options(args, threads: int) -> tuple:
     given = [flag for flag, set_ in task_flags.items() if set_]
     if args.mode != "tasks" and not tasks_inside_ranks and given:
         raise ValueError(f"{', '.join(given)} apply to --mode tasks (or --mode mpi --rank-mode tasks) only")
-    mpi_flags = [flag for flag, set_ in (("--strategy", args.strategy), ("--rank-mode", args.rank_mode)) if set_]
+    mpi_flags = [flag for flag, set_ in (("--strategy", args.strategy), ("--rank-mode", args.rank_mode),
+                                         ("--mpi-timeout", args.mpi_timeout)) if set_]
     if args.mode != "mpi" and mpi_flags:
         raise ValueError(f"{', '.join(mpi_flags)} apply to --mode mpi only")
     if args.mode == "mpi":  # threads per rank; None: the node's cores shared by its ranks
         if args.overlap_steps:
             raise ValueError("--overlap-steps does not combine with --mode mpi: the strategy runs the update")
         rank_threads = args.workers if tasks_inside_ranks and args.workers is not None else args.threads
+        timeout = {} if args.mpi_timeout is None else {"timeout_s": args.mpi_timeout}
         return rank_threads, args.threading_layer, MpiOptions(args.strategy or "allreduce", args.rank_mode,
-                                                              _task_options(args))
+                                                              _task_options(args), **timeout)
     if args.mode == "tasks":
         return args.workers or threads, args.threading_layer, _task_options(args)
     return threads, args.threading_layer, None
@@ -441,6 +456,7 @@ def run(args, out=sys.stdout) -> TrainResult:
             _refuse_overwriting_checkpoints(args)
         run_id = (checkpoint.state.run_id if checkpoint is not None and checkpoint.verified
                   else new_run_id(identity, args.checkpoint_dir))
+        execution.group.agree_on(_agreement_fields(args, config))
         execution.group.setup_done()
         result = TrainResult()
         recorder = Recorder(rank=execution.rank, per_thread=bool(args.trace), threads=execution.threads)

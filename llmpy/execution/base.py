@@ -51,6 +51,9 @@ class SingleProcess:
         if error is not None:
             raise error
 
+    def agree_on(self, fields: dict) -> None:
+        """Every rank was started with the same run configuration (one process: trivially)."""
+
     def setup_done(self) -> None:
         """Setup is over: from here a failing rank stops every rank."""
 

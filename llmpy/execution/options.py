@@ -6,6 +6,7 @@ The library names options by their field; the command line spells them as flags 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from llmpy.core.errors import OptionError
@@ -61,8 +62,11 @@ class MpiOptions:
     strategy: str = "allreduce"
     rank_mode: str | None = None  # None: sequential on 1 thread per rank, else forkjoin
     tasks: TaskOptions = field(default_factory=TaskOptions)  # with rank_mode "tasks"
+    timeout_s: float = 600.0  # how long a rank waits for the others before it aborts the run, naming them
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise OptionError("mpi_timeout", self.timeout_s, "must be a positive number of seconds")
         if self.strategy not in STRATEGIES:
             raise OptionError("strategy", self.strategy, f"is not a strategy; choose one of {', '.join(STRATEGIES)}")
         if self.rank_mode is not None and self.rank_mode not in RANK_MODES:

@@ -4,6 +4,7 @@ gradients and updates, and how failures are handled)."""
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from dataclasses import replace
@@ -11,7 +12,8 @@ from dataclasses import replace
 from llmpy.core.optim import AdamWConfig
 from llmpy.execution.base import ExecutionModel
 from llmpy.execution.mpi.report import rank_summary
-from llmpy.execution.mpi.strategies import ROOT, STRATEGY_CLASSES, DataParallelStrategy, _mpi
+from llmpy.execution.mpi.strategies import ROOT, STRATEGY_CLASSES, DataParallelStrategy, _mpi, allreduce_sum
+from llmpy.execution.mpi.watchdog import Watchdog
 from llmpy.execution.options import MpiOptions
 from llmpy.execution.threads import ExecutionError
 from llmpy.observe.trace import Trace
@@ -27,6 +29,8 @@ class MpiRanks:
         self._agreement = self.comm.Dup()  # setup agreements never match a training collective
         self._setup_over = False
         self.clock_reference = 0.0
+        self.watchdog: Watchdog | None = None
+        self._failed_in_setup = False
 
     def agree(self, error: BaseException | None = None) -> None:
         """A point every rank reaches during setup: if `error` (or another rank's) happened, rank 0 raises it
@@ -39,7 +43,7 @@ class MpiRanks:
         failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
         if not failed:
             return
-        self._setup_over = True
+        self._setup_over = self._failed_in_setup = True
         if self.rank != ROOT:
             raise SystemExit(2)
         if error is not None and len(failed) == self.world_size and len({m for _, m in failed}) == 1:
@@ -56,7 +60,7 @@ class MpiRanks:
     def fail(self, error: BaseException) -> None:
         """A rank raised `error`. During setup: agree on it (see agree). After: print it naming the rank and abort
         every rank."""
-        if isinstance(error, SystemExit):
+        if isinstance(error, SystemExit) or self._failed_in_setup:  # agreed on already: every rank is stopping
             return
         if not self._setup_over:
             self.agree(error)  # raises
@@ -71,7 +75,22 @@ class MpiRanks:
         self.comm.Abort(1)
 
     def average(self, value: float) -> float:
-        return self.comm.allreduce(float(value), self.MPI.SUM) / self.world_size
+        return allreduce_sum(self.MPI, self.comm, value, self.watchdog, "the loss average") / self.world_size
+
+    def agree_on(self, fields: dict) -> None:
+        """Every rank was started with the same run configuration, or every rank stops with one error naming the
+        first rank and field that differ (before any training collective could hang or mix buffers)."""
+        everyone = self._agreement.allgather(fields)
+        error = None
+        for rank, theirs in enumerate(everyone[1:], start=1):
+            for name, value in everyone[0].items():
+                if theirs.get(name) != value:
+                    error = ExecutionError(f"rank {rank} was started with {name} = {theirs.get(name)!r}, rank 0 with "
+                                           f"{value!r}; start every rank with the same command")
+                    break
+            if error is not None:
+                break
+        self.agree(error)
 
     def gather_trace(self, recorder, meta: dict) -> Trace | None:
         """Every rank's trace merged on rank 0 (times shifted to rank 0's clock origin); None on the others."""
@@ -138,6 +157,7 @@ class DataParallel(ExecutionModel):
         world.Barrier()
         group.clock_reference = time.perf_counter()  # the ranks' clocks are aligned at this barrier's exit
         self.pids = world.allgather(os.getpid())
+        group.watchdog = Watchdog(group.rank, self.pids, world.allgather(socket.gethostname()), options.timeout_s)
 
     @property
     def cores(self) -> int:
@@ -165,7 +185,8 @@ class DataParallel(ExecutionModel):
             self.inner.synchronize()
 
     def make_optimizer(self, model, config: AdamWConfig, micro_steps: int = 1) -> DataParallelStrategy:
-        return STRATEGY_CLASSES[self.strategy](model, config, self.kernels, self.group.comm, micro_steps)
+        return STRATEGY_CLASSES[self.strategy](model, config, self.kernels, self.group.comm, micro_steps,
+                                               self.group.watchdog)
 
 
 def _affinity() -> set[int]:

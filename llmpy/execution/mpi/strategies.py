@@ -82,6 +82,17 @@ def _mpi():
     return MPI
 
 
+def allreduce_sum(MPI, comm, value: float, watchdog, what: str) -> float:
+    """The sum of `value` over the ranks: non-blocking, waited for by the watchdog when there is one."""
+    send, total = np.array([value], dtype=np.float64), np.zeros(1, dtype=np.float64)
+    request = comm.Iallreduce(send, total, MPI.SUM)
+    if watchdog is None:
+        request.Wait()
+    else:
+        watchdog.wait_all(MPI, [request], what)
+    return float(total[0])
+
+
 # ---------------------------------------------------------------------------------------------- buckets
 FINAL_PARAMETERS = ("lnfw", "lnfb")
 ENCODER_PARAMETERS = ("wte", "wpe")
@@ -174,8 +185,9 @@ class DataParallelStrategy(AdamWRule):
     # Task mode inside a rank leaves the update out of its graph and calls update() after it (llmpy.execution.tasks.step).
     updates_outside_task_graph = True
 
-    def __init__(self, model, config: AdamWConfig, kernels, comm, micro_steps: int = 1):
+    def __init__(self, model, config: AdamWConfig, kernels, comm, micro_steps: int = 1, watchdog=None):
         super().__init__(config, kernels)
+        self.watchdog = watchdog  # waits without spinning, and not forever (None: MPI's own blocking waits)
         self.MPI = _mpi()
         self.comm = comm
         self.rank, self.world_size = comm.Get_rank(), comm.Get_size()
@@ -234,8 +246,12 @@ class DataParallelStrategy(AdamWRule):
 
     def _wait(self, layer: int, requests: list) -> None:
         pending = [r for r in requests if r]
-        if pending:
+        if not pending:
+            return
+        if self.watchdog is None:
             self._run("MPI_Waitall", layer, self.MPI.Request.Waitall, pending)
+        else:
+            self._run("MPI_Waitall", layer, self.watchdog.wait_all, self.MPI, pending, f"the collectives of part {layer}")
 
     def _gradients_ready(self, part: int) -> None:
         last_backward = self._backwards == self.micro_steps - 1
@@ -325,7 +341,8 @@ class DataParallelStrategy(AdamWRule):
             local = sum(self._run("sum_of_squares", -1, self.kernels.sum_of_squares,
                                   self.grads.flat[o.start:o.stop]) for s in self.states for o in s.owned)
         if self.norm_needs_allreduce():
-            local = self._run("MPI_Allreduce", -1, self.comm.allreduce, float(local), self.MPI.SUM)
+            local = self._run("MPI_Allreduce", -1, allreduce_sum, self.MPI, self.comm, local, self.watchdog,
+                              "the gradient norm")
         return float(local)
 
 
@@ -409,9 +426,9 @@ class OwnerBlocksStrategy(ParameterServerStrategy):
 
     name = "owners"
 
-    def __init__(self, model, config, kernels, comm, micro_steps=1):
+    def __init__(self, model, config, kernels, comm, micro_steps=1, watchdog=None):
         self.blocks = owner_blocks(gradient_buckets(model.config), comm.Get_size())
-        super().__init__(model, config, kernels, comm, micro_steps)
+        super().__init__(model, config, kernels, comm, micro_steps, watchdog)
 
     def owned_slices(self, segment):
         return [(start, stop) for start, stop, owner in self.blocks[segment] if owner == self.rank]
