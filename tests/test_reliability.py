@@ -119,6 +119,13 @@ def test_a_step_that_makes_the_parameters_non_finite_keeps_the_last_good_checkpo
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == good
 
 
+def test_a_diverged_run_stops_instead_of_training_on(text_dataset, tmp_path):  # noqa: F811
+    result = llmpy(*CKPT, "--data-dir", text_dataset / "data", "--lr", "1e4", "--steps", "6", cwd=tmp_path,
+                   check=False)
+    _one_line_error(result, "diverged", "lower --lr")
+    assert len(train_losses(result.stdout)) < 6
+
+
 def test_non_finite_weights_in_a_model_file_are_refused_naming_the_tensor(tmp_path):
     config = PRESETS["tiny"]
     params = np.zeros(config.num_parameters(), dtype=np.float32)

@@ -27,6 +27,8 @@ from llmpy.core.model import GPT2
 from llmpy.core.optim import AdamWConfig, LearningRateSchedule
 
 DEFAULT_DATA_DIR = "data"
+# A loss this many times ln(V) (a uniform guess over the vocabulary) means the run diverged: stop, save nothing.
+DIVERGED = 3.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -494,6 +496,10 @@ def run(args, out=sys.stdout) -> TrainResult:
             result.train_losses.append(loss)
             if not np.isfinite(loss):
                 raise FloatingPointError(f"step {step + 1}: loss is {loss}; lower --lr or enable --grad-clip")
+            if loss > DIVERGED * np.log(config.vocab_size):
+                raise FloatingPointError(f"step {step + 1}: loss {loss:.1f} is more than {DIVERGED}x that of a uniform "
+                                         f"guess ({np.log(config.vocab_size):.1f}): the run diverged; nothing of this "
+                                         "step is saved; lower --lr or enable --grad-clip")
             say(f"step {stats.step:4d}/{args.steps}: train loss {loss:.6f} ({stats.ms:.0f} ms, "
                 f"{stats.tokens_per_second:,.0f} tok/s, {stats.tokens_per_second_per_core:,.0f} tok/s/core, "
                 f"MFU {100 * stats.mfu:.1f}%)")
