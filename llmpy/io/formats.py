@@ -16,7 +16,7 @@ Every file is a 1024-byte header (256 little-endian 32-bit ints) followed by a p
                  seed, data epoch, data shard position, data sample index, trailer bytes]   (llmpy's own)
                  AdamW m (num_parameters float32), v (num_parameters float32); version 2 (training
                  checkpoints) then a UTF-8 JSON trailer: the run's id and identity, the sha256 of the
-                 model file beside it and of m and v, which `read_run_state` verifies
+                 model file beside it and of the header fields with m and v, which `read_run_state` verifies
 
 Readers check the header, then the exact file size, before touching the payload; any problem
 raises FormatError naming the file, the field, what was expected and what was found.
@@ -648,8 +648,9 @@ class RunState:
     model_sha256: str | None = None
 
 
-def _moments_sha256(m: np.ndarray, v: np.ndarray) -> str:
-    digest = hashlib.sha256()
+def _state_sha256(fields: tuple, m: np.ndarray, v: np.ndarray) -> str:
+    """sha256 of a run state's header fields (step, seed, data position) and its moments."""
+    digest = hashlib.sha256(np.asarray(fields, dtype=np.int64).tobytes())
     for array in (m, v):
         digest.update(np.ascontiguousarray(array, dtype=F32).data.cast("B"))
     return digest.hexdigest()
@@ -683,7 +684,7 @@ def _read_trailer(f: BinaryIO, path, header: np.ndarray) -> dict:
     try:
         trailer = json.loads(raw.decode("utf-8"))
         if not isinstance(trailer, dict) or not all(isinstance(trailer.get(k), str) for k in
-                                                    ("run_id", "model_sha256", "moments_sha256")):
+                                                    ("run_id", "model_sha256", "state_sha256")):
             raise ValueError("missing fields")
     except (UnicodeDecodeError, ValueError) as err:
         raise FormatError(f"{path}: trailer: expected the run's JSON record, found unreadable bytes ({err})") from None
@@ -708,8 +709,10 @@ def read_run_state(path, num_parameters: int) -> RunState:
         m = _read_array(f, path, F32, num_parameters, "m")
         v = _read_array(f, path, F32, num_parameters, "v")
         trailer = _read_trailer(f, path, header) if header[1] == 2 else {}
-    if trailer and _moments_sha256(m, v) != trailer["moments_sha256"]:
-        raise FormatError(f"{path}: checksum of AdamW m and v: does not match the one written (file corrupt)")
+    fields = tuple(int(x) for x in header[[2, 5, 6, 7, 8]])
+    if trailer and _state_sha256(fields, m, v) != trailer["state_sha256"]:
+        raise FormatError(f"{path}: checksum of the step, data position and AdamW m and v: does not match the one "
+                          "written (file corrupt)")
     check_finite(path, "AdamW m", m)
     check_finite(path, "AdamW v", v)
     if (v < 0).any():
@@ -729,7 +732,7 @@ def write_run_state(path, state: RunState) -> None:
     trailer = b""
     if state.run_id is not None:
         trailer = json.dumps({"run_id": state.run_id, "identity": state.identity, "model_sha256": state.model_sha256,
-                              "moments_sha256": _moments_sha256(m, v)}, sort_keys=True).encode()
+                              "state_sha256": _state_sha256(fields, m, v)}, sort_keys=True).encode()
     n = m.size
     header = _header([RUN_STATE_MAGIC, 2 if trailer else 1, state.step, n & INT32_MAX, n >> 31, state.seed,
                       state.data_epoch, state.data_shard_position, state.data_sample_index, len(trailer)], I32)
