@@ -1,11 +1,12 @@
 """GPT-2 in PyTorch eager, the baseline `llmpy bench --vs torch` runs beside llmpy.
 
 Only the benchmark imports this module, and only when asked (torch is an optional extra: `pip install
--e .[torch]`); nothing else in llmpy needs torch. The model is written the way a PyTorch user writes
-GPT-2 for speed in eager mode (nanoGPT's style): `F.linear`, fused scaled-dot-product attention with the
-causal flag, tanh GELU, `F.cross_entropy`, and AdamW with `fused=True`. It starts from llmpy's own
-parameters (same init) and keeps llm.c's padded vocabulary in `wte`, taking the loss over the real
-vocabulary only, so its losses are llmpy's within float tolerance.
+-e .[torch]`); nothing else in llmpy needs torch. The model is written the way a PyTorch user writes GPT-2
+(nanoGPT's `model.py`): one `nn.Module` per block with its own `nn.LayerNorm` and `nn.Linear` parameters,
+fused scaled-dot-product attention with the causal flag, tanh GELU, the lm_head tied to `wte`,
+`F.cross_entropy`, and AdamW with `fused=True`. Its parameters are copies of llmpy's (same init), so its
+losses are llmpy's within float tolerance; llm.c's padded vocabulary stays in `wte` and the loss is taken over
+the real vocabulary only, as llmpy takes it.
 """
 
 from __future__ import annotations
@@ -31,43 +32,83 @@ def import_torch():
     return torch
 
 
+def _modules(torch, config: GPT2Config):
+    """nanoGPT's Block and GPT, as module classes."""
+    nn, F = torch.nn, torch.nn.functional
+    C, NH = config.channels, config.num_heads
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
+            self.c_attn, self.attn_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+            self.c_fc, self.mlp_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+        def forward(self, x):
+            B, T, _ = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+            q, k, v = (t.view(B, T, NH, C // NH).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+            x = x + self.attn_proj(y)
+            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(config.padded_vocab_size, C)
+            self.wpe = nn.Embedding(config.max_seq_len, C)
+            self.h = nn.ModuleList(Block() for _ in range(config.num_layers))
+            self.ln_f = nn.LayerNorm(C)
+
+        def forward(self, idx, targets):
+            T = idx.shape[1]
+            x = self.wte(idx) + self.wpe.weight[:T]
+            for block in self.h:
+                x = block(x)
+            logits = F.linear(self.ln_f(x), self.wte.weight)  # the lm_head tied to wte
+            V = config.vocab_size
+            return F.cross_entropy(logits[:, :, :V].reshape(-1, V), targets.reshape(-1))
+
+    return GPT
+
+
+def _copy_parameters(torch, model, params: FlatBuffer) -> None:
+    """llmpy's parameters (llm.c's layout) into the modules' own tensors."""
+    def put(tensor, array):
+        tensor.data.copy_(torch.from_numpy(np.ascontiguousarray(array)))
+
+    put(model.wte.weight, params["wte"])
+    put(model.wpe.weight, params["wpe"])
+    for l, block in enumerate(model.h):
+        for module, weight, bias in ((block.ln_1, "ln1w", "ln1b"), (block.c_attn, "qkvw", "qkvb"),
+                                     (block.attn_proj, "attprojw", "attprojb"), (block.ln_2, "ln2w", "ln2b"),
+                                     (block.c_fc, "fcw", "fcb"), (block.mlp_proj, "fcprojw", "fcprojb")):
+            put(module.weight, params[weight][l])
+            put(module.bias, params[bias][l])
+    put(model.ln_f.weight, params["lnfw"])
+    put(model.ln_f.bias, params["lnfb"])
+
+
 class TorchGPT2Baseline:
-    """Parameters (torch tensors over an llmpy parameter buffer), one training step, fused AdamW."""
+    """nanoGPT-style modules with a copy of llmpy's parameters, one training step, fused AdamW."""
 
     def __init__(self, config: GPT2Config, params: FlatBuffer, learning_rate: float = 1e-4,
                  beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0):
         torch = import_torch()
         self.torch = torch
         self.config = config
-        # the tensors share llmpy's buffer (no copy): the baseline holds one set of parameters, as llmpy does
-        self.params = {name: torch.nn.Parameter(torch.from_numpy(params[name])) for name in params}
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=learning_rate, betas=(beta1, beta2),
+        self.model = _modules(torch, config)()
+        with torch.no_grad():
+            _copy_parameters(torch, self.model, params)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=learning_rate, betas=(beta1, beta2),
                                            eps=eps, weight_decay=weight_decay, fused=True)
 
     def loss(self, inputs: np.ndarray, targets: np.ndarray):
         """Mean cross-entropy of (B, T) token ids, as a scalar tensor with its graph."""
         torch = self.torch
-        F = torch.nn.functional
-        cfg, p = self.config, self.params
         idx = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.int64))
         tgt = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64))
-        B, T = idx.shape
-        C, NH = cfg.channels, cfg.num_heads
-        x = F.embedding(idx, p["wte"]) + p["wpe"][:T]
-        for layer in range(cfg.num_layers):
-            h = F.layer_norm(x, (C,), p["ln1w"][layer], p["ln1b"][layer], eps=1e-5)
-            q, k, v = F.linear(h, p["qkvw"][layer], p["qkvb"][layer]).split(C, dim=2)
-            q, k, v = (t.view(B, T, NH, C // NH).transpose(1, 2) for t in (q, k, v))
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            y = y.transpose(1, 2).reshape(B, T, C)
-            x = x + F.linear(y, p["attprojw"][layer], p["attprojb"][layer])
-            h = F.layer_norm(x, (C,), p["ln2w"][layer], p["ln2b"][layer], eps=1e-5)
-            h = F.gelu(F.linear(h, p["fcw"][layer], p["fcb"][layer]), approximate="tanh")
-            x = x + F.linear(h, p["fcprojw"][layer], p["fcprojb"][layer])
-        x = F.layer_norm(x, (C,), p["lnfw"], p["lnfb"], eps=1e-5)
-        logits = F.linear(x, p["wte"])
-        V = cfg.vocab_size
-        return F.cross_entropy(logits[:, :, :V].reshape(-1, V), tgt.reshape(-1))
+        return self.model(idx, tgt)
 
     def train_step(self, inputs: np.ndarray, targets: np.ndarray) -> float:
         """Forward, backward and one fused AdamW step; returns the loss."""
