@@ -211,9 +211,13 @@ def _available_memory() -> int | None:
     return None
 
 
+def _model_shape(config: GPT2Config) -> list[int]:
+    return [config.max_seq_len, config.vocab_size, config.num_layers, config.num_heads, config.channels]
+
+
 def run_identity(args, config: GPT2Config, B: int, T: int, loader, world_size: int) -> dict:
     """What a resumed run must share with the run that wrote the checkpoint."""
-    return {"model": [config.max_seq_len, config.vocab_size, config.num_layers, config.num_heads, config.channels],
+    return {"model": _model_shape(config),
             "batch_size": B, "seq_len": T, "grad_accum": args.grad_accum, "seed": args.seed,
             "shuffle": bool(args.shuffle), "world_size": world_size,
             "train_data": [[os.path.basename(f), os.path.getsize(f)] for f in loader.files]}
@@ -263,7 +267,7 @@ def _agreement_fields(args, config: GPT2Config) -> dict:
              "weight_decay", "decay_matrices_only", "grad_clip", "lr_schedule", "warmup_steps", "final_lr_fraction",
              "seed", "shuffle", "val_every", "val_batches", "checkpoint_every", "block_tokens", "gemm_split")
     fields = {f"--{name.replace('_', '-')}": getattr(args, name) for name in names}
-    fields["model"] = [config.max_seq_len, config.vocab_size, config.num_layers, config.num_heads, config.channels]
+    fields["model"] = _model_shape(config)
     return fields
 
 

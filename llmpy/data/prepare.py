@@ -14,7 +14,6 @@ import contextlib
 import glob
 import itertools
 import os
-import stat
 import sysconfig
 import urllib.request
 import warnings
@@ -25,7 +24,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from llmpy.core.config import GPT2_EOT_TOKEN
-from llmpy.io.formats import FormatError, atomic_write_bytes, read_shard_header, write_shard
+from llmpy.io.formats import FormatError, atomic_write_bytes, read_shard_header, special_file_kind, write_shard
 from llmpy.data.loader import DataError
 from llmpy.io.tokenizer import gpt2_encoding
 
@@ -101,9 +100,9 @@ def tokenize_sections(sections: Iterable[str], max_tokens: int | None = None) ->
 def _read_text(path: str | os.PathLike, what: str = "input file") -> str:
     path = Path(path)
     with contextlib.suppress(OSError):  # a named pipe or device would block or never end: refuse it
-        mode = os.stat(path).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            raise DataError(f"{what} {path} is not a regular file (a named pipe or device)")
+        kind = special_file_kind(os.stat(path).st_mode)
+        if kind is not None:
+            raise DataError(f"{what} {path} is not a regular file ({kind})")
     try:
         # Text mode turns \r\n into \n (as llm.c's open(...).read() does), so blank lines split.
         with open(path, "r", encoding="utf-8") as f:

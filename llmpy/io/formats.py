@@ -98,8 +98,16 @@ def _open_for_read(path) -> Iterator[tuple[BinaryIO, int]]:
         yield f, os.fstat(f.fileno()).st_size
 
 
+def special_file_kind(mode: int) -> str | None:
+    """What a file of this st_mode is when it is not a regular file or a directory (reading a named pipe blocks
+    forever, a device never ends): None for those two."""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return "a named pipe" if stat.S_ISFIFO(mode) else "not a regular file"
+
+
 def check_regular_file(path) -> None:
-    """Refuse what is not a regular file (a FIFO would block the read forever, a device never end)."""
+    """Refuse what is not a regular file."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError as err:
@@ -107,14 +115,14 @@ def check_regular_file(path) -> None:
     except OSError as err:
         raise FormatError(f"{path}: cannot open file: {err.strerror or err}") from err
     if not stat.S_ISREG(mode):
-        kind = "a directory" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode) else "not a regular file"
+        kind = special_file_kind(mode) or "a directory"
         raise FormatError(f"{path}: cannot open file: expected a regular file, found {kind}")
 
 
 def check_finite(path, what: str, values: np.ndarray, config: GPT2Config | None = None) -> None:
     """FormatError naming the file and the tensor (llm.c's parameter layout, with `config`) where `values`
     first holds a NaN or an infinity."""
-    bad = np.flatnonzero(~np.isfinite(values[: values.size]))
+    bad = np.flatnonzero(~np.isfinite(values))
     if bad.size == 0:
         return
     where = f"element {int(bad[0])}"

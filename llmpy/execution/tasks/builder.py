@@ -16,9 +16,9 @@ What each task reads and writes is derived from its call's views, and the edges 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from llmpy.core.step import KernelCall, kernel_calls
+from llmpy.execution.options import TaskOptions
 from llmpy.execution.tasks.graph import Region, Task, TaskGraph
 from llmpy.execution.tasks.regions import TensorRegistry
 from llmpy.kernels.costs import kernel_cost
@@ -28,17 +28,6 @@ from llmpy.kernels.specs import R, RW, W, kernel_spec
 EST_FLOPS = 30e9
 EST_BYTES = 8e9
 EST_OVERHEAD = 10e-6
-
-
-@dataclass(frozen=True)
-class Blocking:
-    """How calls are cut (validated by llmpy.execution.options.TaskOptions)."""
-
-    block_tokens: int  # K: tokens per block of a sequence
-    channel_block: int  # output channels per weight-gradient task
-    param_block: int  # parameters per AdamW task (at most; whole rows)
-    gemm_split: str  # "rows", "lm_head" or "channels"
-    gemm_channel_block: int  # columns per column-split GEMM task
 
 
 def blocks(n: int, width: int) -> list[tuple[int, int]]:
@@ -51,14 +40,14 @@ def task_cost(flops: float, moved: float) -> float:
 
 
 class GraphBuilder:
-    """Adds the tasks of kernel calls to a graph, in call order. B, T: the batch the calls run on; segments: the
-    parameter layout's (tensor, layer, start, stop, row size) pieces, for the AdamW blocks."""
+    """Adds the tasks of kernel calls on `model`'s buffers (its whole B x T batch) to a graph, in call order, cut
+    as `options` say with `block_tokens` tokens per block of a sequence."""
 
-    def __init__(self, graph: TaskGraph, tensors: TensorRegistry, blocking: Blocking, B: int, T: int,
-                 segments: list[tuple[str, int, int, int, int]], flat_base: int):
-        self.graph, self.tensors, self.blocking = graph, tensors, blocking
-        self.B, self.T = B, T
-        self.segments, self.flat_base = segments, flat_base
+    def __init__(self, graph: TaskGraph, tensors: TensorRegistry, model, options: TaskOptions, block_tokens: int):
+        self.graph, self.tensors, self.options, self.block_tokens = graph, tensors, options, block_tokens
+        self.B, self.T = model.B, model.T
+        self.segments = parameter_segments(model.params)  # for the AdamW blocks
+        self.flat_base = model.params.flat.__array_interface__["data"][0]
 
     def add_calls(self, calls) -> None:
         for call in kernel_calls(calls):
@@ -85,7 +74,7 @@ class GraphBuilder:
         """(label, layer, name suffix, block, arguments, owns a parameter block) of each task of `call`, in the
         order they must run."""
         splits = kernel_spec(call.kernel).splits
-        b, K = self.blocking, self.blocking.block_tokens
+        b, K = self.options, self.block_tokens
         args, named = call.args, (call.label, call.layer)
         if "columns" in splits and self._by_columns(call):
             return [(*named, f" c{c0}", (c0, c1), splits["columns"](args, c0, c1), False)
@@ -107,7 +96,7 @@ class GraphBuilder:
         return [(*named, "", (), args, False)]
 
     def _by_columns(self, call: KernelCall) -> bool:
-        split = self.blocking.gemm_split
+        split = self.options.gemm_split
         return split == "channels" or (split == "lm_head" and call.layer < 0)
 
     def _parameter_blocks(self, call: KernelCall, rule) -> list[tuple]:
@@ -120,7 +109,7 @@ class GraphBuilder:
         for name, layer, seg_start, seg_stop, row_size in self.segments:
             if seg_start < start or seg_stop > stop:
                 continue
-            per_block = max(1, self.blocking.param_block // row_size)
+            per_block = max(1, self.options.param_block // row_size)
             for lo, hi in blocks((seg_stop - seg_start) // row_size, per_block):
                 a, z = seg_start - start + lo * row_size, seg_start - start + hi * row_size
                 out.append((name, layer, f" r{lo}", (lo, hi), rule(call.args, a, z), True))

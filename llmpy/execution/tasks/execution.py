@@ -20,7 +20,7 @@ import numpy as np
 from llmpy.core.layout import FlatBuffer
 from llmpy.core.step import GradientsReady
 from llmpy.execution.options import TaskOptions
-from llmpy.execution.tasks.builder import Blocking, GraphBuilder, parameter_segments, whole_regions
+from llmpy.execution.tasks.builder import GraphBuilder, whole_regions
 from llmpy.execution.tasks.graph import TaskGraph
 from llmpy.execution.tasks.regions import TensorRegistry
 from llmpy.kernels import KernelSet
@@ -68,14 +68,10 @@ def build_step_graph(model, optimizer=None, block_tokens: int | None = None, acc
     if (with_update or leading_update) and optimizer is None:
         raise ValueError("an update needs the optimizer")
     B, T = model.B, model.T
-    blocking = Blocking(options.tokens_per_block(T), options.channel_block, options.param_block,
-                        options.gemm_split, options.gemm_channel_block)
-    tensors = tensor_registry(model, optimizer)
+    K = options.tokens_per_block(T)
     kinds = ["tokens", "p"] + (["m", "v"] if optimizer is not None else []) + (
         ["g"] if accumulate or leading_update else []) + (["update"] if leading_update else [])
-    graph = TaskGraph(whole_regions(tensors, kinds))
-    builder = GraphBuilder(graph, tensors, blocking, B, T, parameter_segments(model.params),
-                           model.params.flat.__array_interface__["data"][0])
+    graph, builder = _graph_builder(model, optimizer, options, K, kinds)
     if leading_update:
         builder.add_calls(optimizer.update_calls(model.params, model.grads))
     serial = KernelSet(parallel=False)  # workers run serial kernels, whatever the model's own variant
@@ -87,21 +83,23 @@ def build_step_graph(model, optimizer=None, block_tokens: int | None = None, acc
     elif grad_norm_at_end:
         builder.add_calls(norm)
     graph.validate()
-    return StepGraph(graph, model.inputs.reshape(B, T), model.targets.reshape(B, T), blocking.block_tokens)
+    return StepGraph(graph, model.inputs.reshape(B, T), model.targets.reshape(B, T), K)
 
 
 def build_update_graph(model, optimizer, options: TaskOptions) -> TaskGraph:
     """The AdamW tasks alone, reading the gradients and norm already computed (the update still pending after the
     last step of an overlap_steps run: `TaskExecution.synchronize`)."""
-    tensors = tensor_registry(model, optimizer)
-    graph = TaskGraph(whole_regions(tensors, ("p", "g", "m", "v", "update")))
-    blocking = Blocking(model.T, options.channel_block, options.param_block, options.gemm_split,
-                        options.gemm_channel_block)
-    builder = GraphBuilder(graph, tensors, blocking, model.B, model.T, parameter_segments(model.params),
-                           model.params.flat.__array_interface__["data"][0])
+    graph, builder = _graph_builder(model, optimizer, options, model.T, ("p", "g", "m", "v", "update"))
     builder.add_calls(optimizer.update_calls(model.params, model.grads))
     graph.validate()
     return graph
+
+
+def _graph_builder(model, optimizer, options: TaskOptions, block_tokens: int, input_kinds) -> tuple:
+    """An empty graph whose inputs are the whole tensors of `input_kinds`, and the builder that adds to it."""
+    tensors = tensor_registry(model, optimizer)
+    graph = TaskGraph(whole_regions(tensors, input_kinds))
+    return graph, GraphBuilder(graph, tensors, model, options, block_tokens)
 
 
 class _TaskLog(list):
