@@ -45,6 +45,13 @@ def _sample(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from llmpy.commands import convert
+
+    convert.run(args)
+    return 0
+
+
 def _verify(args) -> int:
     from llmpy.commands import verify
 
@@ -124,7 +131,7 @@ def _graph(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llmpy.commands import bench, sample, train, verify
+    from llmpy.commands import bench, convert, sample, train, verify
     from llmpy.core.config import PRESETS
 
     parser = argparse.ArgumentParser(
@@ -158,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Generate text from an llm.c model checkpoint.")
     sample.add_arguments(sample_parser)
     sample_parser.set_defaults(handler=_sample)
+
+    convert_parser = sub.add_parser("convert", help="llm.c model file <-> Hugging Face GPT-2 folder (fp32 or bf16)",
+                                    description=convert.__doc__)
+    convert.add_arguments(convert_parser)
+    convert_parser.set_defaults(handler=_convert)
 
     bench_parser = sub.add_parser("bench", help="time training steps over modes x threads x runtimes",
                                   description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

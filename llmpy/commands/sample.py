@@ -58,7 +58,8 @@ def generate(model: GPT2, prompt: list[int], length: int, temperature: float = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="MODEL_BIN", help="llm.c model checkpoint")
+    parser.add_argument("--model", required=True, metavar="MODEL",
+                        help="llm.c model checkpoint or Hugging Face GPT-2 folder")
     parser.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     parser.add_argument("--length", type=int, default=64, help="tokens to generate (default 64)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
@@ -67,12 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args, out=sys.stdout) -> str:
-    from llmpy.io.formats import load_model
+    from llmpy.io.huggingface import load_model_source
     from llmpy.kernels import KernelSet
 
     if args.length <= 0:
         raise ValueError(f"--length must be positive, got {args.length}")
-    config, params = load_model(args.model)
+    config, params = load_model_source(args.model)
     prompt: list[int] = []
     if args.prompt:
         if config.vocab_size != GPT2_VOCAB_SIZE:

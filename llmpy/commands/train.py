@@ -18,7 +18,8 @@ from llmpy.execution.threads import THREADING_LAYERS, available_cores
 from llmpy.execution.options import RANK_MODES, RUNTIMES, GEMM_SPLITS, STRATEGIES, MpiOptions, TaskOptions
 from llmpy.io.checkpoints import Checkpoint, checkpoint_steps, identity_mismatch, latest_checkpoint, new_run_id
 from llmpy.io.checkpoints import save_checkpoint as write_checkpoint
-from llmpy.io.formats import RunState, is_model_file, load_model, remove_stale_temporaries, write_model
+from llmpy.io.formats import RunState, is_model_file, remove_stale_temporaries, write_model
+from llmpy.io.huggingface import load_model_source
 from llmpy.observe.metrics import (StepStats, format_kernel_table, kernel_summary, measured_steps,
                            phase_summary, step_flops, write_run_metrics)
 from llmpy.observe.probes import measure_peak_gflops
@@ -41,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--shuffle", action="store_true", help="shuffle shards and windows each epoch (seeded)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--init-from", metavar="MODEL_BIN", help="start from an llm.c model checkpoint")
+    model.add_argument("--init-from", metavar="MODEL",
+                       help="start from an llm.c model checkpoint or a Hugging Face GPT-2 folder")
     model.add_argument("--model", default="d12", choices=sorted(PRESETS),
                        help="preset for random init when --init-from is not given (default d12 = GPT-2 124M)")
     model.add_argument("--seed", type=int, default=42, help="seed of the random init, shuffling and sampling")
@@ -174,7 +176,7 @@ def build_model(args, execution: ExecutionModel, B: int, T: int, say) -> tuple[G
             raise ValueError(f"--resume: no checkpoint (state_STEP.bin with its model_STEP.bin) in {args.checkpoint_dir}")
         config, params = checkpoint.config, checkpoint.params
     elif args.init_from:
-        config, params = load_model(args.init_from)
+        config, params = load_model_source(args.init_from)
     else:
         config, params = preset(args.model), None
     _check_memory(config, B, T, args.grad_accum)
