@@ -458,6 +458,8 @@ def run(args, out=sys.stdout) -> TrainResult:
             f"{model.num_parameters:,} parameters; B={B}, T={T}, grad_accum={args.grad_accum}")
         say(f"execution: {execution.describe()}; MFU against {peak:.1f} GFLOP/s"
             f"{'' if args.peak_gflops else ' (measured float32 GEMM peak)'}")
+        for line in execution.placement():
+            say(line)
         identity = run_identity(args, config, B, T, train_loader, execution.world_size)
         first_step = 0 if checkpoint is None else _resume(args, checkpoint, identity, optimizer, train_loader, say)
         if checkpoint is None and args.checkpoint_every:

@@ -130,6 +130,10 @@ class ExecutionModel:
     def describe(self) -> str:
         return f"{self.name}, {self.threads} thread{'s' if self.threads > 1 else ''}"
 
+    def placement(self) -> list[str]:
+        """Where each rank of a data-parallel run runs: host, threads, the transport MPI uses (one process: none)."""
+        return []
+
     def meta(self) -> dict:
         """What this execution model is, for metrics files and traces."""
         return {"mode": self.name, "threads": self.threads, "runtime": "-", "ranks": self.world_size}

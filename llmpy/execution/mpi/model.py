@@ -13,6 +13,7 @@ from llmpy.core.optim import AdamWConfig
 from llmpy.execution.base import ExecutionModel
 from llmpy.execution.mpi.report import rank_summary
 from llmpy.execution.mpi.strategies import ROOT, STRATEGY_CLASSES, DataParallelStrategy, _mpi, allreduce_sum
+from llmpy.execution.mpi.transport import describe_transport
 from llmpy.execution.mpi.watchdog import Watchdog
 from llmpy.execution.options import MpiOptions
 from llmpy.execution.threads import ExecutionError
@@ -157,7 +158,10 @@ class DataParallel(ExecutionModel):
         world.Barrier()
         group.clock_reference = time.perf_counter()  # the ranks' clocks are aligned at this barrier's exit
         self.pids = world.allgather(os.getpid())
-        group.watchdog = Watchdog(group.rank, self.pids, world.allgather(socket.gethostname()), options.timeout_s)
+        self.hosts = world.allgather(socket.gethostname())
+        group.watchdog = Watchdog(group.rank, self.pids, self.hosts, options.timeout_s)
+        self.where = world.allgather((self.threads, self.local_ranks,
+                                      describe_transport(group.MPI.Get_library_version())))
 
     @property
     def cores(self) -> int:
@@ -172,6 +176,13 @@ class DataParallel(ExecutionModel):
         pids = ", ".join(f"{rank}={pid}" for rank, pid in enumerate(self.pids))
         return (f"mpi, {self.world_size} rank{'s' if self.world_size > 1 else ''} x ({inner}), strategy "
                 f"{self.strategy} (rank pids {pids})")
+
+    def placement(self) -> list[str]:
+        lines = []
+        for rank, (host, pid, (threads, local, transport)) in enumerate(zip(self.hosts, self.pids, self.where)):
+            lines.append(f"rank {rank}: host {host}, pid {pid}, {threads} thread{'s' if threads > 1 else ''}"
+                         f" ({self.rank_mode}), {local} rank{'s' if local > 1 else ''} on its node; {transport}")
+        return lines
 
     def train_step(self, model, optimizer, batches, learning_rate: float, recorder=None, step: int = 0) -> float:
         return self.inner.train_step(model, optimizer, batches, learning_rate, recorder, step)
