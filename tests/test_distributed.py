@@ -30,8 +30,10 @@ from test_cli import train_losses
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 STRATEGIES = ("allreduce", "zero1", "server", "owners")
 B, T, STEPS = 2, 16, 5
+# --no-shuffle: llm.c's shuffle draws each rank's order from its own mt19937 (seed 42 + rank), so only the file
+# order makes R ranks of B sequences see what one process of R*B sees
 COMMON = ["--model", "tiny", "-T", T, "--steps", STEPS, "--val-every", "0", "--sample-every", "0",
-          "--peak-gflops", "10", "--no-progress", "--train-data", "tiny_train.bin"]
+          "--peak-gflops", "10", "--no-progress", "--train-data", "tiny_train.bin", "--no-shuffle"]
 PLAIN = ["--lr", "1e-3"]
 # eps 1 makes AdamW's step proportional to the gradient, so a wrong clipping scale changes the parameters
 OPTIONS = ["--lr", "0.05", "--eps", "1.0", "--weight-decay", "0.1", "--decay-matrices-only", "--grad-clip", "0.05"]

@@ -16,8 +16,14 @@ def _prepare(args) -> int:
         prepared = data.prepare_tinyshakespeare(args.data_dir, args.input)
     elif args.dataset == "text":
         if not args.files:
-            raise ValueError("llmpy prepare text needs at least one text file")
-        prepared = data.prepare_text(args.data_dir, args.files, name=args.name)
+            raise ValueError("llmpy prepare text needs at least one text file or a folder")
+        if len(args.files) == 1 and os.path.isdir(args.files[0]):
+            size = data.DEFAULT_SHARD_TOKENS if args.shard_size is None else args.shard_size
+            prepared = data.prepare_folder(args.data_dir, args.files[0], args.name, size)
+        elif args.shard_size is not None:
+            raise ValueError("--shard-size applies to `llmpy prepare text FOLDER` only")
+        else:
+            prepared = data.prepare_text(args.data_dir, args.files, name=args.name)
     elif args.dataset == "default":
         prepared = data.prepare_default_corpus(args.data_dir)
     else:  # tokenizer
@@ -148,9 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("dataset", choices=("tinyshakespeare", "text", "default", "tokenizer"),
                          help="tinyshakespeare (downloads unless --input), text FILES..., default (offline corpus "
                               "of Python docstrings), tokenizer (writes llm.c's gpt2_tokenizer.bin)")
-    prepare.add_argument("files", nargs="*", help="text files, for `prepare text`")
+    prepare.add_argument("files", nargs="*", help="text files, or one folder, for `prepare text`")
     prepare.add_argument("--input", help="tinyshakespeare's input.txt already on disk (no download)")
     prepare.add_argument("--name", default="text", help="dataset name for `prepare text` (default text)")
+    prepare.add_argument("--shard-size", type=int, metavar="TOKENS",
+                         help="`prepare text FOLDER` (.txt, .jsonl with a text field, .parquet): tokens per shard, "
+                              "the first shard for validation, as llm.c's fineweb.py (default 100,000,000)")
     prepare.add_argument("--data-dir", default=train.DEFAULT_DATA_DIR, help="output folder (default ./data)")
     prepare.add_argument("--output", default="gpt2_tokenizer.bin", help="file for `prepare tokenizer`")
     prepare.set_defaults(handler=_prepare)

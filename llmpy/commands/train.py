@@ -39,7 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "there, an offline corpus of Python standard-library docstrings is built first")
     data.add_argument("--train-data", help="glob pattern of training shards (overrides --data-dir)")
     data.add_argument("--val-data", help="glob pattern of validation shards (default: the training set's val split)")
-    data.add_argument("--shuffle", action="store_true", help="shuffle shards and windows each epoch (seeded)")
+    data.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                      help="llm.c's training order (default): each epoch, shards and the batches in each shard "
+                           "permuted by mt19937 seeded --seed + rank, as llm.c's train_gpt2 with its seed 42; "
+                           "--no-shuffle reads the files in order")
 
     model = parser.add_argument_group("model")
     model.add_argument("--init-from", metavar="MODEL",

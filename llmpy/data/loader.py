@@ -13,6 +13,29 @@ class DataError(RuntimeError):
     """A dataset cannot be prepared or loaded; the message says which file and what to do."""
 
 
+class Mt19937Shuffle:
+    """llm.c's `random_permutation` (llmc/rand.h) on its mt19937 stream, seeded as its `manual_seed`.
+
+    numpy's legacy RandomState seeds an integer with the same init_genrand recurrence, and its uint32 draws
+    over the full range are the generator's raw 32-bit outputs, llm.c's `randint32`.
+    """
+
+    def __init__(self, seed: int):
+        self._rng = np.random.RandomState(seed)
+
+    def permute(self, order: np.ndarray) -> None:
+        """Fisher-Yates in place, from the last element down: j = randint32 % (i + 1), swap i and j."""
+        n = len(order)
+        if n < 2:
+            return
+        draws = self._rng.randint(0, 2**32, size=n - 1, dtype=np.uint32).astype(np.int64)
+        picks = (draws % np.arange(n, 1, -1)).tolist()  # for i = n-1 .. 1
+        items = order.tolist()
+        for i, j in zip(range(n - 1, 0, -1), picks):
+            items[i], items[j] = items[j], items[i]
+        order[:] = items
+
+
 class DataLoader:
     """Batches of (inputs, targets), each (B, T) int32, from llm.c token shards (llmc/dataloader.h).
 
@@ -22,10 +45,10 @@ class DataLoader:
     (num_tokens - 1) // (B*T*world_size). After the last batch of a shard comes the next shard,
     after the last shard the first again (a new epoch).
 
-    shuffle=True: every epoch, a seeded permutation of the shard order and of the windows inside
-    each shard; window i of the permutation goes to rank i % world_size, so ranks never share one.
-    It uses numpy's Generator seeded with (seed, epoch[, shard]), the same on every rank; it is
-    not bit-identical with llm.c's mt19937 shuffle.
+    shuffle=True: llm.c's order (its `dataloader.h` with should_shuffle=1): each rank draws from its own
+    mt19937 seeded with seed + rank (llm.c: 42 + rank); every epoch permutes the shard order (the previous
+    epoch's order, in place) and, as each shard is loaded, the order of its global batches; rank r reads
+    its own B*T slice of global batch g (window g * world_size + r), so ranks never share a window.
     """
 
     def __init__(
@@ -85,13 +108,13 @@ class DataLoader:
     def reset(self) -> None:
         """Back to the start of epoch 0 (the same batch sequence as after construction)."""
         self.epoch = 0
+        self._shuffle = Mt19937Shuffle(self.seed + self.rank) if self.shuffle else None
+        self._shard_order = np.arange(len(self.files))
         self._start_epoch()
 
     def _start_epoch(self) -> None:
-        if self.shuffle:
-            self._shard_order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.files))
-        else:
-            self._shard_order = np.arange(len(self.files))
+        if self._shuffle is not None:  # llm.c's dataloader_reset: the order so far, permuted again
+            self._shuffle.permute(self._shard_order)
         self._load_shard(0)
 
     def _load_shard(self, position: int) -> None:
@@ -106,11 +129,10 @@ class DataLoader:
         if self.vocab_size is not None and shard not in self._vocab_checked:
             self._check_vocab(path, self._tokens)
             self._vocab_checked.add(shard)
-        windows = self.shard_num_samples[shard] * self.world_size
-        if self.shuffle:
-            self._window_order = np.random.default_rng([self.seed, self.epoch, shard]).permutation(windows)
-        else:
-            self._window_order = None
+        self._batch_order = None
+        if self._shuffle is not None:  # llm.c's prepare_intra_shard_indices_
+            self._batch_order = np.arange(self.shard_num_samples[shard])
+            self._shuffle.permute(self._batch_order)
         self.current_sample_idx = 0  # next sample (per-rank batch) to serve from this shard
 
     def _check_vocab(self, path: str, tokens: np.ndarray) -> None:
@@ -132,10 +154,9 @@ class DataLoader:
         if epoch < 0 or not 0 <= shard_position < len(self.files):
             raise DataError(f"cannot resume {self.pattern!r} at epoch {epoch}, shard position {shard_position}: "
                             f"there are {len(self.files)} shards")
-        self.epoch = epoch
-        self._start_epoch()
-        if shard_position:
-            self._load_shard(shard_position)
+        self.reset()  # the shuffle's draws are a stream: replay them up to the position
+        while self.epoch < epoch or self.current_shard_position < shard_position:
+            self._next_shard()
         if not 0 <= sample_index <= self.shard_num_samples[self.current_shard]:
             raise DataError(f"cannot resume {self.files[self.current_shard]} at sample {sample_index}: it has "
                             f"{self.shard_num_samples[self.current_shard]} batches (different B, T or data?)")
@@ -146,16 +167,10 @@ class DataLoader:
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
         """Next (inputs, targets), both (B, T) int32 C-contiguous arrays of their own."""
         if self.current_sample_idx >= self.shard_num_samples[self.current_shard]:
-            if self.current_shard_position + 1 < len(self.files):
-                self._load_shard(self.current_shard_position + 1)
-            else:
-                self.epoch += 1
-                self._start_epoch()
+            self._next_shard()
         k = self.current_sample_idx
-        if self._window_order is None:
-            window = k * self.world_size + self.rank
-        else:
-            window = int(self._window_order[k * self.world_size + self.rank])
+        batch = k if self._batch_order is None else int(self._batch_order[k])
+        window = batch * self.world_size + self.rank
         BT = self.B * self.T
         start = window * BT
         buf = np.asarray(self._tokens[start : start + BT + 1], dtype=np.int32)
@@ -163,6 +178,14 @@ class DataLoader:
         inputs = buf[:-1].reshape(self.B, self.T)
         targets = buf[1:].reshape(self.B, self.T).copy()  # own memory: writing one must not change the other
         return inputs, targets
+
+    def _next_shard(self) -> None:
+        """The next shard of the epoch's order, or the first of the next epoch."""
+        if self.current_shard_position + 1 < len(self.files):
+            self._load_shard(self.current_shard_position + 1)
+        else:
+            self.epoch += 1
+            self._start_epoch()
 
     def __repr__(self) -> str:
         return (

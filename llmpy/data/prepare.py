@@ -24,6 +24,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from llmpy.core.config import GPT2_EOT_TOKEN
+from llmpy.core.errors import OptionError
 from llmpy.io.formats import FormatError, atomic_write_bytes, read_shard_header, special_file_kind, write_shard
 from llmpy.data.loader import DataError
 from llmpy.io.tokenizer import gpt2_encoding
@@ -364,3 +365,130 @@ def find_dataset(data_dir: str | os.PathLike) -> PreparedDataset | None:
         if found is not None:
             return found
     return None
+
+
+# ----------------------------------------------------------------------------
+# a folder of documents, sharded as llm.c's fineweb.py / tinystories.py shard
+
+DOCUMENT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+DEFAULT_SHARD_TOKENS = 100_000_000  # fineweb.py's shard size
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """The folder's .txt / .jsonl / .parquet files, recursively, sorted by path (a fixed order)."""
+    if not folder.is_dir():
+        raise DataError(f"input folder {folder} not found or not a folder")
+    files = sorted((p for p in folder.rglob("*") if p.suffix in DOCUMENT_SUFFIXES and p.is_file()),
+                   key=lambda p: p.relative_to(folder).as_posix())
+    if not files:
+        raise DataError(f"input folder {folder} holds no .txt, .jsonl or .parquet files")
+    return files
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    raise DataError(f"{path}: line {number}: not JSON ({e})") from None
+                text = record.get(field) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise DataError(f"{path}: line {number}: no {field!r} field with a string")
+                yield text
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at offset {e.start})") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _parquet_documents(path: Path, field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading .parquet files needs pyarrow: pip install pyarrow") from None
+    try:
+        table = pq.ParquetFile(path)
+        if field not in table.schema_arrow.names:
+            raise DataError(f"{path}: no {field!r} column (columns: {', '.join(table.schema_arrow.names)})")
+        for batch in table.iter_batches(columns=[field]):
+            yield from (text for text in batch.column(0).to_pylist() if text is not None)
+    except (OSError, ValueError) as e:  # pyarrow's errors derive from these
+        raise DataError(f"{path}: cannot read the parquet file ({e})") from None
+
+
+def folder_documents(files: Sequence[Path], field: str = "text") -> Iterator[str]:
+    """Every document of the files in order: a .txt file is one, a .jsonl line or a parquet row one each."""
+    for path in files:
+        if path.suffix == ".txt":
+            yield _read_text(path)
+        elif path.suffix == ".jsonl":
+            yield from _jsonl_documents(path, field)
+        else:
+            yield from _parquet_documents(path, field)
+
+
+class _ShardWriter:
+    """Tokens into shards of exactly `size` tokens (the last one shorter): shard 0 is validation, the rest
+    training, named as fineweb.py names them (NAME_val_000000.bin, NAME_train_000001.bin, ...)."""
+
+    def __init__(self, out: Path, name: str, size: int):
+        self.out, self.name, self.size = out, name, size
+        self.buffer = np.empty(size, dtype=np.uint16)
+        self.filled, self.index, self.written = 0, 0, []
+
+    def add(self, tokens: np.ndarray) -> None:
+        while tokens.size:
+            take = min(tokens.size, self.size - self.filled)
+            self.buffer[self.filled:self.filled + take] = tokens[:take]
+            self.filled += take
+            tokens = tokens[take:]
+            if self.filled == self.size:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.filled:
+            return
+        split = "val" if self.index == 0 else "train"
+        path = self.out / f"{self.name}_{split}_{self.index:06d}.bin"
+        try:
+            write_shard(path, self.buffer[:self.filled])
+        except OSError as e:
+            raise DataError(f"cannot write {path}: {e.strerror or e}") from None
+        self.written.append(self.filled)
+        self.index, self.filled = self.index + 1, 0
+
+
+def prepare_folder(out_dir: str | os.PathLike, folder: str | os.PathLike, name: str = "text",
+                   shard_size: int = DEFAULT_SHARD_TOKENS, progress: bool = True) -> PreparedDataset:
+    """Tokenize every document of `folder` (see `folder_documents`) as fineweb.py does (<|endoftext|>, then
+    the document's ordinary GPT-2 encoding) into shards of `shard_size` tokens in out_dir, with a progress
+    bar (tokens) when `progress` and stderr is a terminal."""
+    from tqdm import tqdm
+
+    if shard_size < MIN_SPLIT_TOKENS:
+        raise OptionError("shard_size", shard_size, f"is too small: a shard needs at least {MIN_SPLIT_TOKENS} tokens")
+    if not name or os.sep in name or glob.has_magic(name):
+        raise ValueError(f"dataset name must be a plain file-name prefix, got {name!r}")
+    files = _folder_files(Path(folder))
+    writer = _ShardWriter(_make_out_dir(out_dir), name, shard_size)
+    encoding = gpt2_encoding()
+    with tqdm(unit="tok", unit_scale=True, desc=f"{name}: {len(files)} files", disable=None if progress else True,
+              leave=False) as bar:
+        for document in folder_documents(files):
+            tokens = np.array([GPT2_EOT_TOKEN, *encoding.encode_ordinary(document)], dtype=np.uint16)
+            writer.add(tokens)
+            bar.update(tokens.size)
+    writer.flush()
+    if len(writer.written) < 2:
+        raise DataError(f"{folder}: {sum(writer.written)} tokens make one shard of at most {shard_size} tokens, "
+                        "the validation shard; training needs a second one: give a smaller shard size")
+    out = Path(out_dir)
+    return PreparedDataset(name, os.path.join(glob.escape(str(out)), f"{name}_train_*.bin"),
+                           os.path.join(glob.escape(str(out)), f"{name}_val_*.bin"),
+                           sum(writer.written[1:]), writer.written[0])
