@@ -152,5 +152,5 @@ def test_prepare_text_folder_errors(tmp_path):
         prepare_folder(tmp_path / "out", tmp_path / "empty", progress=False)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
-    with pytest.raises(DataError, match=r"x.jsonl: line 2: .*text"):
+    with pytest.raises(DataError, match=r"x.jsonl: record 2: .*text"):
         prepare_folder(tmp_path / "out", tmp_path / "bad", progress=False)

@@ -1,4 +1,4 @@
-"""The `llmpy` command: prepare, train, sample, verify, bench, analyze, plot, graph."""
+"""The `llmpy` command: prepare, train, sample, eval, convert, verify, bench, analyze, plot, graph."""
 
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ def _prepare(args) -> int:
             prepared = data.prepare_text(args.data_dir, args.files, name=args.name)
     elif args.dataset == "default":
         prepared = data.prepare_default_corpus(args.data_dir)
+    elif args.dataset == "hellaswag":
+        path, count = data.prepare_hellaswag(args.data_dir, args.input)
+        print(f"hellaswag: {count:,} examples -> {path} (llm.c's eval file; `llmpy eval --file {path}`)")
+        return 0
     else:  # tokenizer
         from llmpy.io.tokenizer import write_gpt2_tokenizer_file
 
@@ -48,6 +52,13 @@ def _sample(args) -> int:
     from llmpy.commands import sample
 
     sample.run(args)
+    return 0
+
+
+def _eval(args) -> int:
+    from llmpy.commands import evaluate
+
+    evaluate.run(args)
     return 0
 
 
@@ -105,6 +116,11 @@ def _plot(args) -> int:
                              "`llmpy bench --json FILE`") from None
         paths = plots.scaling_pngs(results, args.output or os.path.dirname(os.path.abspath(args.source)))
         print("wrote " + ", ".join(paths))
+    elif args.kind == "log":
+        from llmpy.observe.llmc_log import read_main_log
+
+        output = args.output or os.path.splitext(args.source)[0] + ".png"
+        print(f"wrote {plots.loss_curves_png(read_main_log(args.source), output, os.path.basename(args.source))}")
     else:  # roofline
         from llmpy.observe.report import write_analysis
 
@@ -137,7 +153,7 @@ def _graph(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llmpy.commands import bench, convert, sample, train, verify
+    from llmpy.commands import bench, convert, evaluate, sample, train, verify
     from llmpy.core.config import PRESETS
 
     parser = argparse.ArgumentParser(
@@ -151,11 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Tokenize text with GPT-2's BPE into llm.c data shards, llm.c's way: "
                                          "sections split on blank lines, <|endoftext|> before each, the first "
                                          "32,768 tokens for validation.")
-    prepare.add_argument("dataset", choices=("tinyshakespeare", "text", "default", "tokenizer"),
-                         help="tinyshakespeare (downloads unless --input), text FILES..., default (offline corpus "
-                              "of Python docstrings), tokenizer (writes llm.c's gpt2_tokenizer.bin)")
+    prepare.add_argument("dataset", choices=("tinyshakespeare", "text", "default", "hellaswag", "tokenizer"),
+                         help="tinyshakespeare (downloads unless --input), text FILES... or FOLDER, default (offline "
+                              "corpus of Python docstrings), hellaswag (llm.c's eval file from hellaswag_val.jsonl; "
+                              "downloads unless --input), tokenizer (writes llm.c's gpt2_tokenizer.bin)")
     prepare.add_argument("files", nargs="*", help="text files, or one folder, for `prepare text`")
-    prepare.add_argument("--input", help="tinyshakespeare's input.txt already on disk (no download)")
+    prepare.add_argument("--input", help="tinyshakespeare's input.txt or hellaswag_val.jsonl already on disk "
+                                         "(no download)")
     prepare.add_argument("--name", default="text", help="dataset name for `prepare text` (default text)")
     prepare.add_argument("--shard-size", type=int, metavar="TOKENS",
                          help="`prepare text FOLDER` (.txt, .jsonl with a text field, .parquet): tokens per shard, "
@@ -175,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_arguments(sample_parser)
     sample_parser.set_defaults(handler=_sample)
 
+    eval_parser = sub.add_parser("eval", help="HellaSwag accuracy on llm.c's eval file (acc_norm, acc)",
+                                 description=evaluate.__doc__)
+    evaluate.add_arguments(eval_parser)
+    eval_parser.set_defaults(handler=_eval)
+
     convert_parser = sub.add_parser("convert", help="llm.c model file <-> Hugging Face GPT-2 folder (fp32 or bf16)",
                                     description=convert.__doc__)
     convert.add_arguments(convert_parser)
@@ -193,13 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     analyze_parser.add_argument("trace_dir", help="folder written by `llmpy train --trace DIR` or `llmpy bench --trace`")
     analyze_parser.set_defaults(handler=_analyze)
 
-    plot_parser = sub.add_parser("plot", help="timeline, scaling or roofline pictures (PNG)",
+    plot_parser = sub.add_parser("plot", help="timeline, scaling, roofline or loss-curve pictures (PNG)",
                                  description="timeline TRACE_DIR: threads as rows, kernels as coloured bars; "
                                              "scaling RESULTS.json: runtime, speedup and efficiency against threads "
-                                             "(from `llmpy bench --json`); roofline TRACE_DIR.")
-    plot_parser.add_argument("kind", choices=("timeline", "scaling", "roofline"))
-    plot_parser.add_argument("source", help="trace folder (timeline, roofline) or bench results JSON (scaling)")
-    plot_parser.add_argument("--output", help="PNG file (timeline) or folder (scaling); default beside the source")
+                                             "(from `llmpy bench --json`); roofline TRACE_DIR; log MAIN_LOG: "
+                                             "train/val loss and HellaSwag accuracy of an llm.c main.log "
+                                             "(`llmpy train --log-dir`).")
+    plot_parser.add_argument("kind", choices=("timeline", "scaling", "roofline", "log"))
+    plot_parser.add_argument("source", help="trace folder (timeline, roofline), bench results JSON (scaling) or "
+                                            "main.log (log)")
+    plot_parser.add_argument("--output", help="PNG file (timeline, log) or folder (scaling); default beside the source")
     plot_parser.add_argument("--steps", help="timeline: steps to show, N or FIRST:LAST (default all)")
     plot_parser.set_defaults(handler=_plot)
 

@@ -27,6 +27,15 @@ def token_decoder(vocab_size: int) -> Callable[[list[int]], str]:
     return lambda ids: " ".join(str(i) for i in ids)
 
 
+def inference_execution(threads: int):
+    """The execution model for sampling and evaluation: sequential on one thread, else fork-join on `threads`."""
+    from llmpy.execution.factory import make_execution_model
+
+    if threads is None or threads < 1:
+        raise ValueError(f"--threads {threads}: must be at least 1")
+    return make_execution_model("sequential" if threads == 1 else "forkjoin", threads)
+
+
 def next_token_distribution(logits: np.ndarray, temperature: float, top_k: int) -> np.ndarray:
     """Probabilities (V,) from one row of logits (V,), after temperature and top-k filtering."""
     scaled = logits.astype(np.float64) / max(temperature, 1e-8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from llmpy.io.checkpoints import Checkpoint, checkpoint_steps, identity_mismatch
 from llmpy.io.checkpoints import save_checkpoint as write_checkpoint
 from llmpy.io.formats import RunState, is_model_file, remove_stale_temporaries, write_model
 from llmpy.io.huggingface import load_model_source
+from llmpy.observe.llmc_log import MainLog
 from llmpy.observe.metrics import (StepStats, format_kernel_table, kernel_summary, measured_steps,
                            phase_summary, step_flops, write_run_metrics)
 from llmpy.observe.probes import measure_peak_gflops
@@ -102,6 +104,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     report.add_argument("--val-batches", type=int, default=5, help="batches per validation (default 5)")
     report.add_argument("--sample-every", type=int, default=20, help="sample every N steps (default 20; 0 = off)")
     report.add_argument("--sample-length", type=int, default=64, help="tokens per sample (default 64)")
+    report.add_argument("--eval-every", type=int, default=0,
+                        help="HellaSwag accuracy every N steps and at the end, as llm.c's -h 1 (default 0 = off)")
+    report.add_argument("--eval-file", help="llm.c eval file for --eval-every (default: DATA_DIR/hellaswag_val.bin, "
+                                            "from `llmpy prepare hellaswag`)")
+    report.add_argument("--log-dir", help="write llm.c's DIR/main.log (s:N trl/tel/eval lines; `llmpy plot log`)")
     report.add_argument("--peak-gflops", type=float,
                         help="peak GFLOP/s of one core; MFU counts it once per thread (default: the float32 GEMM "
                              "peak measured on the threads used, cached)")
@@ -132,6 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class TrainResult:
     train_losses: list[float] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, HellaSwag acc_norm)
     samples: list[str] = field(default_factory=list)
     steps: list[StepStats] = field(default_factory=list)
     kernels: list = field(default_factory=list)  # metrics.KernelSummary rows
@@ -250,7 +258,7 @@ def _check_outputs(args) -> None:
             raise ValueError(f"--output {args.output}: exists and is not an llm.c model file; it is left alone "
                              "(--force replaces it)")
         _writable_folder(os.path.dirname(os.path.abspath(args.output)), "--output")
-    for flag, folder in (("--metrics-dir", args.metrics_dir), ("--trace", args.trace),
+    for flag, folder in (("--metrics-dir", args.metrics_dir), ("--trace", args.trace), ("--log-dir", args.log_dir),
                          ("--checkpoint-dir", args.checkpoint_dir if args.checkpoint_every else None)):
         if folder:
             _writable_folder(folder, flag)
@@ -286,6 +294,30 @@ def _check_finite_state(step: int, model: GPT2, optimizer) -> None:
                                      "--grad-clip")
 
 
+def _hellaswag(args, config: GPT2Config, B: int, execution: ExecutionModel):
+    """The HellaSwag evaluation of --eval-every (None when off)."""
+    from llmpy.commands.evaluate import TrainingEval
+
+    if not args.eval_every:
+        return None
+    path = args.eval_file or os.path.join(args.data_dir, "hellaswag_val.bin")
+    if not os.path.exists(path):
+        raise ValueError(f"--eval-file {path}: not found; write it with `llmpy prepare hellaswag` (llm.c's eval file)")
+    return TrainingEval(path, config, B, execution.kernels)
+
+
+def _grad_norm(optimizer, model: GPT2, execution: ExecutionModel, grad_accum: int) -> float:
+    """The step's global gradient norm for the log: the optimizer's when it clips, else computed here on one
+    process (ranks hold gradients in their strategy's own way: nan)."""
+    norm = getattr(optimizer, "last_grad_norm", None)
+    if norm is not None:
+        return norm
+    if execution.world_size > 1:
+        return float("nan")
+    grads = model.grads.flat
+    return math.sqrt(float(np.dot(grads, grads))) / grad_accum  # float32 BLAS dot: no copy of the gradients
+
+
 def _check_args(args) -> None:
     for name in ("batch_size", "seq_len", "steps", "grad_accum", "val_batches", "sample_length"):
         if getattr(args, name) <= 0:
@@ -294,7 +326,7 @@ def _check_args(args) -> None:
         raise ValueError(f"--seed must be in [0, 2^31), got {args.seed}")
     if args.resume and args.init_from:
         raise ValueError("--resume continues from the checkpoint's own model; drop --init-from")
-    for name in ("val_every", "sample_every", "checkpoint_every", "warmup_steps", "keep_checkpoints",
+    for name in ("val_every", "eval_every", "sample_every", "checkpoint_every", "warmup_steps", "keep_checkpoints",
                  "warmup_report_steps"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -425,6 +457,7 @@ def _report(args, result: TrainResult, recorder, execution, optimizer, meta: dic
 def run(args, out=sys.stdout) -> TrainResult:
     from tqdm import tqdm
 
+    from llmpy.commands.evaluate import describe as describe_eval
     from llmpy.commands.sample import generate, token_decoder
 
     _check_args(args)
@@ -452,6 +485,8 @@ def run(args, out=sys.stdout) -> TrainResult:
         model, checkpoint = build_model(args, execution, B, T, say)
         config: GPT2Config = model.config
         train_loader, val_loader = _load_data(args, config.vocab_size, B, T, say, execution)
+        hellaswag = _hellaswag(args, config, B, execution)
+        log = MainLog(args.log_dir, resume=checkpoint is not None) if args.log_dir and execution.rank == 0 else None
         optimizer = execution.make_optimizer(model, optimizer_config, args.grad_accum)
         peak = args.peak_gflops * execution.threads if args.peak_gflops else measure_peak_gflops(execution.threads)
         peak *= execution.world_size  # the rank's peak, once per rank
@@ -481,12 +516,21 @@ def run(args, out=sys.stdout) -> TrainResult:
             recorder.enabled = False  # validation and samples are not part of the training step
             validate = val_loader is not None and (step % args.val_every == 0 or last)
             sample = args.sample_every > 0 and ((step > 0 and step % args.sample_every == 0) or last)
-            if validate or sample or last:
+            evaluate = hellaswag is not None and ((step > 0 and step % args.eval_every == 0) or last)  # llm.c's -h
+            if validate or sample or evaluate or last:
                 execution.synchronize()  # --overlap-steps: the last step's update is done before reading parameters
             if validate:
                 val_loss = execution.group.average(validation_loss(model, val_loader, args.val_batches))
                 result.val_losses.append((step, val_loss))
                 say(f"val loss {val_loss:.6f}")
+                if log is not None:
+                    log.val(step, val_loss)
+            if evaluate:
+                score = hellaswag.score(model)
+                result.evals.append((step, score.accuracy_norm))
+                say(describe_eval(score))
+                if log is not None:
+                    log.eval(step, score.accuracy_norm)
             if sample and execution.rank == 0:
                 # seeded by step, so a resumed run samples what the uninterrupted one would
                 tokens = generate(model, [], args.sample_length, rng=np.random.default_rng([args.seed, step]))
@@ -515,6 +559,8 @@ def run(args, out=sys.stdout) -> TrainResult:
                 f"{stats.tokens_per_second:,.0f} tok/s, {stats.tokens_per_second_per_core:,.0f} tok/s/core, "
                 f"MFU {100 * stats.mfu:.1f}%)")
             progress.update(1)
+            if log is not None:  # llm.c logs the step's own index (0-based)
+                log.train(step, loss, schedule(step), _grad_norm(optimizer, model, execution, args.grad_accum))
             if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
                 execution.synchronize()
                 save_checkpoint(args, step + 1, model, optimizer, train_loader, run_id, identity)

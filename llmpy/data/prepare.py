@@ -186,18 +186,20 @@ def _download_help(out_dir: Path) -> str:
 
 
 def _download_tinyshakespeare(dest: Path) -> None:
+    _download(TINYSHAKESPEARE_URL, dest, "TinyShakespeare", _download_help(dest.parent))
+
+
+def _download(url: str, dest: Path, what: str, help_text: str) -> None:
+    """Fetch a UTF-8 text file to `dest` (atomically); offline, a DataError saying what to fetch by hand."""
     try:
-        with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=DOWNLOAD_TIMEOUT_S) as response:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
             data = response.read()
         if not data:
             raise ValueError("the server sent an empty file")
         data.decode("utf-8")  # refuse to save an error page in some other encoding
     except Exception as e:  # offline, DNS, timeout, HTTP error, truncated body: all mean "fetch it by hand"
         reason = getattr(e, "reason", None) or e
-        raise DataError(
-            f"could not download TinyShakespeare from {TINYSHAKESPEARE_URL}: {reason} "
-            f"(no network?).\n{_download_help(dest.parent)}"
-        ) from None
+        raise DataError(f"could not download {what} from {url}: {reason} (no network?).\n{help_text}") from None
     try:
         atomic_write_bytes(dest, data)
     except OSError as e:
@@ -385,7 +387,8 @@ def _folder_files(folder: Path) -> list[Path]:
     return files
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+def _jsonl_records(path: Path) -> Iterator[dict]:
+    """The JSON objects of a .jsonl file, one a line (blank lines skipped)."""
     import json
 
     try:
@@ -397,14 +400,23 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
                     record = json.loads(line)
                 except ValueError as e:
                     raise DataError(f"{path}: line {number}: not JSON ({e})") from None
-                text = record.get(field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise DataError(f"{path}: line {number}: no {field!r} field with a string")
-                yield text
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}: line {number}: not a JSON object")
+                yield record
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at offset {e.start})") from None
+    except FileNotFoundError:
+        raise DataError(f"input file {path} not found") from None
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+    for number, record in enumerate(_jsonl_records(path), 1):
+        text = record.get(field)
+        if not isinstance(text, str):
+            raise DataError(f"{path}: record {number}: no {field!r} field with a string")
+        yield text
 
 
 def _parquet_documents(path: Path, field: str) -> Iterator[str]:
@@ -492,3 +504,50 @@ def prepare_folder(out_dir: str | os.PathLike, folder: str | os.PathLike, name: 
     return PreparedDataset(name, os.path.join(glob.escape(str(out)), f"{name}_train_*.bin"),
                            os.path.join(glob.escape(str(out)), f"{name}_val_*.bin"),
                            sum(writer.written[1:]), writer.written[0])
+
+
+# ----------------------------------------------------------------------------
+# HellaSwag, as llm.c's dev/data/hellaswag.py renders it into its eval file
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+
+
+def hellaswag_examples(path: Path) -> list:
+    """EvalExamples of a HellaSwag jsonl: the context `ctx` encoded, each ending encoded with a leading space."""
+    from llmpy.io.evalfile import EvalExample
+
+    encoding = gpt2_encoding()
+    examples = []
+    for number, text in enumerate(_jsonl_records(path), 1):
+        try:
+            label, ctx, endings = int(text["label"]), text["ctx"], text["endings"]
+            completions = [encoding.encode_ordinary(" " + end) for end in endings]
+            examples.append(EvalExample(label, encoding.encode_ordinary(ctx), completions))
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{path}: example {number}: not a HellaSwag record with label, ctx and endings ({e})") from None
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+def prepare_hellaswag(out_dir: str | os.PathLike, input_path: str | os.PathLike | None = None) -> tuple[Path, int]:
+    """out_dir/hellaswag_val.bin (llm.c's eval file) from the HellaSwag validation jsonl; without `input_path`
+    out_dir/hellaswag_val.jsonl, downloaded first when it is not there. Returns (path, number of examples)."""
+    from llmpy.io.evalfile import write_eval_file
+
+    out = _make_out_dir(out_dir)
+    if input_path is None:
+        input_path = out / "hellaswag_val.jsonl"
+        if not input_path.exists():
+            _download(HELLASWAG_URL, input_path, "HellaSwag",
+                      f"On a machine with internet access fetch {HELLASWAG_URL}, copy it here and run:\n"
+                      "    llmpy prepare hellaswag --input /path/to/hellaswag_val.jsonl")
+    examples = hellaswag_examples(Path(input_path))
+    target = out / "hellaswag_val.bin"
+    try:
+        write_eval_file(target, examples)
+    except ValueError as e:
+        raise DataError(f"{input_path}: {e}") from None
+    except OSError as e:
+        raise DataError(f"cannot write {target}: {e.strerror or e}") from None
+    return target, len(examples)

@@ -3,6 +3,7 @@
   timeline_png   threads of each rank as rows, one coloured bar per kernel event, step boundaries
   roofline_png   log-log roofline with one labelled point per kernel (rows from llmpy.analysis.roofline_rows)
   scaling_pngs   runtime, speedup and efficiency against threads, for the step, forward and backward
+  loss_curves_png  training and validation loss (and HellaSwag accuracy) of an llm.c main.log
 """
 
 from __future__ import annotations
@@ -318,3 +319,57 @@ def scaling_pngs(results: list[dict], directory: str) -> list[str]:
         fig.tight_layout(rect=(0, 0, 0.86, 0.95))
         paths.append(_save(fig, os.path.join(directory, filename)))
     return paths
+
+
+def loss_curves_png(series: dict[str, list[tuple[int, float]]], path: str, title: str = "") -> str:
+    """Training and validation loss against step (llm.c's main.log series), HellaSwag accuracy on a second axis."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key, label, style in (("trl", "train loss", "-"), ("tel", "val loss", "o-")):
+        if series.get(key):
+            steps, values = zip(*series[key])
+            ax.plot(steps, values, style, label=label, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    handles, labels = ax.get_legend_handles_labels()
+    if series.get("eval"):
+        acc = ax.twinx()
+        steps, values = zip(*series["eval"])
+        acc.plot(steps, values, "s--", color="tab:green", label="HellaSwag acc_norm", markersize=3)
+        acc.set_ylabel("accuracy")
+        more_handles, more_labels = acc.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, loc="upper right")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def shape_png(results: list[dict], path: str) -> str:
+    """ms per step and peak RSS against the sequence length T, one line per (configuration, B), llmpy's
+    configurations and the torch baseline alike (`llmpy bench --shapes`)."""
+    if not results:
+        raise ValueError("no results to plot")
+    _prepare(path)
+    series: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+    for r in results:
+        name = "torch eager" if r["mode"] == "torch" else f"llmpy {r['mode']} {r['runtime']}"
+        series[f"{name} x{r['threads']}, B={r['B']}"].append((r["T"], r["ms_per_step_median"], r["peak_rss_mb"] / 1024))
+    fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(12, 4.6))
+    palette = _palette()
+    for i, (label, points) in enumerate(sorted(series.items())):
+        points.sort()
+        t, ms, gb = zip(*points)
+        style = dict(marker="o", color=palette[i % len(palette)], label=label,
+                     linestyle="--" if label.startswith("torch") else "-")
+        time_ax.plot(t, ms, **style)
+        memory_ax.plot(t, gb, **style)
+    for ax, ylabel in ((time_ax, "ms per step (median)"), (memory_ax, "peak RSS of the process (GB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    time_ax.set_yscale("log")
+    memory_ax.legend(fontsize=7)
+    fig.suptitle("training step against sequence length")
+    return _save(fig, path)
