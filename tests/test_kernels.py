@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from numba import njit
 
-from llmpy.kernels import KernelSet, adamw, attention, crossentropy, encoder, gelu, layernorm, matmul, residual
+from llmpy.kernels import KernelSet, adamw, attention_llmc, crossentropy, encoder, gelu, layernorm, matmul, residual
 from llmpy.kernels import vector_math
 
 B, T, C, NH, V, VP, MAXT = 2, 12, 16, 4, 50, 64, 16
@@ -286,7 +286,7 @@ def test_attention_forward(parallel):
     rng = np.random.default_rng(9)
     qkv = random_qkv(rng)
     out, preatt, att = attention_forward_buffers()
-    attention.attention_forward.variant(parallel)(out, preatt, att, qkv, NH, 0, B, 0, T)
+    attention_llmc.attention_llmc_forward.variant(parallel)(out, preatt, att, qkv, NH, 0, B, 0, T)
     ref_preatt, ref_att, ref_out = (r.numpy() for r in attention_torch(t64(qkv)))
     close(out, ref_out)
     lower = np.tril(np.ones((T, T), bool))
@@ -307,7 +307,7 @@ def attention_inputs(seed, b=B, t=T, c=C):
     rng = np.random.default_rng(seed)
     qkv, dout = random_qkv(rng, b, t, c), rand(rng, b, t, c)
     out, preatt, att = attention_forward_buffers(b, t, c)
-    attention.attention_forward.serial(out, preatt, att, qkv, NH, 0, b, 0, t)
+    attention_llmc.attention_llmc_forward.serial(out, preatt, att, qkv, NH, 0, b, 0, t)
     return rng, qkv, dout, att
 
 
@@ -322,7 +322,7 @@ def test_attention_backward(parallel, accumulate):
     dqkv0 = rand(rng, B, T, 3 * C)  # garbage: accumulate=False must zero it first
     dqkv = dqkv0.copy()
     dpreatt, datt = attention_backward_scratch()
-    attention.attention_backward.variant(parallel)(dqkv, dpreatt, datt, dout, qkv, att, NH, 0, B, 0, T, accumulate)
+    attention_llmc.attention_llmc_backward.variant(parallel)(dqkv, dpreatt, datt, dout, qkv, att, NH, 0, B, 0, T, accumulate)
     expected = attention_backward_ref(qkv, dout)
     close(dqkv, t64(dqkv0) + expected if accumulate else expected)
 
@@ -382,30 +382,19 @@ def logits_and_targets(rng, n=N):
 
 
 @VARIANTS
-def test_crossentropy_forward(parallel):
+def test_crossentropy_forward_backward(parallel):
     logits, targets = logits_and_targets(np.random.default_rng(14))
-    probs, losses = np.full((N, VP), np.nan, np.float32), np.full(N, np.nan, np.float32)
-    crossentropy.crossentropy_forward.variant(parallel)(probs, losses, logits, targets, V)
-    real = t64(logits[:, :V])
-    close(probs[:, :V], real.softmax(dim=1))
-    np.testing.assert_array_equal(probs[:, V:], 0.0)
-    close(losses, F.cross_entropy(real, torch.from_numpy(targets).long(), reduction="none"))
-
-
-@VARIANTS
-def test_crossentropy_backward(parallel):
-    logits, targets = logits_and_targets(np.random.default_rng(15))
-    probs, losses = np.empty((N, VP), np.float32), np.empty(N, np.float32)
-    crossentropy.crossentropy_forward.serial(probs, losses, logits, targets, V)
-    dlogits = np.full((N, VP), np.nan, np.float32)
-    crossentropy.crossentropy_backward.variant(parallel)(dlogits, probs, targets, 1.0 / N, V)
+    grads, losses = logits.copy(), np.full(N, np.nan, np.float32)
+    crossentropy.crossentropy_forward_backward.variant(parallel)(grads, losses, targets, 1.0 / N, V)
     real = t64(logits[:, :V], True)
-    F.cross_entropy(real, torch.from_numpy(targets).long()).backward()  # mean over the N rows
-    close(dlogits[:, :V], real.grad)
-    np.testing.assert_array_equal(dlogits[:, V:], 0.0)
-    # and literally (probs - onehot) / N from the kernel's own probs: one float32 multiply-subtract each
+    expected_losses = F.cross_entropy(real, torch.from_numpy(targets).long(), reduction="none")
+    close(losses, expected_losses)
+    expected_losses.mean().backward()  # the gradient of the mean over the N rows
+    close(grads[:, :V], real.grad)
+    np.testing.assert_array_equal(grads[:, V:], 0.0)  # the padded columns (100.0 on entry) get none
+    # and literally (softmax - onehot) / N: a float32 multiply and subtract of the probabilities
     onehot = np.zeros((N, V)); onehot[np.arange(N), targets] = 1.0
-    close(dlogits[:, :V], (probs[:, :V].astype(np.float64) - onehot) / N, atol=1e-8, rtol=1e-6)
+    close(grads[:, :V], (real.detach().softmax(dim=1).numpy() - onehot) / N, atol=1e-8, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- adamw
@@ -525,19 +514,11 @@ ROW_CASES = {
         lambda a, p, r0, r1: residual.residual_backward.variant(p)(
             _flat_rows(a["da"], r0, r1), _flat_rows(a["db"], r0, r1), _flat_rows(a["dout"], r0, r1)),
         ["da", "db"], True),
-    "crossentropy_forward": (
-        lambda rng: dict(zip(("logits", "targets"), logits_and_targets(rng)),
-                         probs=np.full((N, VP), np.nan, np.float32),
-                         losses=np.full(N, np.nan, np.float32)),
-        lambda a, p, r0, r1: crossentropy.crossentropy_forward.variant(p)(
-            a["probs"][r0:r1], a["losses"][r0:r1], a["logits"][r0:r1], a["targets"][r0:r1], V),
-        ["probs", "losses"], True),
-    "crossentropy_backward": (
-        lambda rng: dict(probs=np.abs(rand(rng, N, VP)), targets=logits_and_targets(rng)[1],
-                         dlogits=np.full((N, VP), np.nan, np.float32)),
-        lambda a, p, r0, r1: crossentropy.crossentropy_backward.variant(p)(
-            a["dlogits"][r0:r1], a["probs"][r0:r1], a["targets"][r0:r1], 1.0 / N, V),
-        ["dlogits"], True),
+    "crossentropy_forward_backward": (
+        lambda rng: dict(zip(("logits", "targets"), logits_and_targets(rng)), losses=np.full(N, np.nan, np.float32)),
+        lambda a, p, r0, r1: crossentropy.crossentropy_forward_backward.variant(p)(
+            a["logits"][r0:r1], a["losses"][r0:r1], a["targets"][r0:r1], 1.0 / N, V),
+        ["logits", "losses"], True),
     "adamw_update": (
         lambda rng: dict(params=rand(rng, N, C), grads=rand(rng, N, C), m=rand(rng, N, C, scale=0.1),
                          v=np.abs(rand(rng, N, C, scale=0.1))),
@@ -681,7 +662,7 @@ QUERY_BLOCKS = [(0, 4), (4, 8), (8, 12)]
 
 @VARIANTS
 def test_attention_forward_blocks_equal_whole(parallel):
-    fwd = attention.attention_forward.variant(parallel)
+    fwd = attention_llmc.attention_llmc_forward.variant(parallel)
     qkv = random_qkv(np.random.default_rng(40))
     whole = attention_forward_buffers()
     fwd(*whole, qkv, NH, 0, B, 0, T)
@@ -702,7 +683,7 @@ def test_attention_forward_blocks_equal_whole(parallel):
 def test_attention_forward_block_touches_only_its_rows(parallel):
     qkv = random_qkv(np.random.default_rng(41))
     out, preatt, att = attention_forward_buffers()
-    attention.attention_forward.variant(parallel)(out, preatt, att, qkv, NH, 1, 2, 4, 8)
+    attention_llmc.attention_llmc_forward.variant(parallel)(out, preatt, att, qkv, NH, 1, 2, 4, 8)
     assert not np.isnan(out[1, 4:8]).any() and not np.isnan(att[1, :, 4:8]).any()
     out[1, 4:8] = np.nan
     att[1, :, 4:8] = np.nan
@@ -711,7 +692,7 @@ def test_attention_forward_block_touches_only_its_rows(parallel):
 
 
 def _attention_backward_run(parallel, dqkv, qkv, dout, att, blocks):
-    bwd = attention.attention_backward.variant(parallel)
+    bwd = attention_llmc.attention_llmc_backward.variant(parallel)
     dpreatt, datt = attention_backward_scratch()
     for b0, b1, t0, t1, acc in blocks:
         bwd(dqkv, dpreatt, datt, dout, qkv, att, NH, b0, b1, t0, t1, acc)
@@ -802,8 +783,8 @@ def test_row_and_channel_kernels_serial_equals_parallel(table, case):
 def test_attention_serial_equals_parallel():
     qkv = random_qkv(np.random.default_rng(52))
     fwd = [attention_forward_buffers() for _ in range(2)]
-    attention.attention_forward.serial(*fwd[0], qkv, NH, 0, B, 0, T)
-    attention.attention_forward.parallel(*fwd[1], qkv, NH, 0, B, 0, T)
+    attention_llmc.attention_llmc_forward.serial(*fwd[0], qkv, NH, 0, B, 0, T)
+    attention_llmc.attention_llmc_forward.parallel(*fwd[1], qkv, NH, 0, B, 0, T)
     for s, p in zip(*fwd):
         np.testing.assert_array_equal(p, s)
     rng, qkv, dout, att = attention_inputs(53)
@@ -856,7 +837,8 @@ def test_elementwise_kernels_serial_equals_parallel_bitwise(name):
 def test_kernel_set_picks_the_variant():
     for parallel in (False, True):
         ks = KernelSet(parallel)
-        assert ks.attention_forward is attention.attention_forward.variant(parallel)
+        assert ks.attention_llmc_forward is attention_llmc.attention_llmc_forward.variant(parallel)
+        assert ks.attention_forward.keywords == {"parallel": parallel}
         assert ks.layernorm_backward_params is layernorm.layernorm_backward_params.variant(parallel)
         assert ks.matmul_forward.keywords == {"parallel": parallel}
 
@@ -992,7 +974,7 @@ def _lane_attention_inputs(seed, hs):
 @pytest.mark.parametrize("hs", HEAD_SIZES)
 def test_attention_forward_is_the_lane_order(parallel, hs):
     nh, qkv, _, out, preatt, att = _lane_attention_inputs(64, hs)
-    attention.attention_forward.variant(parallel)(out, preatt, att, qkv, nh, 0, LB, 0, LT)
+    attention_llmc.attention_llmc_forward.variant(parallel)(out, preatt, att, qkv, nh, 0, LB, 0, LT)
     q, k, v = _heads(qkv, hs, nh)
     scale = np.float32(1.0 / math.sqrt(hs))
     for b in range(LB):
@@ -1010,9 +992,9 @@ def test_attention_forward_is_the_lane_order(parallel, hs):
 @pytest.mark.parametrize("hs", HEAD_SIZES)
 def test_attention_backward_is_the_lane_order(parallel, hs):
     nh, qkv, dout, out, preatt, att = _lane_attention_inputs(65, hs)
-    attention.attention_forward.serial(out, preatt, att, qkv, nh, 0, LB, 0, LT)
+    attention_llmc.attention_llmc_forward.serial(out, preatt, att, qkv, nh, 0, LB, 0, LT)
     dqkv, dpreatt, datt = np.zeros_like(qkv), np.zeros((LB, nh, LT, LT), np.float32), np.zeros((LB, nh, LT, LT), np.float32)
-    attention.attention_backward.variant(parallel)(dqkv, dpreatt, datt, dout, qkv, att, nh, 0, LB, 0, LT, False)
+    attention_llmc.attention_llmc_backward.variant(parallel)(dqkv, dpreatt, datt, dout, qkv, att, nh, 0, LB, 0, LT, False)
     q, k, v = _heads(qkv, hs, nh)
     dq, dk, dv = (np.zeros_like(a) for a in (q, k, v))
     g_out = dout.reshape(LB, LT, nh, hs).transpose(0, 2, 1, 3)
@@ -1039,7 +1021,7 @@ def test_attention_backward_is_the_lane_order(parallel, hs):
 @pytest.mark.parametrize("hs", HEAD_SIZES)
 def test_attention_at_lane_head_sizes_matches_torch(parallel, hs):
     nh, qkv, dout, out, preatt, att = _lane_attention_inputs(66, hs)
-    attention.attention_forward.variant(parallel)(out, preatt, att, qkv, nh, 0, LB, 0, LT)
+    attention_llmc.attention_llmc_forward.variant(parallel)(out, preatt, att, qkv, nh, 0, LB, 0, LT)
     qkv64 = t64(qkv, True)
     b, t, c3 = qkv64.shape
     heads = [x.view(b, t, nh, hs).transpose(1, 2) for x in qkv64.split(c3 // 3, dim=2)]
@@ -1050,7 +1032,7 @@ def test_attention_at_lane_head_sizes_matches_torch(parallel, hs):
     close(att, ref_att)
     ref_out.backward(t64(dout))
     dqkv, dpreatt, datt = np.zeros_like(qkv), np.zeros((LB, nh, LT, LT), np.float32), np.zeros((LB, nh, LT, LT), np.float32)
-    attention.attention_backward.variant(parallel)(dqkv, dpreatt, datt, dout, qkv, att, nh, 0, LB, 0, LT, False)
+    attention_llmc.attention_llmc_backward.variant(parallel)(dqkv, dpreatt, datt, dout, qkv, att, nh, 0, LB, 0, LT, False)
     close(dqkv, qkv64.grad)
 
 
@@ -1091,9 +1073,9 @@ def _reduction_kernel_runs():
         return dw, db
 
     def ce_forward(f):
-        probs, losses = np.empty((N, VP), np.float32), np.empty(N, np.float32)
-        f(probs, losses, logits, targets, V)
-        return probs, losses
+        grads, losses = logits.copy(), np.empty(N, np.float32)
+        f(grads, losses, targets, 1.0 / N, V)
+        return grads, losses
 
     def bias_backward(f):
         db = mmw["db"].copy()
@@ -1108,7 +1090,7 @@ def _reduction_kernel_runs():
     runs = [("layernorm_forward", layernorm.layernorm_forward, ln_forward),
             ("layernorm_backward_input", layernorm.layernorm_backward_input, ln_backward_input),
             ("layernorm_backward_params", layernorm.layernorm_backward_params, ln_backward_params),
-            ("crossentropy_forward", crossentropy.crossentropy_forward, ce_forward),
+            ("crossentropy_forward_backward", crossentropy.crossentropy_forward_backward, ce_forward),
             ("sum_of_squares", adamw.sum_of_squares, lambda f: (np.float64(f(big)),)),
             ("bias_backward", matmul.bias_backward, bias_backward),
             ("encoder_backward", encoder.encoder_backward, enc_backward)]
@@ -1122,13 +1104,13 @@ def _reduction_kernel_runs():
 
         def att_backward(f, nh=nh, qkv=qkv, dout=dout, out0=out0, preatt0=preatt0, att0=att0):
             out, preatt, att = out0.copy(), preatt0.copy(), att0.copy()
-            attention.attention_forward.serial(out, preatt, att, qkv, nh, 0, LB, 0, LT)
+            attention_llmc.attention_llmc_forward.serial(out, preatt, att, qkv, nh, 0, LB, 0, LT)
             dqkv, scratch = np.ones_like(qkv), [np.zeros((LB, nh, LT, LT), np.float32) for _ in range(2)]
             f(dqkv, *scratch, dout, qkv, att, nh, 0, LB, 0, LT, False)
             return (dqkv, *scratch)
 
-        runs.append((f"attention_forward-hs{hs}", attention.attention_forward, att_forward))
-        runs.append((f"attention_backward-hs{hs}", attention.attention_backward, att_backward))
+        runs.append((f"attention_forward-hs{hs}", attention_llmc.attention_llmc_forward, att_forward))
+        runs.append((f"attention_backward-hs{hs}", attention_llmc.attention_llmc_backward, att_backward))
     return runs
 
 

@@ -31,11 +31,19 @@ def test_matmul_and_attention_costs_match_hand_counts():
     B, T, NH, hs = 2, 4, 2, 3
     qkv = np.zeros((B, T, 3 * NH * hs))
     att = np.zeros((B, NH, T, T))
-    flops, _ = kernel_cost("attention_forward", (np.zeros((B, T, NH * hs)), att, att, qkv, NH, 0, B, 0, T))
+    flops, _ = kernel_cost("attention_llmc_forward", (np.zeros((B, T, NH * hs)), att, att, qkv, NH, 0, B, 0, T))
     assert flops == B * NH * 10 * (4 * hs + 5)
     # a block of query rows [2, 4) has (3+4) pairs per head
-    flops, _ = kernel_cost("attention_forward", (np.zeros((B, T, NH * hs)), att, att, qkv, NH, 0, B, 2, 4))
+    flops, _ = kernel_cost("attention_llmc_forward", (np.zeros((B, T, NH * hs)), att, att, qkv, NH, 0, B, 2, 4))
     assert flops == B * NH * 7 * (4 * hs + 5)
+    # the tiled kernel counts the same causal pairs (not the masked half of its diagonal tiles)
+    lse = np.zeros((B, NH, T))
+    flops, _ = kernel_cost("attention_forward", (np.zeros((B, T, NH * hs)), lse, qkv, NH, 0, B, 2, 4))
+    assert flops == B * NH * 7 * (4 * hs + 5)
+    # backward: scores again (2 hs), dv, dP, dq, dk (8 hs) per pair
+    flops, _ = kernel_cost("attention_backward", (qkv, np.zeros((B, T, NH * hs)), qkv, np.zeros((B, T, NH * hs)), lse,
+                                                  NH, 0, B, 0, T, False))
+    assert flops == B * NH * 10 * (10 * hs + 8)
     assert kernel_cost("unknown_kernel", ()) == (0.0, 0.0)
 
 
@@ -179,8 +187,8 @@ def test_trace_of_a_real_run_exports_and_analyzes(text_dataset, tmp_path):  # no
     slices = [e for e in chrome["traceEvents"] if e.get("ph") == "X" and e.get("cat") in
               ("forward", "backward", "update")]
     per_step = [e for e in slices if e["args"]["step"] == 2 and e["args"]["thread"] == 0]
-    # d2 (2 layers): forward 1 + 10 per layer + 3, backward 5 + 16 per layer + 1, update 1 = 63 calls
-    assert len(per_step) == len([e for e in slices if e["args"]["step"] == 3 and e["args"]["thread"] == 0]) == 63
+    # d2 (2 layers): forward 1 + 10 per layer + 3, backward 4 + 14 per layer + 1, update 1 = 58 calls
+    assert len(per_step) == len([e for e in slices if e["args"]["step"] == 3 and e["args"]["thread"] == 0]) == 58
     for tid in {e["tid"] for e in slices}:
         spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in slices if e["tid"] == tid)
         assert all(end <= start + 1e-3 for (_, end), (start, _) in zip(spans, spans[1:]))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmpy.core.config import GPT2Config
+from llmpy.core.config import ActivationOptions, GPT2Config
 from llmpy.execution.factory import make_execution_model
 from llmpy.kernels import KernelSet
 from llmpy.core.model import GPT2
@@ -33,20 +33,28 @@ def batch(seed: int, vocab_size: int = CONFIG.vocab_size):
     return rng.integers(0, vocab_size, (B, T)), rng.integers(0, vocab_size, (B, T))
 
 
-@pytest.fixture(params=[False, True], ids=["serial", "parallel"])
+# the default (tiled attention, one layer of activation gradients), llm.c's stored attention, and recomputation
+ACTIVATIONS = {"flash": ActivationOptions(), "llmc": ActivationOptions("llmc"),
+               "recompute-gelu": ActivationOptions(recompute=1), "recompute-all": ActivationOptions(recompute=2)}
+
+
+@pytest.fixture(params=[(False, "flash"), (True, "flash"), (False, "llmc"), (True, "llmc"), (False, "recompute-gelu"),
+                        (True, "recompute-all")], ids=lambda p: f"{'parallel' if p[0] else 'serial'}-{p[1]}")
 def model(request):
-    m = GPT2(CONFIG, B, T, KernelSet(parallel=request.param))
+    parallel, activations = request.param
+    m = GPT2(CONFIG, B, T, KernelSet(parallel=parallel), activations=ACTIVATIONS[activations])
     m.init_random(seed=7)
     return m
 
 
 def test_logits_and_loss_match_torch(model):
     inputs, targets = batch(0)
-    loss = model.forward(inputs, targets)
+    model.forward(inputs)
     ref = TorchGPT2(CONFIG, dict(model.params.items()))
     ref_loss, ref_logits = ref.loss(inputs, targets)
     np.testing.assert_allclose(model.logits(), ref_logits.detach().numpy()[:, :, : CONFIG.vocab_size],
                                atol=LOGITS_ATOL, rtol=0)
+    loss = model.forward(inputs, targets)
     assert abs(loss - ref_loss.item()) < LOGITS_ATOL
     # a fresh random model predicts near-uniformly: the loss is near ln(V), a value torch did not pick
     assert abs(loss - np.log(CONFIG.vocab_size)) < 0.5
@@ -71,8 +79,9 @@ def test_every_gradient_matches_torch(model):
     assert not model.grads.wte[CONFIG.vocab_size:].any()
 
 
-def test_gradient_accumulation_matches_torch():
-    model = GPT2(CONFIG, B, T)
+@pytest.mark.parametrize("activations", ["flash", "llmc"])
+def test_gradient_accumulation_matches_torch(activations):
+    model = GPT2(CONFIG, B, T, activations=ACTIVATIONS[activations])
     model.init_random(seed=3)
     ref = TorchGPT2(CONFIG, dict(model.params.items()))
     for micro_step, seed in enumerate((10, 11)):

@@ -1,18 +1,18 @@
-"""The step has one description: the model's list of kernel calls. The task graph derived from it is the graph
-the hand-written builder gave (legacy_step_graph.py, kept as the reference), and a kernel added to the list
-reaches every execution model without a change to the execution code."""
+"""The step has one description: the model's list of kernel calls. A kernel added to the list reaches every
+execution model without a change to the execution code. (The graph derived from the list was checked against the
+former hand-written builder while both described llm.c's CPU layout; with one layer of activation gradients and
+the tiled attention that builder no longer describes the model, and tests/test_tasks.py checks the derived
+graph's dependencies directly.)"""
 
 import numpy as np
 import pytest
-from legacy_step_graph import build_step_graph as legacy_build_step_graph
 from numba import prange
 
 from llmpy.core.config import PRESETS
 from llmpy.core.model import GPT2
-from llmpy.core.optim import AdamW, AdamWConfig
+from llmpy.core.optim import AdamWConfig
 from llmpy.core.step import KernelCall
 from llmpy.execution.factory import make_execution_model
-from llmpy.execution.tasks.execution import build_step_graph
 from llmpy.execution.threads import available_cores
 from llmpy.kernels import costs, specs
 from llmpy.kernels.compile import kernel
@@ -23,43 +23,6 @@ def _model(name, B=2, T=16):
     model = GPT2(PRESETS[name], B, T)
     model.init_random(1)
     return model
-
-
-def _described(graph):
-    """Every task by name: kernel, layer, block, phase, cost, and its predecessors by name."""
-    names = [t.name for t in graph.tasks]
-    return {t.name: (t.kernel, t.layer, tuple(t.block), t.phase, round(t.cost, 12), round(t.flops), round(t.bytes),
-                     frozenset(names[p] for p in t.preds)) for t in graph.tasks}
-
-
-GRAPH_CASES = [
-    dict(),
-    dict(with_update=False),
-    dict(accumulate=True),
-    dict(with_update=False, leading_update=True),
-    dict(with_update=False, grad_norm_at_end=True),
-]
-
-
-@pytest.mark.parametrize("preset", ["tiny", "d2"])
-@pytest.mark.parametrize("block_tokens", [4, 8, 16])
-@pytest.mark.parametrize("gemm_split", ["rows", "lm_head", "channels"])
-def test_derived_graph_equals_the_hand_written_one(preset, block_tokens, gemm_split):
-    model = _model(preset)
-    columns = 64 if preset == "tiny" else 384  # tiny: 2 column blocks per GEMM; d2: the default
-    configs = [AdamWConfig(), AdamWConfig(weight_decay=0.1, decay_matrices_only=True, grad_clip=1.0)]
-    for config in configs:
-        optimizer = AdamW(model.params, config)
-        for case in GRAPH_CASES:
-            new = build_step_graph(model, optimizer, block_tokens, gemm_split=gemm_split, gemm_channel_block=columns,
-                                   **case).graph
-            old = legacy_build_step_graph(model, optimizer, block_tokens, gemm_split=gemm_split,
-                                          gemm_channel_block=columns, **case).graph
-            described_new, described_old = _described(new), _described(old)
-            assert described_new.keys() == described_old.keys(), (config, case)
-            for name, entry in described_old.items():
-                assert described_new[name] == entry, (name, config, case)
-            assert len(new.edges()) == len(old.edges())
 
 
 # ------------------------------------------------------------------ a new kernel reaches every execution model

@@ -466,13 +466,16 @@ def test_gemm_channel_split_tasks_wait_for_every_token_block_and_are_waited_for(
         fcproj_input = [index(f"matmul_backward_input.fcproj l{l} c{c0}") for c0 in (0, 64)]
         for b, j in tokens:
             assert set(fcproj_input) <= preds(f"gelu_backward l{l} b{b} j{j}")
-            assert index(f"residual_backward.residual3 l{l} b{b} j{j}") in preds(f"matmul_backward_input.fcproj l{l} c0")
+            # its input, the residual stream's gradient, comes from the layernorm backward above it
+            above = f"layernorm_backward_input.lnf b{b} j{j}" if l == L - 1 else \
+                f"layernorm_backward_input.ln1 l{l + 1} b{b} j{j}"
+            assert index(above) in preds(f"matmul_backward_input.fcproj l{l} c0")
     logits = [index(f"matmul_forward.logits c{o0}") for o0 in range(0, Vp, 64)]
     assert len(logits) == 2
     for b, j in tokens:
         assert index(f"layernorm_forward.lnf b{b} j{j}") in preds("matmul_forward.logits c64")
-        assert set(logits) <= preds(f"crossentropy_forward b{b} j{j}")
-        assert index(f"crossentropy_backward b{b} j{j}") in preds("matmul_backward_input.logits c0")
+        assert set(logits) <= preds(f"crossentropy_forward_backward b{b} j{j}")  # the logits' gradient, in place
+        assert index(f"crossentropy_forward_backward b{b} j{j}") in preds("matmul_backward_input.logits c0")
         assert index("matmul_backward_input.logits c0") in preds(f"layernorm_backward_input.lnf b{b} j{j}")
     # the lm_head column blocks read disjoint rows of wte: no edges between them
     assert not set(logits) & preds("matmul_forward.logits c64")

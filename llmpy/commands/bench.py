@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from llmpy.core.config import PRESETS
+from llmpy.core.config import ATTENTION_KINDS, PRESETS, RECOMPUTE_LEVELS, ActivationOptions
 from llmpy.execution.factory import MODES
 from llmpy.execution.threads import THREADING_LAYERS, available_cores
 from llmpy.execution.options import RUNTIMES as TASK_RUNTIMES, TaskOptions
@@ -54,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", metavar="DIR", help="write one trace per configuration into DIR/MODE-RUNTIME-THREADS/")
     parser.add_argument("--vs", choices=("torch",), help="also run PyTorch eager (same model, init, batch, fused "
                         "AdamW, threads) interleaved step by step, and print llmpy's time ratio to it")
+    parser.add_argument("--shapes", metavar="BxT,...", help="run the whole benchmark once per shape, e.g. "
+                        "4x64,4x256,1x1024,4x1024,8x1024 (overrides -B, -T), then print ms/step, ratio, MFU and peak "
+                        "RSS per shape (and with --plots, time and memory against T)")
+    parser.add_argument("--attention", default="flash", choices=ATTENTION_KINDS, help="llmpy's attention (default flash)")
+    parser.add_argument("--recompute", type=int, default=0, choices=RECOMPUTE_LEVELS,
+                        help="llmpy: recompute GELU (1) or GELU and layernorm (2) outputs in backward (default 0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: RUNTIME:MODE:THREADS,... in this process
 
@@ -161,7 +167,7 @@ def _run_worker(args) -> None:
     configs = [_parse_config(item) for item in spec.split(",")]
     config = preset(args.model)
     B, T = args.batch_size, args.seq_len
-    model = GPT2(config, B, T)
+    model = GPT2(config, B, T, activations=ActivationOptions(args.attention, args.recompute))
     model.init_random(args.seed)
     optimizer = AdamW(model.params)
     inputs, targets = _batch(config, B, T, args.seed)
@@ -206,7 +212,7 @@ def _run_worker(args) -> None:
         phases = phase_summary(recorder.steps, args.warmup)
         median = float(np.median(ms))
         result = {
-            "model": args.model, "mode": mode,
+            "model": args.model, "mode": mode, "attention": args.attention, "recompute": args.recompute,
             "runtime": threading_layer if mode == "forkjoin" else f"{task_runtime} K{block_tokens}" if mode == "tasks" else "-",
             "threads": threads, "ranks": 1, "cores": threads, "B": B, "T": T, "steps": len(measured),
             "ms_per_step_median": median, "ms_per_step_min": float(ms.min()), "ms_per_step_max": float(ms.max()),
@@ -297,7 +303,8 @@ def _batch(config, B: int, T: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def _worker_command(args, worker: str) -> list[str]:
     command = [sys.executable, "-m", "llmpy", "bench", "--model", args.model, "-B", str(args.batch_size),
                "-T", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--seed", str(args.seed), "--worker", worker]
+               "--seed", str(args.seed), "--attention", args.attention, "--recompute", str(args.recompute),
+               "--worker", worker]
     if args.peak_gflops:
         command += ["--peak-gflops", str(args.peak_gflops)]
     if args.trace:
@@ -401,15 +408,42 @@ def format_results(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(args, out=sys.stdout) -> list[dict]:
-    from llmpy.observe.metrics import KernelSummary, format_kernel_table
+def _shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        b, _, t = item.lower().partition("x")
+        if not (b.isdigit() and t.isdigit() and int(b) > 0 and int(t) > 0):
+            raise ValueError(f"--shapes takes a comma list of BxT with positive B and T (e.g. 4x64,1x1024), got {item!r}")
+        shapes.append((int(b), int(t)))
+    if not shapes:
+        raise ValueError("--shapes needs at least one BxT")
+    return shapes
 
+
+def run(args, out=sys.stdout) -> list[dict]:
     if args.worker:
         if args.worker.startswith("torch:"):
             _run_torch_worker(args)
         else:
             _run_worker(args)
         return []
+    if not args.shapes:
+        results = _run_shape(args, out)
+    else:
+        results = []
+        for B, T in _shapes(args.shapes):  # each shape in processes of its own: peak RSS per shape
+            args.batch_size, args.seq_len = B, T
+            print(f"\n=== shape B={B} T={T} ===", file=out, flush=True)
+            results += _run_shape(args, out)
+        print("\n" + format_shape_table(results), file=out)
+    _write_outputs(args, results, out)
+    return results
+
+
+def _run_shape(args, out) -> list[dict]:
+    """The benchmark at one (-B, -T): every configuration (and torch with --vs) interleaved step by step."""
+    from llmpy.observe.metrics import KernelSummary, format_kernel_table
+
     groups = _configurations(args)
     workers = [(f"numba {runtime}: " + ", ".join(_config_label(c) for c in configs),
                 runtime + ":" + ",".join(_config_spec(c) for c in configs)) for runtime, configs in groups.items()]
@@ -460,8 +494,40 @@ def run(args, out=sys.stdout) -> list[dict]:
                   "update": r["update_ms"], "step": r["ms_per_step_median"]}
         print(f"\nkernels: {r['mode']} {r['runtime']} {r['threads']} thread(s)", file=out)
         print(format_kernel_table(rows, phases), file=out)
-    _write_outputs(args, results, out)
     return results
+
+
+def format_shape_table(results: list[dict]) -> str:
+    """One row per (shape, llmpy configuration): ms/step, torch's, the paired ratio, MFU, both peak RSS, and the
+    attention kernels' share of the step."""
+    lines = [f"{'B x T':>9s} {'configuration':24s} {'ms/step':>8s} {'torch ms':>9s} {'ratio':>6s} {'MFU':>6s} "
+             f"{'RSS MB':>7s} {'torch RSS':>9s} {'attention':>9s} {'att GF/s':>8s} {'GEMM GF/s':>9s}"]
+    dash = lambda width: "-".rjust(width)
+    for r in results:
+        if r["mode"] == "torch":
+            continue
+        kernels = r.get("kernels", [])
+        attention, attention_gflops = _kernel_group(kernels, "attention")
+        _, gemm_gflops = _kernel_group(kernels, "matmul")
+        ratio = f"{r['ratio_vs_torch']:6.2f}" if "ratio_vs_torch" in r else dash(6)
+        torch_ms = f"{r['torch_ms_per_step_median']:9.0f}" if "torch_ms_per_step_median" in r else dash(9)
+        torch_rss = f"{r['torch_peak_rss_mb']:9.0f}" if "torch_peak_rss_mb" in r else dash(9)
+        name = f"{r['mode']} {r['runtime']} x{r['threads']}"
+        lines.append(f"{r['B']:>4d} x {r['T']:<4d}{name:24s} {r['ms_per_step_median']:8.0f} {torch_ms} {ratio} "
+                     f"{100 * r['mfu']:5.1f}% {r['peak_rss_mb']:7.0f} {torch_rss} "
+                     f"{100 * attention / r['ms_per_step_median']:8.1f}% {attention_gflops:8.1f} {gemm_gflops:9.1f}")
+    lines.append("ratio: median over rounds of llmpy ms / torch ms in the same round; attention: share of the step "
+                 "in the attention kernels (forward and backward) and their GFLOP/s (causal FLOPs only), beside the "
+                 "GEMMs' (matmul kernels)")
+    return "\n".join(lines)
+
+
+def _kernel_group(kernels: list[dict], prefix: str) -> tuple[float, float]:
+    """ms per step and GFLOP/s of the kernels whose name starts with `prefix`."""
+    group = [k for k in kernels if k["name"].startswith(prefix)]
+    ms = sum(k["ms_per_step"] for k in group)
+    flops = sum(k["gflops"] * k["ms_per_step"] for k in group)  # GFLOP/s x ms = MFLOP per step
+    return ms, (flops / ms if ms > 0 else 0.0)
 
 
 def format_task_table(results: list[dict]) -> str:
@@ -543,7 +609,12 @@ def _write_outputs(args, results: list[dict], out) -> None:
     if args.plots:
         from llmpy.observe.plots import scaling_pngs
 
-        paths = scaling_pngs(results, args.plots)
+        if args.shapes:  # the thread-scaling plots would mix the shapes
+            from llmpy.observe.plots import shape_png
+
+            paths = [shape_png(results, os.path.join(args.plots, "shapes.png"))]
+        else:
+            paths = scaling_pngs(results, args.plots)
         print(f"wrote {', '.join(paths)}", file=out)
     if args.trace:
         print(f"wrote traces under {args.trace}/ (`llmpy analyze DIR`, `llmpy plot timeline DIR`)", file=out)

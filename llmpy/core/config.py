@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from llmpy.core.errors import OptionError
+
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOT_TOKEN = 50256
 
@@ -58,6 +60,28 @@ class GPT2Config:
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token by llm.c's count: 6N + 6*L*C*T (forward + backward)."""
         return 6 * self.num_parameters() + 6 * self.num_layers * self.channels * seq_len
+
+
+ATTENTION_KINDS = ("flash", "llmc")
+RECOMPUTE_LEVELS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class ActivationOptions:
+    """How a step computes attention and what it keeps for backward (llmpy.core.layout).
+
+    attention: "flash" (tiled, stores each row's log-sum-exp) or "llmc" (llm.c's stored (T, T) scores);
+    recompute: 0 keeps everything, 1 recomputes GELU outputs in backward, 2 also the layernorm outputs."""
+
+    attention: str = "flash"
+    recompute: int = 0
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_KINDS:
+            raise OptionError("attention", self.attention, f"is not an attention; choose one of {', '.join(ATTENTION_KINDS)}")
+        if self.recompute not in RECOMPUTE_LEVELS:
+            raise OptionError("recompute", self.recompute, "must be 0 (keep all), 1 (recompute GELU) or 2 "
+                                                          "(GELU and layernorm)")
 
 
 def _gpt2(layers: int, heads: int, channels: int) -> GPT2Config:

@@ -1,19 +1,27 @@
-"""llm.c's memory layout: 16 parameter tensors and 23 activation tensors, each kind in one flat buffer.
+"""llm.c's memory layout: 16 parameter tensors in one flat buffer; the activations a step keeps, in another.
 
-Names and order follow llm.c's `ParameterTensors` and `ActivationTensors` (train_gpt2.c) so that
-model files and debug states map one to one:
-
-parameters (L = layers, C = channels, Vp = padded vocab, maxT = max_seq_len):
+Parameter names and order follow llm.c's `ParameterTensors` (train_gpt2.c), so model files map one to one
+(L = layers, C = channels, Vp = padded vocab, maxT = max_seq_len):
     wte (Vp, C)  wpe (maxT, C)  ln1w (L, C)  ln1b (L, C)  qkvw (L, 3C, C)  qkvb (L, 3C)
     attprojw (L, C, C)  attprojb (L, C)  ln2w (L, C)  ln2b (L, C)  fcw (L, 4C, C)  fcb (L, 4C)
     fcprojw (L, C, 4C)  fcprojb (L, C)  lnfw (C)  lnfb (C)
 
-activations (B = batch, T = sequence length, NH = heads):
-    encoded (B, T, C)  ln1 (L, B, T, C)  ln1_mean (L, B, T)  ln1_rstd (L, B, T)  qkv (L, B, T, 3C)
-    atty (L, B, T, C)  preatt (L, B, NH, T, T)  att (L, B, NH, T, T)  attproj (L, B, T, C)
-    residual2 (L, B, T, C)  ln2 (L, B, T, C)  ln2_mean (L, B, T)  ln2_rstd (L, B, T)
-    fch (L, B, T, 4C)  fch_gelu (L, B, T, 4C)  fcproj (L, B, T, C)  residual3 (L, B, T, C)
-    lnf (B, T, C)  lnf_mean (B, T)  lnf_rstd (B, T)  logits (B, T, Vp)  probs (B, T, Vp)  losses (B, T)
+Activations keep llm.c's names (B = batch, T = sequence length, NH = heads), but, as llm.c's CUDA trainer
+does, only what the backward pass reads is stored per layer:
+    encoded (B, T, C)  ln1 (L, B, T, C)  ln1_mean, ln1_rstd (L, B, T)  qkv (L, B, T, 3C)  atty (L, B, T, C)
+    attention: att_lse (L, B, NH, T) (tiled attention), or llm.c's preatt, att (L, B, NH, T, T) (`llmc`)
+    attproj (B, T, C)  residual2 (L, B, T, C)  ln2 (L, B, T, C)  ln2_mean, ln2_rstd (L, B, T)
+    fch (L, B, T, 4C)  fch_gelu (L, B, T, 4C)  fcproj (B, T, C)  residual3 (L, B, T, C)
+    lnf (B, T, C)  lnf_mean, lnf_rstd (B, T)  logits (B, T, Vp)  losses (B, T)
+attproj and fcproj only feed the residual adds, so one (B, T, C) buffer each serves every layer. With
+recomputation, fch_gelu (recompute >= 1) and ln1, ln2 (recompute = 2) keep one layer (leading dimension 1)
+and are recomputed in backward, as llm.c's `-r 1` and `-r 2`. The logits buffer holds the logits, then (after
+the fused cross-entropy) their gradient, in place: no separate probabilities or dlogits.
+
+Activation gradients are needed for one layer at a time, so one layer's worth is reused by every layer:
+    dresidual (B, T, C) (the residual stream's gradient, added to in place; d(encoded) at the end)
+    dln (B, T, C)  dfch_gelu, dfch (B, T, 4C)  datty (B, T, C)  dqkv (B, T, 3C)
+    and for `llmc` attention its scratch dpreatt, datt (B, NH, T, T)
 
 The output layer shares `wte` (weight tying): logits = lnf @ wte.T.
 """
@@ -24,7 +32,7 @@ import math
 
 import numpy as np
 
-from llmpy.core.config import GPT2Config
+from llmpy.core.config import ActivationOptions, GPT2Config
 
 PARAMETER_NAMES = (
     "wte", "wpe", "ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
@@ -33,13 +41,6 @@ PARAMETER_NAMES = (
 
 # Parameters that are weight matrices (2-D per layer); the others are biases and layernorm gains.
 MATRIX_PARAMETERS = frozenset({"wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw"})
-
-ACTIVATION_NAMES = (
-    "encoded", "ln1", "ln1_mean", "ln1_rstd", "qkv", "atty", "preatt", "att", "attproj",
-    "residual2", "ln2", "ln2_mean", "ln2_rstd", "fch", "fch_gelu", "fcproj", "residual3",
-    "lnf", "lnf_mean", "lnf_rstd", "logits", "probs", "losses",
-)
-
 
 def parameter_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     """The 16 parameter shapes in llm.c's order."""
@@ -64,34 +65,50 @@ def parameter_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     }
 
 
-def activation_shapes(config: GPT2Config, B: int, T: int) -> dict[str, tuple[int, ...]]:
-    """The 23 activation shapes in llm.c's order, for batch B and sequence length T."""
+def activation_shapes(config: GPT2Config, B: int, T: int,
+                      options: ActivationOptions = ActivationOptions()) -> dict[str, tuple[int, ...]]:
+    """The stored activations for batch B and sequence length T (see the module docstring)."""
     C, L, NH, Vp = config.channels, config.num_layers, config.num_heads, config.padded_vocab_size
+    kept = lambda level: 1 if options.recompute >= level else L  # layers kept of a tensor recomputed at that level
+    scores = {"att_lse": (L, B, NH, T)} if options.attention == "flash" else {"preatt": (L, B, NH, T, T),
+                                                                      "att": (L, B, NH, T, T)}
     return {
         "encoded": (B, T, C),
-        "ln1": (L, B, T, C),
+        "ln1": (kept(2), B, T, C),
         "ln1_mean": (L, B, T),
         "ln1_rstd": (L, B, T),
         "qkv": (L, B, T, 3 * C),
         "atty": (L, B, T, C),
-        "preatt": (L, B, NH, T, T),
-        "att": (L, B, NH, T, T),
-        "attproj": (L, B, T, C),
+        **scores,
+        "attproj": (B, T, C),
         "residual2": (L, B, T, C),
-        "ln2": (L, B, T, C),
+        "ln2": (kept(2), B, T, C),
         "ln2_mean": (L, B, T),
         "ln2_rstd": (L, B, T),
         "fch": (L, B, T, 4 * C),
-        "fch_gelu": (L, B, T, 4 * C),
-        "fcproj": (L, B, T, C),
+        "fch_gelu": (kept(1), B, T, 4 * C),
+        "fcproj": (B, T, C),
         "residual3": (L, B, T, C),
         "lnf": (B, T, C),
         "lnf_mean": (B, T),
         "lnf_rstd": (B, T),
         "logits": (B, T, Vp),
-        "probs": (B, T, Vp),
         "losses": (B, T),
     }
+
+
+def activation_gradient_shapes(config: GPT2Config, B: int, T: int,
+                               options: ActivationOptions = ActivationOptions()) -> dict[str, tuple[int, ...]]:
+    """One layer's activation gradients, reused by every layer (see the module docstring)."""
+    C, NH = config.channels, config.num_heads
+    scratch = {} if options.attention == "flash" else {"dpreatt": (B, NH, T, T), "datt": (B, NH, T, T)}
+    return {"dresidual": (B, T, C), "dln": (B, T, C), "dfch_gelu": (B, T, 4 * C), "dfch": (B, T, 4 * C),
+            "datty": (B, T, C), "dqkv": (B, T, 3 * C), **scratch}
+
+
+def layer_view(tensor: np.ndarray, layer: int) -> np.ndarray:
+    """Layer `layer` of a per-layer activation, or the one shared layer of a recomputed one."""
+    return tensor[layer % tensor.shape[0]]
 
 
 class FlatBuffer:
@@ -144,5 +161,11 @@ def parameter_buffer(config: GPT2Config, flat: np.ndarray | None = None) -> Flat
     return FlatBuffer(parameter_shapes(config), flat)
 
 
-def activation_buffer(config: GPT2Config, B: int, T: int, flat: np.ndarray | None = None) -> FlatBuffer:
-    return FlatBuffer(activation_shapes(config, B, T), flat)
+def activation_buffer(config: GPT2Config, B: int, T: int, options: ActivationOptions = ActivationOptions(),
+                      flat: np.ndarray | None = None) -> FlatBuffer:
+    return FlatBuffer(activation_shapes(config, B, T, options), flat)
+
+
+def activation_gradient_buffer(config: GPT2Config, B: int, T: int, options: ActivationOptions = ActivationOptions(),
+                               flat: np.ndarray | None = None) -> FlatBuffer:
+    return FlatBuffer(activation_gradient_shapes(config, B, T, options), flat)

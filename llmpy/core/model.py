@@ -13,10 +13,11 @@ from typing import Callable
 
 import numpy as np
 
-from llmpy.core.config import GPT2Config
+from llmpy.core.config import ActivationOptions, GPT2Config
+from llmpy.core.layout import (FlatBuffer, activation_buffer, activation_gradient_buffer, activation_gradient_shapes,
+                               activation_shapes, layer_view, parameter_buffer)
 from llmpy.core.step import GradientsReady, KernelCall, KernelObserver, run_calls
 from llmpy.kernels import KernelSet
-from llmpy.core.layout import FlatBuffer, activation_buffer, activation_shapes, parameter_buffer
 
 # gradients_ready(part) is called inside backward at each GradientsReady point of the backward list (see
 # llmpy.core.step); data-parallel execution starts that group's collective there. It must not write the gradients.
@@ -49,7 +50,8 @@ class GPT2:
     the `kernels` set (serial or parallel variants) and the thread settings are the execution model's.
     """
 
-    def __init__(self, config: GPT2Config, B: int, T: int, kernels: KernelSet | None = None, training: bool = True):
+    def __init__(self, config: GPT2Config, B: int, T: int, kernels: KernelSet | None = None, training: bool = True,
+                 activations: ActivationOptions | None = None):
         if B <= 0 or T <= 0:
             raise ValueError(f"batch size B={B} and sequence length T={T} must be positive")
         if T > config.max_seq_len:
@@ -58,11 +60,12 @@ class GPT2:
         self.B = B
         self.T = T
         self.kernels = kernels if kernels is not None else KernelSet(parallel=False)
+        self.options = activations or ActivationOptions()
         self.params = parameter_buffer(config)
         # Inference (training=False) needs neither gradient buffer.
         self.grads = parameter_buffer(config) if training else None
-        self.acts = activation_buffer(config, B, T)
-        self.grad_acts = activation_buffer(config, B, T) if training else None
+        self.acts = activation_buffer(config, B, T, self.options)
+        self.grad_acts = activation_gradient_buffer(config, B, T, self.options) if training else None
         self.observer: KernelObserver | None = None
         self.gradients_ready: GradientsReadyHook | None = None
         self._views: dict[tuple[int, int], tuple[FlatBuffer, FlatBuffer]] = {(B, T): (self.acts, self.grad_acts)}
@@ -92,9 +95,12 @@ class GPT2:
     def _buffers_for(self, b: int, t: int) -> tuple[FlatBuffer, FlatBuffer]:
         """Activation views for a smaller batch, laid over the front of the allocated buffers."""
         if (b, t) not in self._views:
-            size = sum(math.prod(s) for s in activation_shapes(self.config, b, t).values())
-            acts = activation_buffer(self.config, b, t, self.acts.flat[:size])
-            grad_acts = None if self.grad_acts is None else activation_buffer(self.config, b, t, self.grad_acts.flat[:size])
+            size = lambda shapes: sum(math.prod(s) for s in shapes.values())
+            options = self.options
+            acts = activation_buffer(self.config, b, t, options,
+                                     self.acts.flat[:size(activation_shapes(self.config, b, t, options))])
+            grad_acts = None if self.grad_acts is None else activation_gradient_buffer(
+                self.config, b, t, options, self.grad_acts.flat[:size(activation_gradient_shapes(self.config, b, t, options))])
             self._views[(b, t)] = (acts, grad_acts)
         return self._views[(b, t)]
 
@@ -162,47 +168,64 @@ class GPT2:
         cfg = self.config
         acts, _ = self._buffers_for(b, t)
         p, a = self.params, acts
-        L, NH = cfg.num_layers, cfg.num_heads
+        L = cfg.num_layers
         N = b * t
         rows = lambda x: x.reshape(N, -1)  # (b, t, X) -> (b*t, X)
         flat = lambda x: x.reshape(-1)
+        at = layer_view  # a per-layer activation's layer, or the one shared layer of a recomputed one
         call = partial(self._call, kernels)
         calls = [call("encoder_forward", "", -1, rows(a.encoded), self.inputs[:N], p.wte, p.wpe, t, 0)]
         for l in range(L):
             residual = a.encoded if l == 0 else a.residual3[l - 1]
             calls += [
-                call("layernorm_forward", "ln1", l, rows(a.ln1[l]), flat(a.ln1_mean[l]), flat(a.ln1_rstd[l]),
+                call("layernorm_forward", "ln1", l, rows(at(a.ln1, l)), flat(a.ln1_mean[l]), flat(a.ln1_rstd[l]),
                      rows(residual), p.ln1w[l], p.ln1b[l]),
-                call("matmul_forward", "qkv", l, rows(a.qkv[l]), rows(a.ln1[l]), p.qkvw[l], p.qkvb[l]),
-                call("attention_forward", "", l, a.atty[l], a.preatt[l], a.att[l], a.qkv[l], NH, 0, b, 0, t),
-                call("matmul_forward", "attproj", l, rows(a.attproj[l]), rows(a.atty[l]), p.attprojw[l], p.attprojb[l]),
-                call("residual_forward", "residual2", l, flat(a.residual2[l]), flat(residual), flat(a.attproj[l])),
-                call("layernorm_forward", "ln2", l, rows(a.ln2[l]), flat(a.ln2_mean[l]), flat(a.ln2_rstd[l]),
+                call("matmul_forward", "qkv", l, rows(a.qkv[l]), rows(at(a.ln1, l)), p.qkvw[l], p.qkvb[l]),
+                self._attention_forward(kernels, a, l, b, t),
+                call("matmul_forward", "attproj", l, rows(a.attproj), rows(a.atty[l]), p.attprojw[l], p.attprojb[l]),
+                call("residual_forward", "residual2", l, flat(a.residual2[l]), flat(residual), flat(a.attproj)),
+                call("layernorm_forward", "ln2", l, rows(at(a.ln2, l)), flat(a.ln2_mean[l]), flat(a.ln2_rstd[l]),
                      rows(a.residual2[l]), p.ln2w[l], p.ln2b[l]),
-                call("matmul_forward", "fc", l, rows(a.fch[l]), rows(a.ln2[l]), p.fcw[l], p.fcb[l]),
-                call("gelu_forward", "", l, flat(a.fch_gelu[l]), flat(a.fch[l])),
-                call("matmul_forward", "fcproj", l, rows(a.fcproj[l]), rows(a.fch_gelu[l]), p.fcprojw[l], p.fcprojb[l]),
-                call("residual_forward", "residual3", l, flat(a.residual3[l]), flat(a.residual2[l]), flat(a.fcproj[l])),
+                call("matmul_forward", "fc", l, rows(a.fch[l]), rows(at(a.ln2, l)), p.fcw[l], p.fcb[l]),
+                call("gelu_forward", "", l, flat(at(a.fch_gelu, l)), flat(a.fch[l])),
+                call("matmul_forward", "fcproj", l, rows(a.fcproj), rows(at(a.fch_gelu, l)), p.fcprojw[l], p.fcprojb[l]),
+                call("residual_forward", "residual3", l, flat(a.residual3[l]), flat(a.residual2[l]), flat(a.fcproj)),
             ]
         calls += [
             call("layernorm_forward", "lnf", -1, rows(a.lnf), flat(a.lnf_mean), flat(a.lnf_rstd),
                  rows(a.residual3[L - 1]), p.lnfw, p.lnfb),
             call("matmul_forward", "logits", -1, rows(a.logits), rows(a.lnf), p.wte, None),
         ]
-        if with_loss:
-            calls.append(call("crossentropy_forward", "", -1, rows(a.probs), flat(a.losses), rows(a.logits),
-                              self.targets[:N], cfg.vocab_size))
+        if with_loss:  # losses, and the logits' gradient in their place (llm.c's fused classifier)
+            calls.append(call("crossentropy_forward_backward", "", -1, rows(a.logits), flat(a.losses),
+                              self.targets[:N], 1.0 / N, cfg.vocab_size))
         return calls
+
+    def _attention_forward(self, kernels: KernelSet, a: FlatBuffer, l: int, b: int, t: int) -> KernelCall:
+        NH = self.config.num_heads
+        if self.options.attention == "llmc":
+            return self._call(kernels, "attention_llmc_forward", "", l, a.atty[l], a.preatt[l], a.att[l], a.qkv[l],
+                              NH, 0, b, 0, t)
+        return self._call(kernels, "attention_forward", "", l, a.atty[l], a.att_lse[l], a.qkv[l], NH, 0, b, 0, t)
+
+    def _attention_backward(self, kernels: KernelSet, a: FlatBuffer, d: FlatBuffer, l: int, b: int, t: int) -> KernelCall:
+        NH = self.config.num_heads
+        if self.options.attention == "llmc":
+            return self._call(kernels, "attention_llmc_backward", "", l, d.dqkv, d.dpreatt, d.datt, d.datty, a.qkv[l],
+                              a.att[l], NH, 0, b, 0, t, False, phase="backward")
+        return self._call(kernels, "attention_backward", "", l, d.dqkv, d.datty, a.qkv[l], a.atty[l], a.att_lse[l],
+                          NH, 0, b, 0, t, False, phase="backward")
 
     def _backward_calls(self, b: int, t: int, accumulate: bool, kernels: KernelSet) -> list:
         cfg = self.config
         acts, grad_acts = self._buffers_for(b, t)
         p, g, a, d = self.params, self.grads, acts, grad_acts
-        L, NH, C, Vp = cfg.num_layers, cfg.num_heads, cfg.channels, cfg.padded_vocab_size
+        L, C, Vp = cfg.num_layers, cfg.channels, cfg.padded_vocab_size
         N = b * t
         acc = accumulate
         rows = lambda x: x.reshape(N, -1)
         flat = lambda x: x.reshape(-1)
+        at = layer_view
 
         def call(kernel, label, layer, *args):
             return self._call(kernels, kernel, label, layer, *args, phase="backward")
@@ -211,41 +234,50 @@ class GPT2:
             return [call("matmul_backward_input", label, l, rows(dinp), rows(dout), weight),
                     call("matmul_backward_weight", label, l, dweight, dbias, rows(dout), rows(inp), acc, 0, out_channels)]
 
-        def layernorm(label, l, dinp, dout, inp, weight, dweight, dbias, mean, rstd, accumulate_input):
-            return [call("layernorm_backward_input", label, l, rows(dinp), rows(dout), rows(inp), weight, flat(mean),
-                         flat(rstd), accumulate_input),
+        def layernorm(label, l, dout, inp, weight, dweight, dbias, mean, rstd, accumulate_input):
+            # the input gradient goes into the residual stream's gradient d.dresidual (added to, but for lnf)
+            return [call("layernorm_backward_input", label, l, rows(d.dresidual), rows(dout), rows(inp), weight,
+                         flat(mean), flat(rstd), accumulate_input),
                     call("layernorm_backward_params", label, l, dweight, dbias, rows(dout), rows(inp), flat(mean),
                          flat(rstd), 0, C, acc)]
 
-        calls = [call("crossentropy_backward", "", -1, rows(d.logits), rows(a.probs), self.targets[:N], 1.0 / N,
-                      cfg.vocab_size)]
-        calls += linear("logits", -1, d.lnf, d.logits, a.lnf, p.wte, g.wte, None, Vp)
-        calls += layernorm("lnf", -1, d.residual3[L - 1], d.lnf, a.residual3[L - 1], p.lnfw, g.lnfw, g.lnfb,
-                           a.lnf_mean, a.lnf_rstd, False)
+        # the forward's fused cross-entropy left the logits' gradient in a.logits
+        calls = linear("logits", -1, d.dln, a.logits, a.lnf, p.wte, g.wte, None, Vp)
+        calls += layernorm("lnf", -1, d.dln, a.residual3[L - 1], p.lnfw, g.lnfw, g.lnfb, a.lnf_mean, a.lnf_rstd, False)
         calls.append(GradientsReady(L))
         for l in reversed(range(L)):
             residual = a.encoded if l == 0 else a.residual3[l - 1]
-            dresidual = d.encoded if l == 0 else d.residual3[l - 1]
-            calls.append(call("residual_backward", "residual3", l, flat(d.residual2[l]), flat(d.fcproj[l]),
-                              flat(d.residual3[l])))
-            calls += linear("fcproj", l, d.fch_gelu[l], d.fcproj[l], a.fch_gelu[l], p.fcprojw[l], g.fcprojw[l],
+            calls += self._recompute_calls(kernels, a, l, residual, rows, flat)
+            calls += linear("fcproj", l, d.dfch_gelu, d.dresidual, at(a.fch_gelu, l), p.fcprojw[l], g.fcprojw[l],
                             g.fcprojb[l], C)
-            calls.append(call("gelu_backward", "", l, flat(d.fch[l]), flat(a.fch[l]), flat(d.fch_gelu[l])))
-            calls += linear("fc", l, d.ln2[l], d.fch[l], a.ln2[l], p.fcw[l], g.fcw[l], g.fcb[l], 4 * C)
-            calls += layernorm("ln2", l, d.residual2[l], d.ln2[l], a.residual2[l], p.ln2w[l], g.ln2w[l], g.ln2b[l],
-                               a.ln2_mean[l], a.ln2_rstd[l], True)
-            calls.append(call("residual_backward", "residual2", l, flat(dresidual), flat(d.attproj[l]),
-                              flat(d.residual2[l])))
-            calls += linear("attproj", l, d.atty[l], d.attproj[l], a.atty[l], p.attprojw[l], g.attprojw[l],
+            calls.append(call("gelu_backward", "", l, flat(d.dfch), flat(a.fch[l]), flat(d.dfch_gelu)))
+            calls += linear("fc", l, d.dln, d.dfch, at(a.ln2, l), p.fcw[l], g.fcw[l], g.fcb[l], 4 * C)
+            calls += layernorm("ln2", l, d.dln, a.residual2[l], p.ln2w[l], g.ln2w[l], g.ln2b[l], a.ln2_mean[l],
+                               a.ln2_rstd[l], True)
+            calls += linear("attproj", l, d.datty, d.dresidual, a.atty[l], p.attprojw[l], g.attprojw[l],
                             g.attprojb[l], C)
-            calls.append(call("attention_backward", "", l, d.qkv[l], d.preatt[l], d.att[l], d.atty[l], a.qkv[l],
-                              a.att[l], NH, 0, b, 0, t, False))
-            calls += linear("qkv", l, d.ln1[l], d.qkv[l], a.ln1[l], p.qkvw[l], g.qkvw[l], g.qkvb[l], 3 * C)
-            calls += layernorm("ln1", l, dresidual, d.ln1[l], residual, p.ln1w[l], g.ln1w[l], g.ln1b[l],
-                               a.ln1_mean[l], a.ln1_rstd[l], True)
+            calls.append(self._attention_backward(kernels, a, d, l, b, t))
+            calls += linear("qkv", l, d.dln, d.dqkv, at(a.ln1, l), p.qkvw[l], g.qkvw[l], g.qkvb[l], 3 * C)
+            calls += layernorm("ln1", l, d.dln, residual, p.ln1w[l], g.ln1w[l], g.ln1b[l], a.ln1_mean[l],
+                               a.ln1_rstd[l], True)
             calls.append(GradientsReady(l))
-        calls.append(call("encoder_backward", "", -1, g.wte, g.wpe, rows(d.encoded), self.inputs[:N], t, 0, C, acc))
+        calls.append(call("encoder_backward", "", -1, g.wte, g.wpe, rows(d.dresidual), self.inputs[:N], t, 0, C, acc))
         calls.append(GradientsReady(-1))
+        return calls
+
+    def _recompute_calls(self, kernels: KernelSet, a: FlatBuffer, l: int, residual, rows, flat) -> list[KernelCall]:
+        """The forward calls whose outputs layer l's backward reads but the forward did not keep (`recompute`):
+        the same kernels on the same inputs, so the same values (mean and rstd are rewritten unchanged)."""
+        p, level = self.params, self.options.recompute
+        call = lambda *args: self._call(kernels, *args, phase="backward")
+        calls = []
+        if level >= 2:
+            calls += [call("layernorm_forward", "ln2", l, rows(a.ln2[0]), flat(a.ln2_mean[l]), flat(a.ln2_rstd[l]),
+                           rows(a.residual2[l]), p.ln2w[l], p.ln2b[l]),
+                      call("layernorm_forward", "ln1", l, rows(a.ln1[0]), flat(a.ln1_mean[l]), flat(a.ln1_rstd[l]),
+                           rows(residual), p.ln1w[l], p.ln1b[l])]
+        if level >= 1:
+            calls.append(call("gelu_forward", "", l, flat(a.fch_gelu[0]), flat(a.fch[l])))
         return calls
 
     # ------------------------------------------------------------------ forward
@@ -260,9 +292,12 @@ class GPT2:
         return self.read_loss()
 
     def logits(self) -> np.ndarray:
-        """Logits (b, t, V) of the last forward, without the padded vocabulary columns (a view)."""
+        """Logits (b, t, V) of the last forward, without the padded vocabulary columns (a view). A forward with
+        targets replaces the logits by their gradient, so this needs a forward without targets."""
         if self.batch_shape is None:
             raise RuntimeError("logits() needs a forward pass first")
+        if self.has_targets:
+            raise RuntimeError("logits() needs a forward without targets (with targets the buffer holds their gradient)")
         acts, _ = self._buffers_for(*self.batch_shape)
         return acts.logits[:, :, : self.config.vocab_size]
 

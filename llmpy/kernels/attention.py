@@ -1,189 +1,238 @@
-"""Causal multi-head self-attention over the packed qkv activations.
+"""Causal multi-head self-attention in tiles (FlashAttention's scheme), the default for training.
 
 qkv (B, T, 3C) holds q, k, v side by side; head h uses channels [h*hs, (h+1)*hs) of each, hs = C/NH.
 Query row t attends to key rows 0..t only, so a block of query rows [t0, t1) needs k, v of rows < t1.
 
-Arithmetic is float32 in a fixed order (no fast math, see compile.py): the q.k and v.dout dot products
-and the softmax sums run in the lane order of vector_math (`lane_dot`, `lane_sum`); the sums over keys
-(out = att @ v, dq = dpreatt @ k) add the keys in order 0..t for each channel. For GPT-2's head size
-(hs = HEAD = 64, four Lanes) the query and the per-channel sums are held in registers across the keys;
-other head sizes take the general loops, with the same order and results.
+Positions are cut into tiles of TILE rows on one grid (tile i holds rows [i*TILE, (i+1)*TILE), clipped
+to the call's query rows and, for keys, to the last query row). For each query tile:
+  - forward: for each key tile at or left of the diagonal (tiles above it are skipped), the scores
+    S = q k^T go through OpenBLAS (one GEMM per head); an online softmax keeps each row's running
+    maximum m and sum l and rescales the unnormalised output o, to which the GEMM P v is added; only the
+    log-sum-exp m + log(l) of each row is stored (lse (B, NH, T)), not the (T, T) scores;
+  - backward: each tile's probabilities are recomputed from S and lse; dv += P^T dout, dP = dout v^T,
+    dS = P (dP - D) / sqrt(hs) with D = rowsum(dout * out), dq += dS k, dk += dS^T q (five GEMMs).
+Extra memory: one query tile's scores per call, never stored across calls, and lse.
+
+Order: the numba parts (scaling, masking, exponentials, row sums) run in a fixed order (vector_math's lanes);
+each GEMM's sums are OpenBLAS's, which adds over its inner dimension in an order that depends on the shape
+(and the CPU), not on the thread count. So a call's result depends on its query rows [t0, t1) (the clipping
+of the tiles) but not on the number of threads.
 """
 
+from __future__ import annotations
+
 import math
+import threading
 
 import numpy as np
 from numba import prange
 
-from llmpy.kernels.compile import kernel
-from llmpy.kernels.vector_math import (LANES, exp_nonpositive, lane_dot, lane_sum, lanes_fill, lanes_load,
-                                       lanes_store, lanes_sum)
+from concurrent.futures import ThreadPoolExecutor
 
-HEAD = 4 * LANES  # channels handled as one register block: GPT-2's head size
+import numba
+from threadpoolctl import ThreadpoolController
+
+from llmpy.kernels.compile import kernel
+from llmpy.kernels.vector_math import exp_nonpositive, lane_dot, lane_max, lane_sum
+
+TILE = 128  # rows per query tile and per key tile
+
+_scratch = threading.local()  # per thread (task workers run attention calls side by side)
+_pools: dict[int, ThreadPoolExecutor] = {}
+_blas: list[ThreadpoolController] = []
+
+
+def _over_head_groups(work, num_heads: int, parallel: bool) -> None:
+    """work(h0, h1) for groups of heads: all heads on this thread, or (parallel) one contiguous group per
+    numba thread, each on its own thread with OpenBLAS on one thread, then wait for all (a fork and a join).
+    Small per-head GEMMs scale across heads; inside OpenBLAS they would not."""
+    threads = min(numba.get_num_threads(), num_heads) if parallel else 1
+    if threads == 1:
+        work(0, num_heads)
+        return
+    if not _blas:
+        _blas.append(ThreadpoolController())
+    pool = _pools.get(threads) or _pools.setdefault(threads, ThreadPoolExecutor(threads, "llmpy-attention"))
+    bounds = [num_heads * i // threads for i in range(threads + 1)]
+    with _blas[0].limit(limits=1, user_api="blas"):
+        futures = [pool.submit(work, h0, h1) for h0, h1 in zip(bounds[:-1], bounds[1:])]
+        for future in futures:
+            future.result()
+
+
+def _buffer(slot: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 scratch array of `shape` for this thread, reused across calls (no allocation per tile)."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    size = math.prod(shape)
+    buffer = buffers.get(slot)
+    if buffer is None or buffer.size < size:
+        buffer = buffers[slot] = np.empty(size, dtype=np.float32)
+    return buffer[:size].reshape(shape)
+
+
+def _heads(qkv: np.ndarray, num_heads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """q, k, v of (n, T, 3C) as (n, NH, T, hs) views."""
+    n, T, C3 = qkv.shape
+    split = qkv.reshape(n, T, 3, num_heads, C3 // 3 // num_heads)
+    return tuple(split[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+
+
+def _tiles(lo: int, hi: int) -> list[tuple[int, int]]:
+    """The grid's tiles clipped to rows [lo, hi)."""
+    return [(max(lo, start), min(hi, start + TILE)) for start in range(lo - lo % TILE, hi, TILE)]
 
 
 @kernel
-def attention_forward(out, preatt, att, qkv, num_heads, b0, b1, t0, t1):
+def online_softmax_tile(scores, row_max, row_sum, out_acc, r0, c0, scale, first):
+    """One key tile of the online softmax, in place, for query rows r0.. and key rows c0.. of the tile.
+
+    scores (n, nh, tq, tk): q.k on entry, exp(q.k * scale - m_new) on exit (0 for keys after the query row).
+    row_max, row_sum (n, nh, tq): the running maximum and sum over the tiles so far (set when `first`).
+    out_acc (n, nh, tq, hs): the running unnormalised output, rescaled by exp(m_old - m_new) unless `first`.
+    """
+    n, heads, tq, tk = scores.shape
+    for item in prange(n * heads * tq):
+        s, h, i = item // (heads * tq), (item // tq) % heads, item % tq
+        row = scores[s, h, i]
+        valid = min(tk, r0 + i - c0 + 1)  # keys c0 .. r0 + i
+        # scale > 0 and rounding is monotonic: max(x) * scale is exactly max(x * scale)
+        tile_max = lane_max(row[:valid], np.float32(-3.4e38)) * scale
+        new_max = tile_max if first else max(row_max[s, h, i], tile_max)
+        for j in range(valid):
+            row[j] = exp_nonpositive(row[j] * scale - new_max)
+        for j in range(valid, tk):
+            row[j] = 0.0
+        total = lane_sum(row)
+        if first:
+            row_sum[s, h, i] = total
+        else:
+            alpha = exp_nonpositive(row_max[s, h, i] - new_max)
+            row_sum[s, h, i] = row_sum[s, h, i] * alpha + total
+            acc = out_acc[s, h, i]
+            for c in range(acc.shape[0]):
+                acc[c] *= alpha
+        row_max[s, h, i] = new_max
+
+
+@kernel
+def attention_tile_finish(out, lse, out_acc, row_max, row_sum, b0, h0, r0):
+    """out (B, T, C) rows r0.. of sequences b0.., heads h0.. = out_acc (n, nh, tq, hs) / row_sum;
+    lse (B, NH, T) = row_max + log(row_sum)."""
+    n, heads, tq, hs = out_acc.shape
+    for item in prange(n * heads * tq):
+        s, h, i = item // (heads * tq), (item // tq) % heads, item % tq
+        inv = np.float32(1.0) / row_sum[s, h, i]
+        c = (h0 + h) * hs
+        target, acc = out[b0 + s, r0 + i, c:c + hs], out_acc[s, h, i]
+        for j in range(hs):
+            target[j] = acc[j] * inv
+        lse[b0 + s, h0 + h, r0 + i] = row_max[s, h, i] + np.float32(math.log(row_sum[s, h, i]))
+
+
+def attention_forward(out, lse, qkv, num_heads, b0, b1, t0, t1, parallel=False):
     """Attention for sequences [b0, b1) and query rows [t0, t1).
 
-    out (B, T, C); preatt, att (B, NH, T, T); qkv (B, T, 3C). Writes out rows and preatt/att rows
-    (preatt = q.k / sqrt(hs) for keys <= t; att = softmax of it, zero for keys > t, as llm.c stores them).
-    q.k is `lane_dot` times the scale; the softmax divides by `lane_sum` of the exponentials; out adds
-    att[t2] * v[t2] over keys t2 = 0..t in order, from 0.
+    out (B, T, C); lse (B, NH, T); qkv (B, T, 3C). Writes the out rows and their log-sum-exp lse; reads the
+    q rows [t0, t1) and the k, v rows < t1. `parallel`: groups of heads side by side.
     """
-    C = out.shape[2]
-    T = att.shape[3]
-    hs = C // num_heads
+    n, hs = b1 - b0, qkv.shape[2] // 3 // num_heads
     scale = np.float32(1.0 / math.sqrt(hs))
-    rows = t1 - t0
-    work = (b1 - b0) * num_heads * rows
-    for item in prange(work):
-        zero = lanes_fill(np.float32(0.0))  # Lanes stay inside the parallel body (never gufunc arguments)
-        b = b0 + item // (num_heads * rows)
-        h = (item // rows) % num_heads
-        t = t0 + item % rows
-        k0, v0 = C + h * hs, 2 * C + h * hs
-        # 1-D views indexed from 0 in the inner loops: numba drops negative-index handling, LLVM vectorises
-        query = qkv[b, t, h * hs:(h + 1) * hs]
-        preatt_row = preatt[b, h, t]
-        att_row = att[b, h, t]
-        maxval = np.float32(-3.4e38)
-        if hs == HEAD:  # lane_dot with the query's four Lanes kept in registers (same order, same result)
-            q_0, q_1 = lanes_load(query, 0), lanes_load(query, LANES)
-            q_2, q_3 = lanes_load(query, 2 * LANES), lanes_load(query, 3 * LANES)
-            for t2 in range(t + 1):
-                key = qkv[b, t2, k0:k0 + HEAD]
-                acc = zero + q_0 * lanes_load(key, 0)
-                acc += q_1 * lanes_load(key, LANES)
-                acc += q_2 * lanes_load(key, 2 * LANES)
-                acc += q_3 * lanes_load(key, 3 * LANES)
-                dot = lanes_sum(acc) * scale
-                preatt_row[t2] = dot
-                if dot > maxval:
-                    maxval = dot
-        else:
-            for t2 in range(t + 1):
-                dot = lane_dot(query, qkv[b, t2, k0:k0 + hs]) * scale
-                preatt_row[t2] = dot
-                if dot > maxval:
-                    maxval = dot
-        for t2 in range(t + 1):  # element-wise (vectorises), then the sum in lane order
-            att_row[t2] = exp_nonpositive(preatt_row[t2] - maxval)
-        inv = np.float32(1.0) / lane_sum(att_row[:t + 1])
-        for t2 in range(t + 1):
-            att_row[t2] *= inv
-        for t2 in range(t + 1, T):
-            att_row[t2] = 0.0
-        out_row = out[b, t, h * hs:(h + 1) * hs]
-        c = 0
-        while c + HEAD <= hs:  # blocks of 64 channels summed over the keys in registers
-            o_0, o_1, o_2, o_3 = zero, zero, zero, zero
-            for t2 in range(t + 1):
-                a = lanes_fill(att_row[t2])
-                value = qkv[b, t2, v0 + c:v0 + c + HEAD]
-                o_0 += a * lanes_load(value, 0)
-                o_1 += a * lanes_load(value, LANES)
-                o_2 += a * lanes_load(value, 2 * LANES)
-                o_3 += a * lanes_load(value, 3 * LANES)
-            lanes_store(out_row, c, o_0)
-            lanes_store(out_row, c + LANES, o_1)
-            lanes_store(out_row, c + 2 * LANES, o_2)
-            lanes_store(out_row, c + 3 * LANES, o_3)
-            c += HEAD
-        if c < hs:  # the remaining channels, same order
-            rest = out_row[c:]
-            for i in range(hs - c):
-                rest[i] = 0.0
-            for t2 in range(t + 1):
-                a = att_row[t2]
-                value = qkv[b, t2, v0 + c:v0 + hs]
-                for i in range(hs - c):
-                    rest[i] += a * value[i]
+    q, k, v = _heads(qkv[b0:b1], num_heads)
+
+    def heads(h0, h1):
+        nh = h1 - h0
+        for r0, r1 in _tiles(t0, t1):
+            tq = r1 - r0
+            row_max, row_sum = _buffer("max", (n, nh, tq)), _buffer("sum", (n, nh, tq))
+            out_acc = _buffer("out", (n, nh, tq, hs))
+            for c0, c1 in _tiles(0, r1):
+                scores = _buffer("scores", (n, nh, tq, c1 - c0))
+                np.matmul(q[:, h0:h1, r0:r1], k[:, h0:h1, c0:c1].swapaxes(2, 3), out=scores)
+                first = c0 == 0
+                online_softmax_tile.serial(scores, row_max, row_sum, out_acc, r0, c0, scale, first)
+                if first:
+                    np.matmul(scores, v[:, h0:h1, c0:c1], out=out_acc)
+                else:
+                    out_acc += np.matmul(scores, v[:, h0:h1, c0:c1], out=_buffer("pv", out_acc.shape))
+            attention_tile_finish.serial(out, lse, out_acc, row_max, row_sum, b0, h0, r0)
+
+    _over_head_groups(heads, num_heads, parallel)
 
 
 @kernel
-def attention_backward(dqkv, dpreatt, datt, dout, qkv, att, num_heads, b0, b1, t0, t1, accumulate):
+def attention_row_dots(dots, dout, out, b0, h0, r0):
+    """dots (n, nh, tq) = sum over the head's channels of dout * out, both (B, NH, T, hs) views, for rows r0..
+    of sequences b0.. and heads h0.. (the softmax backward's D = rowsum(dP * P) = rowsum(dout * out)), in lane
+    order."""
+    n, heads, tq = dots.shape
+    for item in prange(n * heads * tq):
+        s, h, i = item // (heads * tq), (item // tq) % heads, item % tq
+        dots[s, h, i] = lane_dot(dout[b0 + s, h0 + h, r0 + i], out[b0 + s, h0 + h, r0 + i])
+
+
+@kernel
+def softmax_tile_recompute(scores, lse, b0, h0, r0, c0, scale):
+    """scores (n, nh, tq, tk): q.k on entry, the probabilities exp(q.k * scale - lse) on exit, 0 for keys after
+    the query row; lse (B, NH, T) from the forward, rows r0.. of sequences b0.., heads h0..; key rows c0.."""
+    n, heads, tq, tk = scores.shape
+    for item in prange(n * heads * tq):
+        s, h, i = item // (heads * tq), (item // tq) % heads, item % tq
+        row = scores[s, h, i]
+        valid = min(tk, r0 + i - c0 + 1)
+        row_lse = lse[b0 + s, h0 + h, r0 + i]
+        for j in range(valid):
+            row[j] = exp_nonpositive(row[j] * scale - row_lse)
+        for j in range(valid, tk):
+            row[j] = 0.0
+
+
+@kernel
+def softmax_tile_backward(dprobs, probs, dots, scale):
+    """dprobs (n, nh, tq, tk): dP on entry, dS = P (dP - D) * scale on exit; probs P (same shape); dots D
+    (n, nh, tq). Masked keys have P = 0, so dS = 0 there."""
+    n, heads, tq, tk = dprobs.shape
+    for item in prange(n * heads * tq):
+        s, h, i = item // (heads * tq), (item // tq) % heads, item % tq
+        drow, prow, d = dprobs[s, h, i], probs[s, h, i], dots[s, h, i]
+        for j in range(tk):
+            drow[j] = prow[j] * (drow[j] - d) * scale
+
+
+def attention_backward(dqkv, dout, qkv, out, lse, num_heads, b0, b1, t0, t1, accumulate, parallel=False):
     """Gradients for sequences [b0, b1) and query rows [t0, t1).
 
-    dout (B, T, C); qkv (B, T, 3C); att (B, NH, T, T). dqkv (B, T, 3C) accumulates: a key/value row
-    gets a share from every later query row. With `accumulate=False` the kernel first zeroes all T rows
-    of dqkv for the (sequence, head) pairs it owns, so no separate zeroing pass is needed; when a
-    sequence is split into query blocks, that call must come first for each (sequence, head).
-    datt, dpreatt (B, NH, T, T) are written for the query rows (scratch, kept for llm.c's layout).
-    One (sequence, head) pair per parallel item: heads own disjoint channels of dqkv, so no races.
-    datt = v.dout and sum(att * datt) run in lane order; dq adds dpreatt * scale * k over keys 0..t in
-    order; each dk, dv element gets one add per query row, query rows in order.
+    dout, out (B, T, C) (the forward's output); qkv (B, T, 3C); lse (B, NH, T). dqkv (B, T, 3C) accumulates:
+    a key/value row gets a share from every later query tile. With `accumulate=False` the call first zeroes
+    all T rows of dqkv for its sequences; when a sequence is split into query blocks, that call must come
+    first, and the blocks must run in order (tiles add to dk, dv in query-tile order).
     """
-    C = dout.shape[2]
-    hs = C // num_heads
+    n, hs = b1 - b0, qkv.shape[2] // 3 // num_heads
     scale = np.float32(1.0 / math.sqrt(hs))
-    work = (b1 - b0) * num_heads
-    full = hs - hs % LANES
-    for item in prange(work):
-        zero = lanes_fill(np.float32(0.0))  # Lanes stay inside the parallel body (never gufunc arguments)
-        b = b0 + item // num_heads
-        h = item % num_heads
-        q0, k0, v0 = h * hs, C + h * hs, 2 * C + h * hs
-        if not accumulate:
-            for t in range(dqkv.shape[1]):
-                dq_row, dk_row, dv_row = dqkv[b, t, q0:q0 + hs], dqkv[b, t, k0:k0 + hs], dqkv[b, t, v0:v0 + hs]
-                for i in range(hs):
-                    dq_row[i] = 0.0
-                    dk_row[i] = 0.0
-                    dv_row[i] = 0.0
-        for t in range(t0, t1):
-            att_row, datt_row, dpreatt_row = att[b, h, t], datt[b, h, t], dpreatt[b, h, t]
-            dout_row = dout[b, t, q0:q0 + hs]
-            # through out = att @ v: datt = v . dout (lane_dot's order), dv += att * dout, in one pass
-            for t2 in range(t + 1):
-                a = att_row[t2]
-                value, dvalue = qkv[b, t2, v0:v0 + hs], dqkv[b, t2, v0:v0 + hs]
-                lanes_a = lanes_fill(a)
-                acc = zero
-                for i in range(0, full, LANES):
-                    g = lanes_load(dout_row, i)
-                    acc += lanes_load(value, i) * g
-                    lanes_store(dvalue, i, lanes_load(dvalue, i) + lanes_a * g)
-                dot = lanes_sum(acc)
-                for i in range(full, hs):
-                    g = dout_row[i]
-                    dot += value[i] * g
-                    dvalue[i] += a * g
-                datt_row[t2] = dot
-            # through the softmax: dpreatt = att * (datt - sum(att * datt))
-            weighted = lane_dot(att_row[:t + 1], datt_row[:t + 1])
-            for t2 in range(t + 1):
-                dpreatt_row[t2] = att_row[t2] * (datt_row[t2] - weighted)
-            # through preatt = q.k * scale: dq += d * k over the keys (in registers per 64-channel block),
-            # dk += d * q
-            query, dquery = qkv[b, t, q0:q0 + hs], dqkv[b, t, q0:q0 + hs]
-            c = 0
-            while c + HEAD <= hs:
-                q_0, q_1 = lanes_load(query, c), lanes_load(query, c + LANES)
-                q_2, q_3 = lanes_load(query, c + 2 * LANES), lanes_load(query, c + 3 * LANES)
-                dq_0, dq_1 = lanes_load(dquery, c), lanes_load(dquery, c + LANES)
-                dq_2, dq_3 = lanes_load(dquery, c + 2 * LANES), lanes_load(dquery, c + 3 * LANES)
-                for t2 in range(t + 1):
-                    d = lanes_fill(dpreatt_row[t2] * scale)
-                    key, dkey = qkv[b, t2, k0 + c:k0 + c + HEAD], dqkv[b, t2, k0 + c:k0 + c + HEAD]
-                    dq_0 += d * lanes_load(key, 0)
-                    dq_1 += d * lanes_load(key, LANES)
-                    dq_2 += d * lanes_load(key, 2 * LANES)
-                    dq_3 += d * lanes_load(key, 3 * LANES)
-                    lanes_store(dkey, 0, lanes_load(dkey, 0) + d * q_0)
-                    lanes_store(dkey, LANES, lanes_load(dkey, LANES) + d * q_1)
-                    lanes_store(dkey, 2 * LANES, lanes_load(dkey, 2 * LANES) + d * q_2)
-                    lanes_store(dkey, 3 * LANES, lanes_load(dkey, 3 * LANES) + d * q_3)
-                lanes_store(dquery, c, dq_0)
-                lanes_store(dquery, c + LANES, dq_1)
-                lanes_store(dquery, c + 2 * LANES, dq_2)
-                lanes_store(dquery, c + 3 * LANES, dq_3)
-                c += HEAD
-            if c < hs:  # the remaining channels, same order
-                query_rest, dquery_rest = query[c:], dquery[c:]
-                for t2 in range(t + 1):
-                    d = dpreatt_row[t2] * scale
-                    key, dkey = qkv[b, t2, k0 + c:k0 + hs], dqkv[b, t2, k0 + c:k0 + hs]
-                    for i in range(hs - c):
-                        dquery_rest[i] += d * key[i]
-                        dkey[i] += d * query_rest[i]
+    if not accumulate:
+        dqkv[b0:b1] = 0.0
+    q, k, v = _heads(qkv[b0:b1], num_heads)
+    dq, dk, dv = _heads(dqkv[b0:b1], num_heads)
+    per_head = lambda x: x.reshape(x.shape[0], x.shape[1], num_heads, hs).transpose(0, 2, 1, 3)
+    dout_heads, out_heads = per_head(dout), per_head(out)
+
+    def heads(h0, h1):
+        nh = h1 - h0
+        for r0, r1 in _tiles(t0, t1):
+            tq = r1 - r0
+            dots = _buffer("dots", (n, nh, tq))
+            attention_row_dots.serial(dots, dout_heads, out_heads, b0, h0, r0)
+            g, queries = dout_heads[b0:b1, h0:h1, r0:r1], q[:, h0:h1, r0:r1]
+            for c0, c1 in _tiles(0, r1):
+                tile = (n, nh, tq, c1 - c0)
+                probs, dprobs = _buffer("scores", tile), _buffer("dscores", tile)
+                kv_rows = _buffer("kv", (n, nh, c1 - c0, hs))
+                keys, values = k[:, h0:h1, c0:c1], v[:, h0:h1, c0:c1]
+                np.matmul(queries, keys.swapaxes(2, 3), out=probs)
+                softmax_tile_recompute.serial(probs, lse, b0, h0, r0, c0, scale)
+                dv[:, h0:h1, c0:c1] += np.matmul(probs.swapaxes(2, 3), g, out=kv_rows)
+                np.matmul(g, values.swapaxes(2, 3), out=dprobs)
+                softmax_tile_backward.serial(dprobs, probs, dots, scale)
+                dq[:, h0:h1, r0:r1] += np.matmul(dprobs, keys, out=_buffer("q", (n, nh, tq, hs)))
+                dk[:, h0:h1, c0:c1] += np.matmul(dprobs.swapaxes(2, 3), queries, out=kv_rows)
+
+    _over_head_groups(heads, num_heads, parallel)

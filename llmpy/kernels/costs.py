@@ -68,7 +68,24 @@ def _attention_pairs(b0, b1, t0, t1, num_heads):
     return (b1 - b0) * num_heads * ((t1 * (t1 + 1) - t0 * (t0 + 1)) // 2)
 
 
-def _attention_forward(out, preatt, att, qkv, num_heads, b0, b1, t0, t1):
+def _attention_forward(out, lse, qkv, num_heads, b0, b1, t0, t1):
+    # the causal half only (the tiles' masked part of the diagonal is not counted); scores, softmax, P @ v;
+    # qkv and out once each (the key tiles are re-read from cache)
+    hs = out.shape[2] // num_heads
+    pairs = _attention_pairs(b0, b1, t0, t1, num_heads)
+    rows, C, keys = (b1 - b0) * (t1 - t0), out.shape[2], (b1 - b0) * t1
+    return pairs * (4 * hs + 5), F * (rows * C + 2 * keys * C + rows * C + (b1 - b0) * num_heads * (t1 - t0))
+
+
+def _attention_backward(dqkv, dout, qkv, out, lse, num_heads, b0, b1, t0, t1, accumulate):
+    # scores recomputed (2 hs), dv, dP, dq, dk (8 hs), the softmax's pointwise work
+    hs = dout.shape[2] // num_heads
+    pairs = _attention_pairs(b0, b1, t0, t1, num_heads)
+    C, rows, keys = dout.shape[2], (b1 - b0) * (t1 - t0), (b1 - b0) * t1
+    return pairs * (10 * hs + 8), F * (3 * rows * C + 3 * keys * C + 2 * 3 * keys * C)
+
+
+def _attention_llmc_forward(out, preatt, att, qkv, num_heads, b0, b1, t0, t1):
     hs = out.shape[2] // num_heads
     pairs = _attention_pairs(b0, b1, t0, t1, num_heads)
     rows, T, C = (b1 - b0) * (t1 - t0), qkv.shape[1], out.shape[2]
@@ -76,7 +93,7 @@ def _attention_forward(out, preatt, att, qkv, num_heads, b0, b1, t0, t1):
     return pairs * (4 * hs + 5), F * (rows * C + 2 * keys * C + rows * C + 2 * (b1 - b0) * num_heads * (t1 - t0) * T)
 
 
-def _attention_backward(dqkv, dpreatt, datt, dout, qkv, att, num_heads, b0, b1, t0, t1, accumulate):
+def _attention_llmc_backward(dqkv, dpreatt, datt, dout, qkv, att, num_heads, b0, b1, t0, t1, accumulate):
     hs = dout.shape[2] // num_heads
     pairs = _attention_pairs(b0, b1, t0, t1, num_heads)
     T, C = qkv.shape[1], dout.shape[2]
@@ -101,14 +118,9 @@ def _residual_backward(da, db, dout):
     return 0, F * 3 * dout.size
 
 
-def _crossentropy_forward(probs, losses, logits, targets, vocab_size):
+def _crossentropy_forward_backward(logits, losses, targets, dloss, vocab_size):
     N, Vp = logits.shape
-    return 4 * N * vocab_size, F * (2 * N * Vp + 2 * N)
-
-
-def _crossentropy_backward(dlogits, probs, targets, dloss, vocab_size):
-    N, Vp = probs.shape
-    return N * vocab_size + N, F * (2 * N * Vp + N)
+    return 6 * N * vocab_size, F * (2 * N * Vp + 2 * N)
 
 
 def _adamw_update(params, grads, m, v, *hyperparameters):
@@ -130,12 +142,13 @@ KERNEL_COSTS: dict[str, Callable[..., tuple[int, int]]] = {
     "matmul_backward_weight": _matmul_backward_weight,
     "attention_forward": _attention_forward,
     "attention_backward": _attention_backward,
+    "attention_llmc_forward": _attention_llmc_forward,
+    "attention_llmc_backward": _attention_llmc_backward,
     "gelu_forward": _gelu_forward,
     "gelu_backward": _gelu_backward,
     "residual_forward": _residual_forward,
     "residual_backward": _residual_backward,
-    "crossentropy_forward": _crossentropy_forward,
-    "crossentropy_backward": _crossentropy_backward,
+    "crossentropy_forward_backward": _crossentropy_forward_backward,
     "adamw_update": _adamw_update,
     "sum_of_squares": _sum_of_squares,
 }

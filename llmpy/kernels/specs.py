@@ -119,15 +119,27 @@ def _matmul_backward_weight(dweight, dbias, dout, inp, accumulate, o0=0, o1=None
     return writes + [(R, dout[:, o0:o1]), (R, inp)]
 
 
-def _attention_forward(out, preatt, att, qkv, num_heads, b0, b1, t0, t1):
+def _attention_forward(out, lse, qkv, num_heads, b0, b1, t0, t1):
+    return [(W, out[b0:b1, t0:t1]), (W, lse[b0:b1, :, t0:t1]), (R, qkv[b0:b1, :t1])]
+
+
+def _dqkv_access(dqkv, b0, b1, t1, accumulate):
+    # accumulate=False zeroes all T rows of dqkv for its sequences first
+    return (RW, dqkv[b0:b1, :t1]) if accumulate else (W, dqkv[b0:b1])
+
+
+def _attention_backward(dqkv, dout, qkv, out, lse, num_heads, b0, b1, t0, t1, accumulate):
+    return [_dqkv_access(dqkv, b0, b1, t1, accumulate), (R, dout[b0:b1, t0:t1]), (R, qkv[b0:b1, :t1]),
+            (R, out[b0:b1, t0:t1]), (R, lse[b0:b1, :, t0:t1])]
+
+
+def _attention_llmc_forward(out, preatt, att, qkv, num_heads, b0, b1, t0, t1):
     return [(W, out[b0:b1, t0:t1]), (W, preatt[b0:b1, :, t0:t1]), (W, att[b0:b1, :, t0:t1]), (R, qkv[b0:b1, :t1])]
 
 
-def _attention_backward(dqkv, dpreatt, datt, dout, qkv, att, num_heads, b0, b1, t0, t1, accumulate):
-    # accumulate=False zeroes all T rows of dqkv for its sequences first
-    dqkv_access = (RW, dqkv[b0:b1, :t1]) if accumulate else (W, dqkv[b0:b1])
-    return [dqkv_access, (W, dpreatt[b0:b1, :, t0:t1]), (W, datt[b0:b1, :, t0:t1]), (R, dout[b0:b1, t0:t1]),
-            (R, qkv[b0:b1, :t1]), (R, att[b0:b1, :, t0:t1])]
+def _attention_llmc_backward(dqkv, dpreatt, datt, dout, qkv, att, num_heads, b0, b1, t0, t1, accumulate):
+    return [_dqkv_access(dqkv, b0, b1, t1, accumulate), (W, dpreatt[b0:b1, :, t0:t1]), (W, datt[b0:b1, :, t0:t1]),
+            (R, dout[b0:b1, t0:t1]), (R, qkv[b0:b1, :t1]), (R, att[b0:b1, :, t0:t1])]
 
 
 def _gelu_forward(out, inp):
@@ -146,12 +158,8 @@ def _residual_backward(da, db, dout):
     return [(W, da), (W, db), (R, dout)]
 
 
-def _crossentropy_forward(probs, losses, logits, targets, vocab_size):
-    return [(W, probs), (W, losses), (R, logits), (R, targets)]
-
-
-def _crossentropy_backward(dlogits, probs, targets, dloss, vocab_size):
-    return [(W, dlogits), (R, probs), (R, targets)]
+def _crossentropy_forward_backward(logits, losses, targets, dloss, vocab_size):
+    return [(RW, logits), (W, losses), (R, targets)]
 
 
 def _adamw_update(params, grads, m, v, *hyperparameters):
@@ -166,12 +174,20 @@ def _sum_of_squares(x, *into):
 
 # ---------------------------------------------------------------------------------------------- split rules
 def _attention_forward_queries(args, b, t0, t1, j):
-    return args[:5] + (b, b + 1, t0, t1)
+    return args[:4] + (b, b + 1, t0, t1)
 
 
 def _attention_backward_queries(args, b, t0, t1, j):
     # blocks of a sequence run j = 0, 1, ...: each adds to the key/value rows of the blocks before it, the first
     # one (unless the whole call accumulates) zeroes the sequence's dqkv
+    return args[:6] + (b, b + 1, t0, t1, args[10] or j > 0)
+
+
+def _attention_llmc_forward_queries(args, b, t0, t1, j):
+    return args[:5] + (b, b + 1, t0, t1)
+
+
+def _attention_llmc_backward_queries(args, b, t0, t1, j):
     return args[:7] + (b, b + 1, t0, t1, args[11] or j > 0)
 
 
@@ -197,12 +213,13 @@ SPECS: dict[str, KernelSpec] = {spec.name: spec for spec in (
     KernelSpec("matmul_backward_weight", _matmul_backward_weight, {"channels": range_rule(5)}),
     KernelSpec("attention_forward", _attention_forward, {"queries": _attention_forward_queries}),
     KernelSpec("attention_backward", _attention_backward, {"queries": _attention_backward_queries}),
+    KernelSpec("attention_llmc_forward", _attention_llmc_forward, {"queries": _attention_llmc_forward_queries}),
+    KernelSpec("attention_llmc_backward", _attention_llmc_backward, {"queries": _attention_llmc_backward_queries}),
     KernelSpec("gelu_forward", _gelu_forward, {"rows": rows_rule((0, 1))}),
     KernelSpec("gelu_backward", _gelu_backward, {"rows": rows_rule((0, 1, 2))}),
     KernelSpec("residual_forward", _residual_forward, {"rows": rows_rule((0, 1, 2))}),
     KernelSpec("residual_backward", _residual_backward, {"rows": rows_rule((0, 1, 2))}),
-    KernelSpec("crossentropy_forward", _crossentropy_forward, {"rows": rows_rule((2, 0, 1, 3))}),
-    KernelSpec("crossentropy_backward", _crossentropy_backward, {"rows": rows_rule((1, 0, 2))}),
+    KernelSpec("crossentropy_forward_backward", _crossentropy_forward_backward, {"rows": rows_rule((0, 1, 2))}),
     KernelSpec("adamw_update", _adamw_update, {"elements": elements_rule(4)}),
     KernelSpec("sum_of_squares", _sum_of_squares),
 )}

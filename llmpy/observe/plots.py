@@ -343,3 +343,33 @@ def loss_curves_png(series: dict[str, list[tuple[int, float]]], path: str, title
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def shape_png(results: list[dict], path: str) -> str:
+    """ms per step and peak RSS against the sequence length T, one line per (configuration, B), llmpy's
+    configurations and the torch baseline alike (`llmpy bench --shapes`)."""
+    if not results:
+        raise ValueError("no results to plot")
+    _prepare(path)
+    series: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+    for r in results:
+        name = "torch eager" if r["mode"] == "torch" else f"llmpy {r['mode']} {r['runtime']}"
+        series[f"{name} x{r['threads']}, B={r['B']}"].append((r["T"], r["ms_per_step_median"], r["peak_rss_mb"] / 1024))
+    fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(12, 4.6))
+    palette = _palette()
+    for i, (label, points) in enumerate(sorted(series.items())):
+        points.sort()
+        t, ms, gb = zip(*points)
+        style = dict(marker="o", color=palette[i % len(palette)], label=label,
+                     linestyle="--" if label.startswith("torch") else "-")
+        time_ax.plot(t, ms, **style)
+        memory_ax.plot(t, gb, **style)
+    for ax, ylabel in ((time_ax, "ms per step (median)"), (memory_ax, "peak RSS of the process (GB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    time_ax.set_yscale("log")
+    memory_ax.legend(fontsize=7)
+    fig.suptitle("training step against sequence length")
+    return _save(fig, path)
