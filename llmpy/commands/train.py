@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmpy.core.config import PRESETS, GPT2Config, preset
+from llmpy.core.config import ATTENTION_KINDS, PRESETS, RECOMPUTE_LEVELS, ActivationOptions, GPT2Config, preset
 from llmpy.execution.base import ExecutionModel
 from llmpy.execution.factory import MODES, make_execution_model
 from llmpy.execution.threads import THREADING_LAYERS, available_cores
@@ -52,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--model", default="d12", choices=sorted(PRESETS),
                        help="preset for random init when --init-from is not given (default d12 = GPT-2 124M)")
     model.add_argument("--seed", type=int, default=42, help="seed of the random init, shuffling and sampling")
+    model.add_argument("--attention", default="flash", choices=ATTENTION_KINDS,
+                       help="flash (default): tiled attention that stores one log-sum-exp per row; llmc: llm.c's, "
+                            "storing the (T, T) scores and probabilities of every layer")
+    model.add_argument("--recompute", type=int, default=0, choices=RECOMPUTE_LEVELS,
+                       help="recompute in backward instead of keeping: 1 the GELU outputs, 2 also the layernorm "
+                            "outputs (as llm.c's -r; default 0)")
 
     run = parser.add_argument_group("run")
     run.add_argument("-B", "--batch-size", type=int, default=4, help="sequences per micro-batch (default 4)")
@@ -190,8 +196,9 @@ def build_model(args, execution: ExecutionModel, B: int, T: int, say) -> tuple[G
         config, params = load_model_source(args.init_from)
     else:
         config, params = preset(args.model), None
-    _check_memory(config, B, T, args.grad_accum)
-    model = GPT2(config, B, T, execution.kernels)
+    activations = ActivationOptions(args.attention, args.recompute)
+    _check_memory(config, B, T, args.grad_accum, activations)
+    model = GPT2(config, B, T, execution.kernels, activations=activations)
     if params is None:
         model.init_random(args.seed)
     else:
@@ -199,13 +206,13 @@ def build_model(args, execution: ExecutionModel, B: int, T: int, say) -> tuple[G
     return model, checkpoint
 
 
-def _check_memory(config: GPT2Config, B: int, T: int, grad_accum: int) -> None:
+def _check_memory(config: GPT2Config, B: int, T: int, grad_accum: int, options: ActivationOptions) -> None:
     """Refuse before allocating what the machine does not have: parameters, gradients and AdamW moments, and
-    activations with their gradients (llm.c's layout)."""
-    from llmpy.core.layout import activation_shapes
+    activations with one layer of their gradients (llmpy.core.layout)."""
+    from llmpy.core.layout import activation_gradient_shapes, activation_shapes
 
-    activations = sum(int(np.prod(s)) for s in activation_shapes(config, B, T).values())
-    needed = 4 * (4 * config.num_parameters() + 2 * activations)
+    shapes = {**activation_shapes(config, B, T, options), **activation_gradient_shapes(config, B, T, options)}
+    needed = 4 * (4 * config.num_parameters() + sum(int(np.prod(s)) for s in shapes.values()))
     available = _available_memory()
     if available is not None and needed > available:
         raise ValueError(f"-B {B} -T {T} needs about {needed / 2**30:.1f} GiB for parameters, AdamW state and "
