@@ -1,14 +1,16 @@
-"""Text generation from a model: `llmpy sample`, and the samples printed during training."""
+"""Text generation from a model: `llmpy sample` (KV-cache generation), and the samples printed during training."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Callable
 
 import numpy as np
 
 from llmpy.core.config import GPT2_EOT_TOKEN, GPT2_VOCAB_SIZE
+from llmpy.core.generate import Sampling, choose_token
 from llmpy.core.model import GPT2
 
 
@@ -36,31 +38,17 @@ def inference_execution(threads: int):
     return make_execution_model("sequential" if threads == 1 else "forkjoin", threads)
 
 
-def next_token_distribution(logits: np.ndarray, temperature: float, top_k: int) -> np.ndarray:
-    """Probabilities (V,) from one row of logits (V,), after temperature and top-k filtering."""
-    scaled = logits.astype(np.float64) / max(temperature, 1e-8)
-    if 0 < top_k < scaled.size:
-        cutoff = np.partition(scaled, -top_k)[-top_k]
-        scaled = np.where(scaled < cutoff, -np.inf, scaled)
-    scaled -= scaled.max()
-    probs = np.exp(scaled)
-    return probs / probs.sum()
-
-
 def generate(model: GPT2, prompt: list[int], length: int, temperature: float = 1.0, top_k: int = 0,
              rng: np.random.Generator | None = None) -> list[int]:
-    """`length` new tokens after `prompt` (<|endoftext|> if empty), one forward per token over the last
-    (at most model.T) tokens; returns only the new tokens."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    """`length` new tokens after `prompt` (<|endoftext|> if empty) by full forward passes over the last (at most
+    model.T) tokens, on the training model itself (the samples during training); returns only the new tokens."""
+    sampling = Sampling(temperature, top_k)
     rng = rng if rng is not None else np.random.default_rng()
     context = list(prompt) or [start_token(model.config.vocab_size)]
     new: list[int] = []
     for _ in range(length):
-        window = np.array(context[-model.T:], dtype=np.int32)[None, :]
-        model.forward(window)
-        probs = next_token_distribution(model.logits()[0, -1], temperature, top_k)
-        token = int(rng.choice(probs.size, p=probs))
+        model.forward(np.array(context[-model.T:], dtype=np.int32)[None, :])
+        token = choose_token(model.logits()[0, -1], sampling, rng)
         context.append(token)
         new.append(token)
     return new
@@ -69,31 +57,80 @@ def generate(model: GPT2, prompt: list[int], length: int, temperature: float = 1
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="MODEL",
                         help="llm.c model checkpoint or Hugging Face GPT-2 folder")
-    parser.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
-    parser.add_argument("--length", type=int, default=64, help="tokens to generate (default 64)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    parser.add_argument("--prompt", action="append",
+                        help="text to continue (default: start of a document); repeat for a batch of prompts")
+    parser.add_argument("--length", type=int, default=64, help="most new tokens per prompt (default 64)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0; 0 = greedy)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="sample among the likeliest tokens whose probability reaches p (default 1.0 = all)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: unseeded)")
+    parser.add_argument("--threads", type=int, default=1, help="threads for the kernels and BLAS (default 1)")
+    parser.add_argument("--no-stream", action="store_true", help="print the text at the end, not token by token")
 
 
-def run(args, out=sys.stdout) -> str:
+class _Stream:
+    """Prints one sequence's text as its tokens come, holding back an incomplete UTF-8 character."""
+
+    def __init__(self, decode, out):
+        self.decode, self.out, self.tokens, self.printed = decode, out, [], 0
+
+    def __call__(self, sequence: int, token: int) -> None:
+        self.tokens.append(token)
+        text = self.decode(self.tokens)
+        if not text.endswith("\ufffd"):
+            print(text[self.printed:], end="", file=self.out, flush=True)
+            self.printed = len(text)
+
+
+def _prompts(args, vocab_size: int) -> list[tuple[str, list[int]]]:
+    texts = args.prompt or [""]
+    if any(texts) and vocab_size != GPT2_VOCAB_SIZE:
+        raise ValueError(f"--prompt needs GPT-2's vocabulary ({GPT2_VOCAB_SIZE}); {args.model} has {vocab_size}")
+    from llmpy.io.tokenizer import Tokenizer
+
+    encode = Tokenizer.gpt2().encode if any(texts) else None
+    return [(text, (encode(text) if text else []) or [start_token(vocab_size)]) for text in texts]
+
+
+def run(args, out=sys.stdout, err=sys.stderr) -> list[str]:
+    """Generate after each prompt with a KV cache; stream a single prompt's text; tokens/s on stderr."""
+    from llmpy.core.generate import KVCacheModel, positions_needed, generate as generate_kv
+    from llmpy.core.layout import parameter_buffer
     from llmpy.io.huggingface import load_model_source
-    from llmpy.kernels import KernelSet
 
     if args.length <= 0:
         raise ValueError(f"--length must be positive, got {args.length}")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
     config, params = load_model_source(args.model)
-    prompt: list[int] = []
-    if args.prompt:
-        if config.vocab_size != GPT2_VOCAB_SIZE:
-            raise ValueError(f"--prompt needs GPT-2's vocabulary ({GPT2_VOCAB_SIZE}); {args.model} has {config.vocab_size}")
-        from llmpy.io.tokenizer import Tokenizer
-
-        prompt = Tokenizer.gpt2().encode(args.prompt)
-    T = min(config.max_seq_len, max(1, len(prompt)) + args.length)
-    model = GPT2(config, 1, T, KernelSet(parallel=False), training=False)
-    model.load_parameters(params)
-    tokens = generate(model, prompt, args.length, args.temperature, args.top_k, np.random.default_rng(args.seed))
-    text = token_decoder(config.vocab_size)(tokens)
-    print(args.prompt + text, file=out)
-    return text
+    prompts = _prompts(args, config.vocab_size)
+    ids = [tokens for _, tokens in prompts]
+    positions = positions_needed(ids, args.length)
+    if positions > config.max_seq_len:
+        raise ValueError(f"--length {args.length}: the prompt and the new tokens need {positions} positions; "
+                         f"{args.model} has {config.max_seq_len}")
+    decode = token_decoder(config.vocab_size)
+    stream = _Stream(decode, out) if len(prompts) == 1 and not args.no_stream else None
+    stop = GPT2_EOT_TOKEN if config.vocab_size == GPT2_VOCAB_SIZE else None
+    execution = inference_execution(args.threads)
+    try:
+        model = KVCacheModel(config, parameter_buffer(config, params), len(prompts), positions, execution.kernels)
+        if stream is not None:
+            print(prompts[0][0], end="", file=out, flush=True)
+        start = time.perf_counter()
+        with execution.activate():
+            new = generate_kv(model, ids, args.length, sampling, args.seed, stop, stream)
+        elapsed = time.perf_counter() - start
+    finally:
+        execution.close()
+    texts = [decode(tokens) for tokens in new]
+    if stream is not None:
+        print(texts[0][stream.printed:], file=out)
+    else:
+        for (prompt, _), text in zip(prompts, texts):
+            print(prompt + text, file=out)
+    count = sum(map(len, new))
+    print(f"{count} tokens in {elapsed:.2f} s: {count / elapsed:.1f} tok/s ({len(prompts)} sequence"
+          f"{'s' if len(prompts) > 1 else ''}, {execution.threads} thread{'s' if execution.threads > 1 else ''}, "
+          "KV cache)", file=err)
+    return texts
