@@ -124,7 +124,9 @@ def test_accuracy_equals_hellaswag_py_reference(setup):
     assert f"acc {score.correct}/{score.total} = " in result.stdout
 
 
-def test_bad_eval_files_are_named(setup, tmp_path):
+def test_bad_eval_files_are_named(setup, tmp_path, capsys):
+    from llmpy.commands.cli import main
+
     work, _ = setup
     path, _ = prepare_hellaswag(work / "bad", work / "hellaswag_val.jsonl")
     data = path.read_bytes()
@@ -133,6 +135,7 @@ def test_bad_eval_files_are_named(setup, tmp_path):
         (tmp_path / f"{name}.bin").write_bytes(content)
         with pytest.raises(FormatError, match=f"{name}.bin"):
             read_eval_file(tmp_path / f"{name}.bin")
-    result = subprocess.run([sys.executable, "-m", "llmpy", "eval", "--file", tmp_path / "magic.bin", "--model",
-                             work / "model"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "magic" in result.stderr
+    capsys.readouterr()
+    assert main(["eval", "--file", str(tmp_path / "magic.bin"), "--model", str(work / "model")]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and "magic.bin" in stderr and "magic" in stderr

@@ -16,7 +16,9 @@ TEL = re.compile(r"^s:(\d+) tel:(\d+\.\d{4})$")
 EVAL = re.compile(r"^s:(\d+) eval:(\d\.\d{4})$")
 
 
-def test_main_log_and_its_plot(tmp_path):
+def test_main_log_and_its_plot(tmp_path, capsys, monkeypatch):
+    from llmpy.commands.cli import main
+
     rng = np.random.default_rng(0)
     write_shard(tmp_path / "t_train.bin", rng.integers(0, 50257, 4000))
     write_shard(tmp_path / "t_val.bin", rng.integers(0, 50257, 2000))
@@ -41,13 +43,17 @@ def test_main_log_and_its_plot(tmp_path):
     assert len(acc) == 2
     assert [float(EVAL.match(line).group(2)) for line in lines if " eval:" in line] == [round(x, 4) for x in acc]
 
-    llmpy("plot", "log", "logs/main.log", "--output", "curves.png", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["plot", "log", "logs/main.log", "--output", "curves.png"]) == 0
     png = (tmp_path / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
     (tmp_path / "other.log").write_text("step 1 loss 3.2\n")
-    bad = llmpy("plot", "log", "other.log", cwd=tmp_path, check=False)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "other.log" in bad.stderr
-    missing = llmpy("train", "--model", "d2", "--steps", "1", "--eval-every", "1", "--eval-file", "nope.bin",
-                    "--train-data", "t_train.bin", "--output", "", "--metrics-dir", "", cwd=tmp_path, check=False)
-    assert missing.returncode == 2 and "--eval-file nope.bin" in missing.stderr and "prepare hellaswag" in missing.stderr
+    capsys.readouterr()
+    assert main(["plot", "log", "other.log"]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and "other.log" in stderr
+    # refused before anything runs
+    assert main(["train", "--model", "d2", "--eval-every", "1", "--eval-file", "nope.bin", "--output", ""]) == 2
+    stderr = capsys.readouterr().err
+    assert "--eval-file nope.bin" in stderr and "prepare hellaswag" in stderr

@@ -305,12 +305,11 @@ def _hellaswag(args, config: GPT2Config, B: int, execution: ExecutionModel):
     """The HellaSwag evaluation of --eval-every (None when off)."""
     from llmpy.commands.evaluate import TrainingEval
 
-    if not args.eval_every:
-        return None
-    path = args.eval_file or os.path.join(args.data_dir, "hellaswag_val.bin")
-    if not os.path.exists(path):
-        raise ValueError(f"--eval-file {path}: not found; write it with `llmpy prepare hellaswag` (llm.c's eval file)")
-    return TrainingEval(path, config, B, execution.kernels)
+    return TrainingEval(_eval_file(args), config, B, execution.kernels) if args.eval_every else None
+
+
+def _eval_file(args) -> str:
+    return args.eval_file or os.path.join(args.data_dir, "hellaswag_val.bin")
 
 
 def _grad_norm(optimizer, model: GPT2, execution: ExecutionModel, grad_accum: int) -> float:
@@ -331,6 +330,9 @@ def _check_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not 0 <= args.seed < 2**31:
         raise ValueError(f"--seed must be in [0, 2^31), got {args.seed}")
+    if args.eval_every and not os.path.exists(_eval_file(args)):
+        raise ValueError(f"--eval-file {_eval_file(args)}: not found; write it with `llmpy prepare hellaswag` "
+                         "(llm.c's eval file)")
     if args.resume and args.init_from:
         raise ValueError("--resume continues from the checkpoint's own model; drop --init-from")
     for name in ("val_every", "eval_every", "sample_every", "checkpoint_every", "warmup_steps", "keep_checkpoints",
