@@ -139,8 +139,11 @@ def test_prepare_text_folder_into_shards(tmp_path):
     tokens = np.concatenate([read_shard(s) for s in shards])
     np.testing.assert_array_equal(tokens, expected)
     assert all(len(read_shard(s)) == 1000 for s in shards[:-1])
-    assert len(shards) == -(-expected.size // 1000) and prepared.val_pattern.endswith("mine_val_*.bin")
+    assert len(shards) == -(-expected.size // 1000) and prepared.val_pattern.endswith("mine_val_[0-9]*.bin")
     assert prepared.num_val_tokens == 1000 and prepared.num_train_tokens == expected.size - 1000
+    from llmpy.data.prepare import find_dataset
+
+    assert find_dataset(tmp_path / "out") == prepared  # `llmpy train --data-dir` finds the shards
 
 
 def test_prepare_text_folder_errors(tmp_path):

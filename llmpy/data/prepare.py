@@ -14,6 +14,7 @@ import contextlib
 import glob
 import itertools
 import os
+import re
 import sysconfig
 import urllib.request
 import warnings
@@ -343,25 +344,36 @@ def prepare_default_corpus(
 
 
 def _prepared(data_dir: Path, name: str) -> PreparedDataset | None:
-    train, val = data_dir / f"{name}_train.bin", data_dir / f"{name}_val.bin"
-    if not (train.is_file() and val.is_file()):
+    """NAME_{train,val}.bin, else the shards NAME_{train,val}_NNNNNN.bin of `prepare text FOLDER`."""
+    single = [data_dir / f"{name}_{split}.bin" for split in ("train", "val")]
+    if all(path.is_file() for path in single):
+        patterns, shards = [_shard_pattern(data_dir, name, split) for split in ("train", "val")], [[p] for p in single]
+    else:
+        patterns = _sharded_patterns(data_dir, name)
+        shards = [sorted(glob.glob(pattern)) for pattern in patterns]
+    if not all(shards):
         return None
     try:
-        num_train, num_val = read_shard_header(train), read_shard_header(val)
+        num_train, num_val = (sum(read_shard_header(path) for path in paths) for paths in shards)
     except FormatError as e:
         raise DataError(f"{e}; delete it and prepare the dataset again (llmpy prepare ...)") from None
-    return PreparedDataset(
-        name, _shard_pattern(data_dir, name, "train"), _shard_pattern(data_dir, name, "val"), num_train, num_val
-    )
+    return PreparedDataset(name, patterns[0], patterns[1], num_train, num_val)
+
+
+def _sharded_patterns(out_dir: Path, name: str) -> list[str]:
+    return [os.path.join(glob.escape(str(out_dir)), f"{name}_{split}_[0-9]*.bin") for split in ("train", "val")]
+
+
+_TRAIN_FILE = re.compile(r"^(.+)_train(?:_\d+)?\.bin$")
 
 
 def find_dataset(data_dir: str | os.PathLike) -> PreparedDataset | None:
     """The prepared dataset in data_dir: tinyshakespeare, else text, else pydocs, else any other
-    NAME_train.bin / NAME_val.bin pair (alphabetical); None if there is none."""
+    NAME_train.bin / NAME_val.bin pair or NAME_{train,val}_NNNNNN.bin shards (alphabetical); None if there is none."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         return None
-    others = sorted(p.name[: -len("_train.bin")] for p in data_dir.glob("*_train.bin"))
+    others = sorted({m.group(1) for p in data_dir.glob("*_train*.bin") if (m := _TRAIN_FILE.match(p.name))})
     for name in list(KNOWN_DATASETS) + [n for n in others if n and n not in KNOWN_DATASETS]:
         found = _prepared(data_dir, name)
         if found is not None:
@@ -500,10 +512,8 @@ def prepare_folder(out_dir: str | os.PathLike, folder: str | os.PathLike, name: 
     if len(writer.written) < 2:
         raise DataError(f"{folder}: {sum(writer.written)} tokens make one shard of at most {shard_size} tokens, "
                         "the validation shard; training needs a second one: give a smaller shard size")
-    out = Path(out_dir)
-    return PreparedDataset(name, os.path.join(glob.escape(str(out)), f"{name}_train_*.bin"),
-                           os.path.join(glob.escape(str(out)), f"{name}_val_*.bin"),
-                           sum(writer.written[1:]), writer.written[0])
+    train, val = _sharded_patterns(Path(out_dir), name)
+    return PreparedDataset(name, train, val, sum(writer.written[1:]), writer.written[0])
 
 
 # ----------------------------------------------------------------------------
