@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_cli import llmpy, text_dataset, train_losses  # noqa: F401  (fixture)
 
-from llmpy.core.config import PRESETS
+from llmpy.core.config import PRESETS, ActivationOptions, GPT2Config
 from llmpy.execution.factory import make_execution_model
 from llmpy.execution.threads import ExecutionError, available_cores
 from llmpy.execution.tasks.runtime import NativeRuntime
@@ -485,3 +485,28 @@ def test_gemm_channel_split_tasks_wait_for_every_token_block_and_are_waited_for(
     assert "matmul_forward.logits c0" in lm_head and "matmul_forward.qkv l0 b1 j3" in lm_head
     with pytest.raises(ValueError, match="GEMM split"):
         build_step_graph(model, AdamW(model.params), block_tokens=4, gemm_split="cols")
+
+
+LONG = GPT2Config(max_seq_len=256, vocab_size=97, padded_vocab_size=128, num_layers=2, num_heads=2, channels=32)
+
+
+@pytest.mark.parametrize("activations", [ActivationOptions(), ActivationOptions("llmc"), ActivationOptions(recompute=2)],
+                         ids=["flash", "llmc", "recompute-all"])
+def test_tasks_follow_sequential_over_attention_tiles_and_memory_reuse(activations):
+    """T = 256 spans two attention tiles, cut into 64-token query blocks; the activation gradients of one layer are
+    reused by every layer (the graph must order each reuse after the last read), recomputation adds forward
+    calls to backward: the task graph still gives sequential's losses and parameters."""
+    results = {}
+    for mode, workers in (("sequential", 1), ("tasks", WORKERS[-1])):
+        execution = make_execution_model(mode, workers, **({"block_tokens": 64} if mode == "tasks" else {}))
+        try:
+            model = GPT2(LONG, 1, 256, execution.kernels, activations=activations)
+            model.init_random(3)
+            optimizer = execution.make_optimizer(model, AdamWConfig())
+            losses = run_steps(model, optimizer, execution.step_function, steps=3, B=1, T=256)
+        finally:
+            execution.close()
+        results[mode] = losses, model.params.flat.copy()
+    assert results["sequential"][0][-1] < results["sequential"][0][0]  # it trains
+    np.testing.assert_allclose(results["tasks"][0], results["sequential"][0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(results["tasks"][1], results["sequential"][1], atol=5e-5, rtol=0)

@@ -78,7 +78,8 @@ class ActivationOptions:
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KINDS:
-            raise OptionError("attention", self.attention, f"is not an attention; choose one of {', '.join(ATTENTION_KINDS)}")
+            raise OptionError("attention", self.attention,
+                              f"is not an attention kernel; choose one of {', '.join(ATTENTION_KINDS)}")
         if self.recompute not in RECOMPUTE_LEVELS:
             raise OptionError("recompute", self.recompute, "must be 0 (keep all), 1 (recompute GELU) or 2 "
                                                           "(GELU and layernorm)")

@@ -96,11 +96,10 @@ class GPT2:
         """Activation views for a smaller batch, laid over the front of the allocated buffers."""
         if (b, t) not in self._views:
             size = lambda shapes: sum(math.prod(s) for s in shapes.values())
-            options = self.options
-            acts = activation_buffer(self.config, b, t, options,
-                                     self.acts.flat[:size(activation_shapes(self.config, b, t, options))])
+            config, options = self.config, self.options
+            acts = activation_buffer(config, b, t, options, self.acts.flat[:size(activation_shapes(config, b, t, options))])
             grad_acts = None if self.grad_acts is None else activation_gradient_buffer(
-                self.config, b, t, options, self.grad_acts.flat[:size(activation_gradient_shapes(self.config, b, t, options))])
+                config, b, t, options, self.grad_acts.flat[:size(activation_gradient_shapes(config, b, t, options))])
             self._views[(b, t)] = (acts, grad_acts)
         return self._views[(b, t)]
 
@@ -272,12 +271,12 @@ class GPT2:
         call = lambda *args: self._call(kernels, *args, phase="backward")
         calls = []
         if level >= 2:
-            calls += [call("layernorm_forward", "ln2", l, rows(a.ln2[0]), flat(a.ln2_mean[l]), flat(a.ln2_rstd[l]),
-                           rows(a.residual2[l]), p.ln2w[l], p.ln2b[l]),
-                      call("layernorm_forward", "ln1", l, rows(a.ln1[0]), flat(a.ln1_mean[l]), flat(a.ln1_rstd[l]),
-                           rows(residual), p.ln1w[l], p.ln1b[l])]
+            calls += [call("layernorm_forward", "ln2_recomputed", l, rows(a.ln2[0]), flat(a.ln2_mean[l]),
+                           flat(a.ln2_rstd[l]), rows(a.residual2[l]), p.ln2w[l], p.ln2b[l]),
+                      call("layernorm_forward", "ln1_recomputed", l, rows(a.ln1[0]), flat(a.ln1_mean[l]),
+                           flat(a.ln1_rstd[l]), rows(residual), p.ln1w[l], p.ln1b[l])]
         if level >= 1:
-            calls.append(call("gelu_forward", "", l, flat(a.fch_gelu[0]), flat(a.fch[l])))
+            calls.append(call("gelu_forward", "recomputed", l, flat(a.fch_gelu[0]), flat(a.fch[l])))
         return calls
 
     # ------------------------------------------------------------------ forward
