@@ -236,3 +236,22 @@ def test_torch_baseline_runs_with_torchs_own_thread_environment(monkeypatch):
     assert torch_env["LLMPY_KEEP_THREAD_ENV"] == "1"
     llmpy_env = _worker_environment("omp:forkjoin/2")
     assert llmpy_env["OMP_WAIT_POLICY"] == "PASSIVE" and "LLMPY_KEEP_THREAD_ENV" not in llmpy_env
+
+
+def test_bench_over_shapes_pairs_torch_per_shape_and_plots_time_and_memory(tmp_path):
+    pytest.importorskip("torch")
+    result = llmpy("bench", "--model", "d2", "--shapes", "1x16,2x32", "--modes", "forkjoin", "--threads", "1",
+                   "--steps", "2", "--warmup", "0", "--vs", "torch", "--json", "r.json", "--plots", "plots", cwd=tmp_path)
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert sorted((r["mode"], r["B"], r["T"]) for r in results) == [
+        ("forkjoin", 1, 16), ("forkjoin", 2, 32), ("torch", 1, 16), ("torch", 2, 32)]
+    for r in results:
+        if r["mode"] == "torch":
+            continue
+        baseline = next(o for o in results if o["mode"] == "torch" and (o["B"], o["T"]) == (r["B"], r["T"]))
+        assert r["torch_ms_per_step_median"] == baseline["ms_per_step_median"]  # paired within its own shape
+        assert r["attention"] == "flash" and r["recompute"] == 0
+    assert "B x T" in result.stdout and "   2 x 32" in result.stdout
+    assert (tmp_path / "plots" / "shapes.png").read_bytes()[:4] == b"\x89PNG"
+    bad = llmpy("bench", "--shapes", "4x", cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and "--shapes" in bad.stderr and "Traceback" not in bad.stderr

@@ -35,7 +35,8 @@ from threadpoolctl import ThreadpoolController
 from llmpy.kernels.compile import kernel
 from llmpy.kernels.vector_math import exp_nonpositive, lane_dot, lane_max, lane_sum
 
-TILE = 128  # rows per query tile and per key tile
+QUERY_TILE = 128  # query rows per tile
+KEY_TILE = 512  # key rows per tile (at most: a query tile's last key tile ends at its last row)
 
 _scratch = threading.local()  # per thread (task workers run attention calls side by side)
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -77,9 +78,9 @@ def _heads(qkv: np.ndarray, num_heads: int) -> tuple[np.ndarray, np.ndarray, np.
     return tuple(split[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
 
 
-def _tiles(lo: int, hi: int) -> list[tuple[int, int]]:
-    """The grid's tiles clipped to rows [lo, hi)."""
-    return [(max(lo, start), min(hi, start + TILE)) for start in range(lo - lo % TILE, hi, TILE)]
+def _tiles(lo: int, hi: int, size: int) -> list[tuple[int, int]]:
+    """The grid's tiles of `size` rows clipped to rows [lo, hi)."""
+    return [(max(lo, start), min(hi, start + size)) for start in range(lo - lo % size, hi, size)]
 
 
 @kernel
@@ -141,11 +142,11 @@ def attention_forward(out, lse, qkv, num_heads, b0, b1, t0, t1, parallel=False):
 
     def heads(h0, h1):
         nh = h1 - h0
-        for r0, r1 in _tiles(t0, t1):
+        for r0, r1 in _tiles(t0, t1, QUERY_TILE):
             tq = r1 - r0
             row_max, row_sum = _buffer("max", (n, nh, tq)), _buffer("sum", (n, nh, tq))
             out_acc = _buffer("out", (n, nh, tq, hs))
-            for c0, c1 in _tiles(0, r1):
+            for c0, c1 in _tiles(0, r1, KEY_TILE):
                 scores = _buffer("scores", (n, nh, tq, c1 - c0))
                 np.matmul(q[:, h0:h1, r0:r1], k[:, h0:h1, c0:c1].swapaxes(2, 3), out=scores)
                 first = c0 == 0
@@ -217,12 +218,12 @@ def attention_backward(dqkv, dout, qkv, out, lse, num_heads, b0, b1, t0, t1, acc
 
     def heads(h0, h1):
         nh = h1 - h0
-        for r0, r1 in _tiles(t0, t1):
+        for r0, r1 in _tiles(t0, t1, QUERY_TILE):
             tq = r1 - r0
             dots = _buffer("dots", (n, nh, tq))
             attention_row_dots.serial(dots, dout_heads, out_heads, b0, h0, r0)
             g, queries = dout_heads[b0:b1, h0:h1, r0:r1], q[:, h0:h1, r0:r1]
-            for c0, c1 in _tiles(0, r1):
+            for c0, c1 in _tiles(0, r1, KEY_TILE):
                 tile = (n, nh, tq, c1 - c0)
                 probs, dprobs = _buffer("scores", tile), _buffer("dscores", tile)
                 kv_rows = _buffer("kv", (n, nh, c1 - c0, hs))
