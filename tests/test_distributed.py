@@ -199,7 +199,6 @@ def test_a_failing_rank_stops_every_rank_within_seconds(how, data_dir):
     (["--threads", "2"], "2 ranks x 2 threads on this node would oversubscribe its"),
     (["-B", "600"], "one batch needs B*T*world_size+1 = 600*16*2+1"),
     (["--strategy", "zero2"], "invalid choice: 'zero2'"),
-    (["--checkpoint-every", "2"], "not supported with --mode mpi"),
 ])
 def test_bad_arguments_are_refused_before_any_work_in_one_line(args, message, data_dir):
     result = llmpy_train([*COMMON, *PLAIN, "--mode", "mpi", "-B", B, *args, "--output", ""], data_dir, ranks=2,

@@ -5,6 +5,7 @@ The reference is test_distributed's: one sequential process with batch 2B. The v
 the gradients crossed the link: every host sends at least the bytes of one gradient per step (a lower bound
 from the model's size, whatever the strategy: each rank's gradient must leave its host to be summed)."""
 
+import json
 import sys
 
 import numpy as np
@@ -20,6 +21,8 @@ REASON = netns_hosts.skip_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"multi-host harness: {REASON}")
 GRADIENT_BYTES = 4 * PRESETS["tiny"].num_parameters()
 TIMEOUT = 120
+EXPECTED_CALLS = {"allreduce": ["MPI_Iallreduce"], "zero1": ["MPI_Ireduce_scatter", "MPI_Iallgatherv"],
+                  "server": ["MPI_Ireduce", "MPI_Ibcast"], "owners": ["MPI_Ireduce", "MPI_Ibcast"]}
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +84,18 @@ def test_two_hosts_over_shaped_tcp_match_one_process_with_twice_the_batch(strate
     np.testing.assert_allclose(losses, reference[0], rtol=1e-5)
     np.testing.assert_allclose(params, reference[1], rtol=0, atol=1e-4)
     assert min(sent) >= STEPS * GRADIENT_BYTES, (sent, STEPS * GRADIENT_BYTES)
+    # The per-rank table's network bytes (what the collectives must move at least) against the veth counters:
+    # the link carried them plus TCP/IP headers and acknowledgements and the small messages outside the strategy
+    # (setup, loss averages), never less. MPICH's reduce on 2 ranks is a reduce-scatter and a gather, so the root
+    # also sends half of each large buffer: up to 1.5x the minimum there.
+    per_rank = json.loads((data_dir / out / "metrics.json").read_text())["summary"]["per_rank"]
+    gbit = float(rate[0])
+    for row, on_link in zip(per_rank, sent):
+        counted = STEPS * row["sent_bytes"]
+        slack = 1.65 if strategy in ("server", "owners") and row["rank"] == 0 else 1.15
+        assert counted <= on_link <= slack * counted, (strategy, row["rank"], counted, on_link)
+        assert 0 < row["sent_gbits"] <= 1.1 * gbit  # what the shaped link can carry
+        assert set(row["bytes_by_call"]) == set(EXPECTED_CALLS[strategy])
     # each rank names its own host and the transport its MPI was told to use
     for rank, host in enumerate(hosts.hosts):
         assert f"rank {rank}: host {host.hostname}, " in result.stdout

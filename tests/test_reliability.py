@@ -69,7 +69,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint_and_says_so(text_dataset, tmp_
     assert train_losses(resumed.stdout) == whole[2:]  # the run continued from step 2, bitwise
 
 
-@pytest.mark.parametrize("flags,field", [(["-B", "2"], "batch_size"), (["--grad-accum", "2"], "grad_accum"),
+@pytest.mark.parametrize("flags,field", [(["-B", "2"], "sequences_per_step"), (["--grad-accum", "2"], "grad_accum"),
                                          (["--seed", "5"], "seed"), (["-T", "32"], "seq_len")])
 def test_resume_refuses_another_runs_configuration(text_dataset, tmp_path, flags, field):  # noqa: F811
     data = ["--data-dir", text_dataset / "data"]

@@ -238,8 +238,10 @@ def _model_shape(config: GPT2Config) -> list[int]:
 def run_identity(args, config: GPT2Config, B: int, T: int, loader, world_size: int) -> dict:
     """What a resumed run must share with the run that wrote the checkpoint."""
     return {"model": _model_shape(config),
-            "batch_size": B, "seq_len": T, "grad_accum": args.grad_accum, "seed": args.seed,
-            "shuffle": bool(args.shuffle), "world_size": world_size,
+            # without shuffling, the rows a step reads depend on B x world size only (llm.c's rank layout), so a
+            # run resumes on another world size with the same sequences per step
+            "sequences_per_step": B * world_size, **({"batch_size": B, "world_size": world_size} if args.shuffle else {}),
+            "seq_len": T, "grad_accum": args.grad_accum, "seed": args.seed, "shuffle": bool(args.shuffle),
             "train_data": [[os.path.basename(f), os.path.getsize(f)] for f in loader.files]}
 
 
@@ -293,8 +295,8 @@ def _agreement_fields(args, config: GPT2Config) -> dict:
 
 def _check_finite_state(step: int, model: GPT2, optimizer) -> None:
     """Before anything is saved: parameters and AdamW moments must be finite."""
-    for what, values in (("the parameters", model.params.flat), ("AdamW m", optimizer.m.flat),
-                         ("AdamW v", optimizer.v.flat)):
+    m, v = optimizer.flat_moments()
+    for what, values in (("the parameters", model.params.flat), ("AdamW m", m), ("AdamW v", v)):
         if not np.isfinite(values).all():
             raise FloatingPointError(f"step {step}: {what} hold non-finite values after the update; nothing of this "
                                      "step is saved (the last checkpoint stays as it was); lower --lr or use "
@@ -392,10 +394,13 @@ def step_row(stats: StepStats, record) -> dict:
     return row
 
 
-def save_checkpoint(args, step: int, model: GPT2, optimizer, loader, run_id: str, identity: dict) -> None:
+def save_checkpoint(args, step: int, model: GPT2, optimizer, loader, run_id: str, identity: dict,
+                    execution: ExecutionModel) -> None:
+    """A resumable checkpoint: one file of each kind, or (data-parallel ranks) the model and each rank's shard."""
     _check_finite_state(step, model, optimizer)
-    state = RunState(step, args.seed, *loader.position(), optimizer.m.flat, optimizer.v.flat, run_id, identity)
-    write_checkpoint(args.checkpoint_dir, step, model.config, model.params.flat, state, args.keep_checkpoints)
+    state = RunState(step, args.seed, *loader.position(), *optimizer.flat_moments(), run_id, identity,
+                     ranges=optimizer.moment_ranges())
+    execution.save_checkpoint(args.checkpoint_dir, model.config, model.params.flat, state, args.keep_checkpoints)
 
 
 def validation_loss(model: GPT2, loader, batches: int) -> float:
@@ -413,8 +418,7 @@ def _resume(args, checkpoint: Checkpoint, identity: dict, optimizer, loader, say
     if mismatch:
         raise ValueError(f"--resume: {checkpoint.state_path} is another run's checkpoint ({mismatch})")
     state = checkpoint.state
-    optimizer.m.flat[...] = state.m
-    optimizer.v.flat[...] = state.v
+    optimizer.load_moments(state.m, state.v)  # this optimizer's part, whatever world size wrote them
     optimizer.step = state.step
     loader.seek(state.data_epoch, state.data_shard_position, state.data_sample_index)
     verified = "" if checkpoint.verified else " (a checkpoint from before checksums: not verified)"
@@ -489,8 +493,6 @@ def run(args, out=sys.stdout) -> TrainResult:
     schedule = LearningRateSchedule(args.lr, args.warmup_steps, args.steps, args.lr_schedule, args.final_lr_fraction)
     execution = make_execution_model(args.mode, threads, threading_layer, options)
     try:
-        if execution.name == "mpi" and (args.resume or args.checkpoint_every):
-            raise ValueError("--checkpoint-every and --resume are not supported with --mode mpi yet")
         model, checkpoint = build_model(args, execution, B, T, say)
         config: GPT2Config = model.config
         train_loader, val_loader = _load_data(args, config.vocab_size, B, T, say, execution)
@@ -513,7 +515,7 @@ def run(args, out=sys.stdout) -> TrainResult:
             _refuse_overwriting_checkpoints(args)
         run_id = (checkpoint.state.run_id if checkpoint is not None and checkpoint.verified
                   else new_run_id(identity, args.checkpoint_dir))
-        execution.group.agree_on(_agreement_fields(args, config))
+        execution.group.agree_on(dict(_agreement_fields(args, config), **{"the checkpoint's step": first_step}))
         execution.group.setup_done()
         result = TrainResult()
         recorder = Recorder(rank=execution.rank, per_thread=bool(args.trace), threads=execution.threads)
@@ -572,7 +574,7 @@ def run(args, out=sys.stdout) -> TrainResult:
                 log.train(step, loss, schedule(step), _grad_norm(optimizer, model, execution, args.grad_accum))
             if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
                 execution.synchronize()
-                save_checkpoint(args, step + 1, model, optimizer, train_loader, run_id, identity)
+                save_checkpoint(args, step + 1, model, optimizer, train_loader, run_id, identity, execution)
         progress.close()
         progress = None
         if args.output and execution.rank == 0:  # the model first: the reports come after it

@@ -100,6 +100,24 @@ class AdamWRule:
         reads = (self.grad_norm_sq,) if self.clips else ()
         return KernelCall("adamw_update", label, -1, self.apply, (params, grads, m, v, weight_decay) + reads, "update")
 
+    def flat_moments(self) -> tuple:
+        """The flat m and v this optimizer holds (the moments of moment_ranges(), one after the other)."""
+        return self.m.flat, self.v.flat
+
+    def moment_ranges(self) -> list[tuple[int, int]]:
+        """The [start, stop) parameter ranges whose moments this optimizer holds, in their order in m and v
+        (one process: all parameters; a data-parallel strategy: what this rank updates)."""
+        return [(0, int(self.flat_moments()[0].size))]
+
+    def load_moments(self, m, v) -> None:
+        """Take this optimizer's ranges of the whole m and v (a checkpoint's, of any world size or strategy)."""
+        own_m, own_v = self.flat_moments()
+        offset = 0
+        for start, stop in self.moment_ranges():
+            own_m[offset:offset + stop - start] = m[start:stop]
+            own_v[offset:offset + stop - start] = v[start:stop]
+            offset += stop - start
+
     def grad_norm_call(self, grads) -> KernelCall:
         """The sum of squares of `grads` into grad_norm_sq."""
         return KernelCall("sum_of_squares", "grads", -1, self.store_sum_of_squares, (grads, self.grad_norm_sq),

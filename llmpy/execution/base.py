@@ -153,6 +153,14 @@ class ExecutionModel:
         """Finish the work of the last step still in flight (task mode with overlapping steps), so the parameters
         can be read from outside a step: validation, sampling, checkpoints, the final save."""
 
+    def save_checkpoint(self, directory: str, config, params, state, keep: int) -> None:
+        """A resumable checkpoint of `state` (a RunState holding this process's m and v) and `params`."""
+        from dataclasses import replace
+
+        from llmpy.io.checkpoints import save_checkpoint
+
+        save_checkpoint(directory, state.step, config, params, replace(state, ranges=None), keep)
+
     def make_optimizer(self, model, config, micro_steps: int = 1):
         """The optimizer train_step drives: AdamW over the model's parameters."""
         from llmpy.core.optim import AdamW

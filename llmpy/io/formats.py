@@ -63,7 +63,7 @@ SHARD_KIND = "llm.c token shard"
 # llmpy's training state beside a model checkpoint (llm.c's CPU trainer has none; its CUDA state file
 # holds mixed-precision fields that do not apply here, so this is a format of our own).
 RUN_STATE_MAGIC = 20241122
-RUN_STATE_VERSIONS = (1, 2)
+RUN_STATE_VERSIONS = (1, 2, 3)  # 3: the completion record of a sharded checkpoint (no m, v of its own)
 
 INT32_MAX = 2**31 - 1
 UINT16_MAX = 2**16 - 1
@@ -642,7 +642,11 @@ def write_debug_state(path, config: GPT2Config, inputs, targets, logits, loss: f
 @dataclass
 class RunState:
     """Optimizer and data-loader position after `step` optimizer steps; a training checkpoint's state also
-    names its run (run_id, identity) and the checksum of the model file written beside it (version 2)."""
+    names its run (run_id, identity) and the checksum of the model file written beside it (version 2).
+
+    Sharded checkpoints (data-parallel ranks): each rank's shard is a version 2 state whose m and v hold the
+    parameter `ranges` ([start, stop) pairs, in order) it updates; the completion record is a version 3 state
+    with no m and v, listing the `shards` (file name, checksum, ranges), written only once they all exist."""
 
     step: int
     seed: int
@@ -654,6 +658,9 @@ class RunState:
     run_id: str | None = None
     identity: dict | None = None
     model_sha256: str | None = None
+    ranges: list | None = None  # a shard: the parameter ranges its m and v hold
+    shards: list | None = None  # a completion record: [{"file", "state_sha256", "ranges"}, ...]
+    state_sha256: str | None = None  # as read from the file (version 2 and 3)
 
 
 def _state_sha256(fields: tuple, m: np.ndarray, v: np.ndarray) -> str:
@@ -681,6 +688,9 @@ def _read_run_state_header(f: BinaryIO, path, size: int, num_parameters: int | N
     if header[1] == 1 and header[9] != 0:
         raise FormatError(f"{path}: header trailer bytes: expected 0 in version 1, found {header[9]}")
     trailer = int(header[9])
+    if header[1] == 3:  # a sharded checkpoint's completion record: the moments are in its shards
+        _check_file_size(path, size, HEADER_BYTES + trailer, f"{HEADER_BYTES} + {trailer}", "the JSON trailer")
+        return header
     _check_file_size(path, size, HEADER_BYTES + 8 * found + trailer,
                      f"{HEADER_BYTES} + 2*4*{found}" + (f" + {trailer}" if trailer else ""),
                      f"AdamW m and v for {found} parameters" + (" and the JSON trailer" if trailer else ""))
@@ -694,6 +704,8 @@ def _read_trailer(f: BinaryIO, path, header: np.ndarray) -> dict:
         if not isinstance(trailer, dict) or not all(isinstance(trailer.get(k), str) for k in
                                                     ("run_id", "model_sha256", "state_sha256")):
             raise ValueError("missing fields")
+        if header[1] == 3 and not _valid_shards(trailer.get("shards")):
+            raise ValueError("no valid list of shards")
     except (UnicodeDecodeError, ValueError) as err:
         raise FormatError(f"{path}: trailer: expected the run's JSON record, found unreadable bytes ({err})") from None
     return trailer
@@ -705,8 +717,16 @@ def read_run_state_owner(path) -> tuple[int, str | None]:
         header = _read_run_state_header(f, path, size, None)
         if header[1] == 1:
             return int(header[2]), None
-        f.seek(HEADER_BYTES + 8 * (int(header[3]) | (int(header[4]) << 31)))
+        f.seek(HEADER_BYTES + (0 if header[1] == 3 else 8 * (int(header[3]) | (int(header[4]) << 31))))
         return int(header[2]), _read_trailer(f, path, header)["run_id"]
+
+
+def _valid_shards(shards) -> bool:
+    return isinstance(shards, list) and bool(shards) and all(
+        isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("state_sha256"), str)
+        and isinstance(s.get("ranges"), list) and all(isinstance(r, list) and len(r) == 2 and
+                                                      all(isinstance(x, int) and x >= 0 for x in r) and r[0] <= r[1]
+                                                      for r in s["ranges"]) for s in shards)
 
 
 def read_run_state(path, num_parameters: int) -> RunState:
@@ -714,9 +734,10 @@ def read_run_state(path, num_parameters: int) -> RunState:
     files are checked against their checksum of m and v, and m, v must be finite (v >= 0)."""
     with _open_for_read(path) as (f, size):
         header = _read_run_state_header(f, path, size, num_parameters)
-        m = _read_array(f, path, F32, num_parameters, "m")
-        v = _read_array(f, path, F32, num_parameters, "v")
-        trailer = _read_trailer(f, path, header) if header[1] == 2 else {}
+        held = 0 if header[1] == 3 else num_parameters  # version 3: the moments are in the shards it lists
+        m = _read_array(f, path, F32, held, "m")
+        v = _read_array(f, path, F32, held, "v")
+        trailer = _read_trailer(f, path, header) if header[1] >= 2 else {}
     fields = tuple(int(x) for x in header[[2, 5, 6, 7, 8]])
     if trailer and _state_sha256(fields, m, v) != trailer["state_sha256"]:
         raise FormatError(f"{path}: checksum of the step, data position and AdamW m and v: does not match the one "
@@ -726,22 +747,33 @@ def read_run_state(path, num_parameters: int) -> RunState:
     if (v < 0).any():
         raise FormatError(f"{path}: AdamW v holds negative values (first at element {int(np.argmax(v < 0))})")
     return RunState(int(header[2]), int(header[5]), int(header[6]), int(header[7]), int(header[8]), m, v,
-                    trailer.get("run_id"), trailer.get("identity"), trailer.get("model_sha256"))
+                    trailer.get("run_id"), trailer.get("identity"), trailer.get("model_sha256"), trailer.get("ranges"),
+                    trailer.get("shards"), trailer.get("state_sha256"))
 
 
-def write_run_state(path, state: RunState) -> None:
-    """Atomically write a run state: version 1, or version 2 with its trailer when the state names its run."""
+def write_run_state(path, state: RunState, num_parameters: int | None = None) -> str | None:
+    """Atomically write a run state: version 1, or version 2 with its trailer when the state names its run, or
+    version 3 when it lists `shards` (then m and v are empty and `num_parameters` is the model's). Returns the
+    checksum of its step, data position and moments (None for version 1)."""
     m, v = np.asarray(state.m), np.asarray(state.v)
     if m.ndim != 1 or m.shape != v.shape:
         raise ValueError(f"write_run_state: m and v must be 1-D of one size, got {m.shape} and {v.shape}")
     fields = (state.step, state.seed, state.data_epoch, state.data_shard_position, state.data_sample_index)
     if state.step < 1 or min(fields) < 0 or max(fields) > INT32_MAX:
         raise ValueError(f"write_run_state: step must be >= 1 and every field in [0, 2^31), got {fields}")
-    trailer = b""
+    trailer, checksum = b"", None
     if state.run_id is not None:
-        trailer = json.dumps({"run_id": state.run_id, "identity": state.identity, "model_sha256": state.model_sha256,
-                              "state_sha256": _state_sha256(fields, m, v)}, sort_keys=True).encode()
-    n = m.size
-    header = _header([RUN_STATE_MAGIC, 2 if trailer else 1, state.step, n & INT32_MAX, n >> 31, state.seed,
-                      state.data_epoch, state.data_shard_position, state.data_sample_index, len(trailer)], I32)
+        checksum = _state_sha256(fields, m, v)
+        record = {"run_id": state.run_id, "identity": state.identity, "model_sha256": state.model_sha256,
+                  "state_sha256": checksum}
+        record.update({k: getattr(state, k) for k in ("ranges", "shards") if getattr(state, k) is not None})
+        trailer = json.dumps(record, sort_keys=True).encode()
+    sharded = state.shards is not None
+    if sharded and (m.size or num_parameters is None or state.run_id is None):
+        raise ValueError("write_run_state: a completion record names its run and the model size, and holds no m, v")
+    n = num_parameters if sharded else m.size
+    header = _header([RUN_STATE_MAGIC, 3 if sharded else 2 if trailer else 1, state.step, n & INT32_MAX, n >> 31,
+                      state.seed, state.data_epoch, state.data_shard_position, state.data_sample_index, len(trailer)],
+                     I32)
     atomic_write_bytes(path, (header, m.astype(F32, copy=False), v.astype(F32, copy=False), trailer))
+    return checksum

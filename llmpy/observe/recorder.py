@@ -77,6 +77,8 @@ class Recorder:
         self.thread_events: list[tuple[str, str, int, int, int, float, float]] = []
         # (name, phase, layer, step, worker row, start, end, flops, bytes, task label): calls run by task workers
         self.task_events: list[tuple[str, str, int, int, int, float, float, float, float, str]] = []
+        # (step, start) of an MPI call -> (bytes sent, bytes received) by this rank (llmpy.execution.mpi)
+        self.traffic: dict[tuple[int, float], tuple[int, int]] = {}
         self.steps: list[StepRecord] = []
         self.step = 0
         self.phase = "forward"
@@ -142,6 +144,11 @@ class Recorder:
             self.calls.append((name, self.phase, layer, self.step, start - self.origin, end - self.origin, flops, moved))
         return result
 
+    def note_traffic(self, name: str, sent: int, received: int) -> None:
+        """The network bytes of the MPI call `name` just recorded (a collective this rank started)."""
+        if self.enabled and self.keep_calls and self.calls and self.calls[-1][0] == name:
+            self.traffic[(self.calls[-1][3], self.calls[-1][4])] = (sent, received)
+
     def record_task(self, name: str, phase: str, layer: int, row: int, start: float, end: float, flops: float,
                     moved: float, task: str = "") -> None:
         """A kernel call that a task worker ran (llmpy.execution.tasks.step): `row` is the worker, start and end are
@@ -181,10 +188,14 @@ class Recorder:
             costs = {(c[0], c[2], c[3], c[4]): (c[6], c[7]) for c in self.calls}
             for name, phase, layer, step, row, start, end in self.thread_events:
                 flops, moved = costs.get((name, layer, step, start), (0.0, 0.0)) if row == 0 else (0.0, 0.0)
-                events.append(KernelEvent(name, phase, layer, step, self.rank, row, start, end, flops, moved))
+                sent, received = self.traffic.get((step, start), (0, 0)) if row == 0 else (0, 0)
+                events.append(KernelEvent(name, phase, layer, step, self.rank, row, start, end, flops, moved,
+                                          sent=sent, received=received))
         else:
             for name, phase, layer, step, start, end, flops, moved in self.calls:
-                events.append(KernelEvent(name, phase, layer, step, self.rank, 0, start, end, flops, moved))
+                sent, received = self.traffic.get((step, start), (0, 0))
+                events.append(KernelEvent(name, phase, layer, step, self.rank, 0, start, end, flops, moved,
+                                          sent=sent, received=received))
         for name, phase, layer, step, row, start, end, flops, moved, task in self.task_events:
             events.append(KernelEvent(name, phase, layer, step, self.rank, row, start, end, flops, moved, task))
         return Trace(events, list(self.steps), dict(meta))

@@ -46,6 +46,8 @@ class KernelEvent:
     flops: float = 0.0  # floating-point operations of the whole call (on row 0 only; 0 on helper rows)
     bytes: float = 0.0  # bytes the whole call reads and writes, by the kernel's cost model (row 0 only)
     task: str = ""  # task mode: the task's name (kernel, layer, block); each task event is a call of its own
+    sent: int = 0  # an MPI collective's start: bytes this rank sends over the network in it (row 0 only)
+    received: int = 0  # ... and receives (llmpy.execution.mpi.strategies.network_bytes)
 
     @property
     def duration(self) -> float:

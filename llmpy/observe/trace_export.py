@@ -213,6 +213,8 @@ def _write_chrome_trace(trace, path: str) -> str:
             args["gflop"] = flops / 1e9
         if e.task:
             args["task"] = str(e.task)
+        if e.sent or e.received:
+            args["sent MB"], args["received MB"] = e.sent / 1e6, e.received / 1e6
         timed.append((start, 2, {"ph": "X", "ts": _us(start), "dur": _us(end - start), "pid": chrome_pid(e.rank),
                                  "tid": chrome_tid(e.rank, e.thread), "name": str(e.name), "cat": str(e.phase),
                                  "args": args}))

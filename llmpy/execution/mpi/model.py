@@ -4,15 +4,19 @@ gradients and updates, and how failures are handled)."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import time
 from dataclasses import replace
 
 from llmpy.core.optim import AdamWConfig
+from llmpy.io.checkpoints import complete_sharded_checkpoint, model_path, save_shard
+from llmpy.io.formats import write_model
 from llmpy.execution.base import ExecutionModel
 from llmpy.execution.mpi.report import rank_summary
-from llmpy.execution.mpi.strategies import ROOT, STRATEGY_CLASSES, DataParallelStrategy, _mpi, allreduce_sum
+from llmpy.execution.mpi.strategies import (ROOT, STRATEGY_CLASSES, DataParallelStrategy, _mpi, allreduce_sum,
+                                             injected_failure)
 from llmpy.execution.mpi.transport import describe_transport
 from llmpy.execution.mpi.watchdog import Watchdog
 from llmpy.execution.options import MpiOptions
@@ -110,6 +114,10 @@ class MpiRanks:
                 steps.append(replace(s, start=s.start + shift, end=s.end + shift, phases=phases))
         return Trace(events, steps, dict(trace.meta, ranks=self.world_size))
 
+    def gather(self, value):
+        """Every rank's `value` as a list on rank 0 (None on the others); outside any training collective."""
+        return self._agreement.gather(value, root=ROOT)
+
     def rank_report(self, recorder, optimizer: DataParallelStrategy, skip: int) -> list[dict] | None:
         """Per rank: mean ms per step of compute, update, each MPI call and waiting, overlap, and the moment
         elements held, gathered on rank 0 (None on the others)."""
@@ -194,6 +202,19 @@ class DataParallel(ExecutionModel):
     def synchronize(self) -> None:
         if self.inner is not None:
             self.inner.synchronize()
+
+    def save_checkpoint(self, directory: str, config, params, state, keep: int) -> None:
+        """A sharded checkpoint (llmpy.io.checkpoints): rank 0 writes the model, every rank its moments, and
+        rank 0 the completion record once it has heard from every rank that its shard is written."""
+        group = self.group
+        if group.rank == ROOT:
+            write_model(model_path(directory, state.step), config, params)
+        entry = save_shard(directory, state.step, group.rank, group.world_size, state)
+        if injected_failure(group.rank) == (state.step, "kill-checkpoint"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        entries = group.gather(entry)
+        if entries is not None:
+            complete_sharded_checkpoint(directory, state.step, config.num_parameters(), state, entries, keep)
 
     def make_optimizer(self, model, config: AdamWConfig, micro_steps: int = 1) -> DataParallelStrategy:
         return STRATEGY_CLASSES[self.strategy](model, config, self.kernels, self.group.comm, micro_steps,

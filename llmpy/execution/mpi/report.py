@@ -1,4 +1,7 @@
-"""The per-rank report of a data-parallel run: compute, update, each MPI call, waiting, and overlap per step."""
+"""The per-rank report of a data-parallel run: compute, update, each MPI call, waiting, and overlap per step;
+the network bytes each rank sent and received per collective (strategies.network_bytes) and the bandwidth it
+achieved: bytes per direction over the step's communication span, from its first collective's start to the
+end of the update's last wait (a lower bound on what the link carried while it was busy)."""
 
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ def rank_summary(recorder, optimizer, skip: int) -> dict:
     param_hidden = [o["param_hidden"] for o in overlap if o["param_hidden"] is not None]
     step_ms = float(np.mean([1e3 * s.duration for s in measured])) if measured else 0.0
     comm_ms = sum(communication.values())
-    return {
+    return {**_traffic_summary(overlap),
         "rank": optimizer.rank, "step_ms": step_ms, "compute_ms": compute, "update_ms": update,
         "communication_ms": comm_ms, "wait_ms": wait, "communication_share": comm_ms / step_ms if step_ms else 0.0,
         "grad_hidden": float(np.mean(grad_hidden)) if grad_hidden else None,
@@ -44,6 +47,24 @@ def rank_summary(recorder, optimizer, skip: int) -> dict:
     }
 
 
+def _traffic_summary(overlap: list[dict]) -> dict:
+    """Mean bytes sent and received per step (in all and per MPI call) and the achieved Gbit/s each way."""
+    n = max(1, len(overlap))
+    by_call: dict[str, list[float]] = {}
+    for o in overlap:
+        for name, (sent, received) in o.get("traffic", {}).items():
+            entry = by_call.setdefault(name, [0.0, 0.0])
+            entry[0] += sent / n
+            entry[1] += received / n
+    span = sum(o.get("span_s", 0.0) for o in overlap) / n
+    sent = sum(s for s, _ in by_call.values())
+    received = sum(r for _, r in by_call.values())
+    return {"sent_bytes": sent, "received_bytes": received, "communication_span_ms": 1e3 * span,
+            "sent_gbits": 8 * sent / span / 1e9 if span else 0.0,
+            "received_gbits": 8 * received / span / 1e9 if span else 0.0,
+            "bytes_by_call": {name: {"sent": s, "received": r} for name, (s, r) in by_call.items()}}
+
+
 def format_rank_report(rows: list[dict]) -> str:
     """The per-rank table train prints at the end of an mpi run."""
     def hidden(share):
@@ -51,14 +72,22 @@ def format_rank_report(rows: list[dict]) -> str:
 
     lines = [("per rank, ms per step: compute = forward+backward kernels, update = AdamW kernels, comm = time in "
               "MPI calls (wait: MPI_Waitall and blocking ones); hidden = share of the bytes whose collective had "
-              "finished before the update needed them"),
+              "finished before the update needed them; MB out/in = network bytes sent/received per step, Gbit/s "
+              "= those over the span from the step's first collective to its last wait"),
              (f"{'rank':>4s} {'step':>8s} {'compute':>8s} {'update':>8s} {'comm':>8s} {'wait':>8s} {'comm%':>6s} "
-              f"{'grads hidden':>12s} {'params hidden':>13s} {'m,v floats':>12s}  comm by call")]
+              f"{'grads hidden':>12s} {'params hidden':>13s} {'m,v floats':>12s} {'MB out':>8s} {'MB in':>8s} "
+              f"{'Gbit/s out':>10s} {'Gbit/s in':>9s}  comm by call (ms; MB out/in)")]
     for r in rows:
-        calls = ", ".join(f"{name[4:]} {ms:.1f}" for name, ms in sorted(r["communication_by_call_ms"].items(),
-                                                                        key=lambda kv: -kv[1]))
+        calls = ", ".join(f"{name[4:]} {ms:.1f}{_call_bytes(r, name)}" for name, ms in
+                          sorted(r["communication_by_call_ms"].items(), key=lambda kv: -kv[1]))
         lines.append(f"{r['rank']:4d} {r['step_ms']:8.1f} {r['compute_ms']:8.1f} {r['update_ms']:8.1f} "
                      f"{r['communication_ms']:8.1f} {r['wait_ms']:8.1f} {100 * r['communication_share']:5.1f}% "
                      f"{hidden(r['grad_hidden']):>12s} {hidden(r['param_hidden']):>13s} "
-                     f"{r['moment_elements']:12,d}  {calls}")
+                     f"{r['moment_elements']:12,d} {r['sent_bytes'] / 1e6:8.2f} {r['received_bytes'] / 1e6:8.2f} "
+                     f"{r['sent_gbits']:10.2f} {r['received_gbits']:9.2f}  {calls}")
     return "\n".join(lines)
+
+
+def _call_bytes(row: dict, name: str) -> str:
+    moved = row["bytes_by_call"].get(name)
+    return f" ({moved['sent'] / 1e6:.2f}/{moved['received'] / 1e6:.2f} MB)" if moved else ""

@@ -54,6 +54,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,7 +65,8 @@ from llmpy.core.layout import PARAMETER_NAMES, parameter_shapes
 from llmpy.core.optim import AdamWConfig, AdamWRule
 
 BLOCK_ELEMENTS = 1 << 20  # owners: largest parameter block (4 MiB of float32)
-# Failure-handling tests: "RANK:STEP" makes that rank raise at that step's update, "RANK:STEP:kill" kills it (SIGKILL).
+# Failure-handling tests: "RANK:STEP" makes that rank raise at that step's update, "RANK:STEP:kill" kills it (SIGKILL),
+# "RANK:STEP:kill-checkpoint" kills it in the checkpoint of that step, after its shard is written.
 FAIL_ENV = "LLMPY_FAIL_RANK"
 ROOT = 0
 
@@ -80,6 +82,35 @@ def _mpi():
     from mpi4py import MPI
 
     return MPI
+
+
+def injected_failure(rank: int) -> tuple[int | None, str]:
+    """(step, how) of the failure FAIL_ENV injects into this rank: how is raise, kill or kill-checkpoint."""
+    failure = os.environ.get(FAIL_ENV, "").split(":")
+    if not failure[0] or int(failure[0]) != rank:
+        return None, ""
+    return (int(failure[1]) if len(failure) > 1 else 1), (failure[2] if len(failure) > 2 else "raise")
+
+
+def network_bytes(name: str, nbytes: int, P: int, rank: int, root: int | None) -> tuple[int, int]:
+    """(sent, received) bytes of this rank in a collective over `nbytes` of data, as the bandwidth-optimal
+    algorithms move them: ring allreduce 2(P-1)/P n each way, reduce-scatter and allgather (P-1)/P n, and
+    the rooted ones directly (reduce: n from every other rank to the root; bcast: n from the root to every
+    other rank): the least the collective must move. MPI may pick algorithms that move more: MPICH's reduce of
+    a large buffer is a reduce-scatter and a gather, so on 2 ranks the root also sends half the buffer."""
+    if P == 1:
+        return 0, 0
+    if name == "MPI_Iallreduce":
+        moved = 2 * (P - 1) * nbytes // P
+        return moved, moved
+    if name in ("MPI_Ireduce_scatter", "MPI_Iallgatherv"):
+        moved = (P - 1) * nbytes // P
+        return moved, moved
+    if name == "MPI_Ireduce":
+        return (0, (P - 1) * nbytes) if rank == root else (nbytes, 0)
+    if name == "MPI_Ibcast":
+        return ((P - 1) * nbytes, 0) if rank == root else (0, nbytes)
+    raise ValueError(f"network_bytes: no model for {name}")
 
 
 def allreduce_sum(MPI, comm, value: float, watchdog, what: str) -> float:
@@ -207,14 +238,15 @@ class DataParallelStrategy(AdamWRule):
         self.step_overlap: list[dict] = []  # per step: share of bytes whose collective was done before needed
         self._backwards = 0  # backward passes seen in this optimizer step (gradient accumulation)
         self._started: set[int] = set()
-        self._fail_step, self._fail_kill = None, False
-        failure = os.environ.get(FAIL_ENV, "").split(":")
-        if failure[0] and int(failure[0]) == self.rank:
-            self._fail_step = int(failure[1]) if len(failure) > 1 else 1
-            self._fail_kill = failure[2:] == ["kill"]
+        self._fail_step, how = injected_failure(self.rank)
+        if how not in ("raise", "kill"):
+            self._fail_step = None  # not in the update
+        self._fail_kill = how == "kill"
         self.model = model
         self._model_observer = None  # the model's own observer while backward runs through _progressing_observer
         self._grads_in_flight: list = []
+        self._traffic: dict[str, list[int]] = {}  # this step: MPI call -> [bytes sent, bytes received]
+        self._comm_start: float | None = None  # when this step's first collective started
         model.gradients_ready = self._gradients_ready
 
     # ---- what each strategy defines
@@ -231,11 +263,31 @@ class DataParallelStrategy(AdamWRule):
     def norm_needs_allreduce(self) -> bool:
         return True
 
+    def flat_moments(self):
+        return self.m, self.v
+
+    def moment_ranges(self):
+        return [(o.start, o.stop) for state in self.states for o in state.owned]
+
     # ---- common machinery
     def _run(self, name: str, layer: int, fn, *args):
         if self.observer is None:
             return fn(*args)
         return self.observer(name, layer, fn, args)
+
+    def _collective(self, name: str, part: int, elements: int, root: int | None, fn, *args):
+        """Start a non-blocking collective of `elements` floats and count the bytes it moves for this rank."""
+        if self._comm_start is None:
+            self._comm_start = time.perf_counter()
+        request = self._run(name, part, fn, *args)
+        sent, received = network_bytes(name, 4 * elements, self.world_size, self.rank, root)
+        entry = self._traffic.setdefault(name, [0, 0])
+        entry[0] += sent
+        entry[1] += received
+        note = getattr(self.observer, "note_traffic", None)
+        if note is not None:
+            note(name, sent, received)
+        return request
 
     def _test(self, layer: int, requests: list) -> bool:
         """Progress (and check) requests in flight: MPI moves data only inside MPI calls."""
@@ -320,8 +372,11 @@ class DataParallelStrategy(AdamWRule):
         self._wait(-1, in_flight)
         for state in self.states:
             state.param_requests = []
+        span = time.perf_counter() - self._comm_start if self._comm_start is not None else 0.0
         self.step_overlap.append({"grad_hidden": grads_done / total_bytes,
-                                  "param_hidden": params_done / params_total if params_total else None})
+                                  "param_hidden": params_done / params_total if params_total else None,
+                                  "traffic": self._traffic, "span_s": span})
+        self._traffic, self._comm_start = {}, None
         self._started.clear()
         self._backwards = 0
 
@@ -357,8 +412,9 @@ class AllreduceStrategy(DataParallelStrategy):
     def start_gradient_collectives(self, state):
         MPI = self.MPI
         for s in state.bucket.segments:
-            state.grad_requests.append(self._run("MPI_Iallreduce", state.bucket.part, self.comm.Iallreduce,
-                                                 MPI.IN_PLACE, self.grads.flat[s.start:s.stop], MPI.SUM))
+            state.grad_requests.append(self._collective("MPI_Iallreduce", state.bucket.part, s.size, None,
+                                                        self.comm.Iallreduce, MPI.IN_PLACE,
+                                                        self.grads.flat[s.start:s.stop], MPI.SUM))
 
     def norm_needs_allreduce(self):
         return False  # every rank holds the whole reduced gradient
@@ -381,15 +437,16 @@ class Zero1Strategy(DataParallelStrategy):
         for s, owned in zip(state.bucket.segments, state.owned):
             counts, _ = split_evenly(s.size, self.world_size)
             shard = self.grad_shard[owned.moment:owned.moment + owned.stop - owned.start]
-            state.grad_requests.append(self._run("MPI_Ireduce_scatter", state.bucket.part, self.comm.Ireduce_scatter,
-                                                 self.grads.flat[s.start:s.stop], shard, counts, MPI.SUM))
+            state.grad_requests.append(self._collective("MPI_Ireduce_scatter", state.bucket.part, s.size, None,
+                                                        self.comm.Ireduce_scatter, self.grads.flat[s.start:s.stop],
+                                                        shard, counts, MPI.SUM))
 
     def start_parameter_collectives(self, state):
         MPI = self.MPI
         for s in state.bucket.segments:
             counts, displacements = split_evenly(s.size, self.world_size)
-            state.param_requests.append(self._run(
-                "MPI_Iallgatherv", state.bucket.part, self.comm.Iallgatherv, MPI.IN_PLACE,
+            state.param_requests.append(self._collective(
+                "MPI_Iallgatherv", state.bucket.part, s.size, None, self.comm.Iallgatherv, MPI.IN_PLACE,
                 [self.params.flat[s.start:s.stop], (counts, displacements), MPI.FLOAT]))
 
 
@@ -408,13 +465,14 @@ class ParameterServerStrategy(DataParallelStrategy):
     def _reduce(self, part, buffer, root):
         MPI = self.MPI
         if self.rank == root:
-            return self._run("MPI_Ireduce", part, self.comm.Ireduce, MPI.IN_PLACE, buffer, MPI.SUM, root)
-        return self._run("MPI_Ireduce", part, self.comm.Ireduce, buffer, None, MPI.SUM, root)
+            return self._collective("MPI_Ireduce", part, buffer.size, root, self.comm.Ireduce, MPI.IN_PLACE, buffer,
+                                    MPI.SUM, root)
+        return self._collective("MPI_Ireduce", part, buffer.size, root, self.comm.Ireduce, buffer, None, MPI.SUM, root)
 
     def start_parameter_collectives(self, state):
         for s in state.bucket.segments:
-            state.param_requests.append(self._run("MPI_Ibcast", state.bucket.part, self.comm.Ibcast,
-                                                  self.params.flat[s.start:s.stop], ROOT))
+            state.param_requests.append(self._collective("MPI_Ibcast", state.bucket.part, s.size, ROOT,
+                                                         self.comm.Ibcast, self.params.flat[s.start:s.stop], ROOT))
 
     def norm_needs_allreduce(self):
         return False  # only rank 0 updates, and it holds the whole reduced gradient
@@ -441,8 +499,8 @@ class OwnerBlocksStrategy(ParameterServerStrategy):
     def start_parameter_collectives(self, state):
         for s in state.bucket.segments:
             for start, stop, owner in self.blocks[s]:
-                state.param_requests.append(self._run("MPI_Ibcast", state.bucket.part, self.comm.Ibcast,
-                                                      self.params.flat[start:stop], owner))
+                state.param_requests.append(self._collective("MPI_Ibcast", state.bucket.part, stop - start, owner,
+                                                             self.comm.Ibcast, self.params.flat[start:stop], owner))
 
     def norm_needs_allreduce(self):
         return True
