@@ -3,20 +3,23 @@
 qkv (B, T, 3C) holds q, k, v side by side; head h uses channels [h*hs, (h+1)*hs) of each, hs = C/NH.
 Query row t attends to key rows 0..t only, so a block of query rows [t0, t1) needs k, v of rows < t1.
 
-Positions are cut into tiles of TILE rows on one grid (tile i holds rows [i*TILE, (i+1)*TILE), clipped
-to the call's query rows and, for keys, to the last query row). For each query tile:
+Positions are cut into tiles on one grid: query tile i holds rows [i*QUERY_TILE, (i+1)*QUERY_TILE), key
+tile j rows [j*KEY_TILE, (j+1)*KEY_TILE), each clipped to the call's query rows and, for keys, to the query
+tile's last row (so keys above the diagonal are never computed, but for the diagonal tile's upper half).
+For each query tile:
   - forward: for each key tile at or left of the diagonal (tiles above it are skipped), the scores
     S = q k^T go through OpenBLAS (one GEMM per head); an online softmax keeps each row's running
     maximum m and sum l and rescales the unnormalised output o, to which the GEMM P v is added; only the
     log-sum-exp m + log(l) of each row is stored (lse (B, NH, T)), not the (T, T) scores;
   - backward: each tile's probabilities are recomputed from S and lse; dv += P^T dout, dP = dout v^T,
     dS = P (dP - D) / sqrt(hs) with D = rowsum(dout * out), dq += dS k, dk += dS^T q (five GEMMs).
-Extra memory: one query tile's scores per call, never stored across calls, and lse.
+Extra memory: one block of scores per head in flight (scratch reused by each thread), and lse.
 
 Order: the numba parts (scaling, masking, exponentials, row sums) run in a fixed order (vector_math's lanes);
-each GEMM's sums are OpenBLAS's, which adds over its inner dimension in an order that depends on the shape
-(and the CPU), not on the thread count. So a call's result depends on its query rows [t0, t1) (the clipping
-of the tiles) but not on the number of threads.
+each GEMM's sums are OpenBLAS's, whose order depends on the shape, the CPU and OpenBLAS's own thread count
+(it picks small-matrix kernels by it). Every GEMM here runs on one OpenBLAS thread (the parallel variant
+limits it; the sequential model and task workers run with one), so a call's result depends on its query rows
+[t0, t1) (the clipping of the tiles) but not on the number of threads.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from llmpy.kernels.compile import kernel
 from llmpy.kernels.vector_math import exp_nonpositive, lane_dot, lane_max, lane_sum
 
 QUERY_TILE = 128  # query rows per tile
-KEY_TILE = 512  # key rows per tile (at most: a query tile's last key tile ends at its last row)
+KEY_TILE = 256  # key rows per tile (at most: a query tile's last key tile ends at its last row)
 
 _scratch = threading.local()  # per thread (task workers run attention calls side by side)
 _pools: dict[int, ThreadPoolExecutor] = {}
