@@ -225,6 +225,8 @@ def test_tasks_inside_each_rank_match_one_process_with_twice_the_batch(strategy,
     np.testing.assert_allclose(read_model(data_dir / out / "model.bin")[1], ref_params, rtol=0, atol=1e-4)
     per_rank = json.loads((data_dir / out / "metrics.json").read_text())["summary"]["per_rank"]
     assert sum(r["moment_elements"] for r in per_rank) == ref_params.size  # the strategy's sharded update ran
+    # each bucket's collectives started from a task of the rank's graph (one per bucket and step)
+    assert all("MPI_Istart_bucket" in r["communication_by_call_ms"] for r in per_rank)
 
 
 @needs_mpi

@@ -100,3 +100,18 @@ def test_two_hosts_over_shaped_tcp_match_one_process_with_twice_the_batch(strate
     for rank, host in enumerate(hosts.hosts):
         assert f"rank {rank}: host {host.hostname}, " in result.stdout
     assert result.stdout.count("UCX_TLS=tcp,self") == 2
+
+
+def test_communication_tasks_inside_ranks_over_shaped_tcp_match_one_process(hosts, data_dir, reference):  # noqa: F811
+    hosts.shape("1gbit")
+    try:
+        result, sent = train_on_hosts(hosts, [*PLAIN, "--strategy", "zero1", "--rank-mode", "tasks", "--block-tokens",
+                                              "8", "-B", B, "--output", "tasks/model.bin", "--metrics-dir", "tasks"],
+                                      data_dir)
+    finally:
+        hosts.shape(None)
+    np.testing.assert_allclose(train_losses(result.stdout), reference[0], rtol=1e-5)
+    np.testing.assert_allclose(read_model(data_dir / "tasks" / "model.bin")[1], reference[1], rtol=0, atol=1e-4)
+    assert min(sent) >= STEPS * GRADIENT_BYTES
+    per_rank = json.loads((data_dir / "tasks" / "metrics.json").read_text())["summary"]["per_rank"]
+    assert all("MPI_Istart_bucket" in r["communication_by_call_ms"] for r in per_rank)

@@ -134,7 +134,8 @@ class DataParallel(ExecutionModel):
                  options: MpiOptions | None = None):
         """make_inner(mode, threads, threading_layer, options): the factory of the execution model inside the rank."""
         options = options or MpiOptions()
-        self.group = group = MpiRanks(_mpi())
+        # task workers start the collectives (tasks rank mode): MPI_THREAD_SERIALIZED
+        self.group = group = MpiRanks(_mpi("serialized" if options.rank_mode == "tasks" else "funneled"))
         world = group.comm
         self.inner: ExecutionModel | None = None
         node = world.Split_type(group.MPI.COMM_TYPE_SHARED)

@@ -25,6 +25,10 @@ collectives themselves move on one node), and no bucket waits for a later block.
 the encoder's backward (it is also the output projection), so 31% of d12's gradient cannot overlap the
 backward pass. MPI progresses non-blocking collectives only inside MPI calls (no progress thread: it would
 take a core from the kernels), so after each bucket the strategy calls MPI_Testall on what is in flight.
+With tasks inside a rank (`--rank-mode tasks`, one micro-step), the collectives of each bucket start from a task
+of the rank's graph (`communication_task`: it reads the bucket's gradients, so it waits for the tasks writing
+them, and its cost estimate puts it and them ahead of ordinary tasks), under MPI_THREAD_SERIALIZED with a lock,
+and each worker tests what is in flight after every task (`progress`).
 The update then takes the buckets in the order they were started, waits only for that bucket's
 collectives, updates it, and starts that bucket's parameter collective (zero1, server, owners) while the
 next bucket is updated.
@@ -54,6 +58,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -71,14 +76,15 @@ FAIL_ENV = "LLMPY_FAIL_RANK"
 ROOT = 0
 
 
-def _mpi():
-    """mpi4py's MPI module; MPI_Init happens here, at the first use (FUNNELED: only the main thread calls MPI)."""
+def _mpi(thread_level: str = "funneled"):
+    """mpi4py's MPI module; MPI_Init happens here, at the first use. FUNNELED: only the main thread calls MPI;
+    SERIALIZED (task workers start collectives, one thread at a time: DataParallelStrategy's lock)."""
     if "mpi4py.MPI" not in sys.modules:
         try:
             import mpi4py
         except ImportError:
             raise ExecutionError("mpi mode needs mpi4py (pip install mpi4py mpich)") from None
-        mpi4py.rc.thread_level = "funneled"
+        mpi4py.rc.thread_level = thread_level
     from mpi4py import MPI
 
     return MPI
@@ -245,6 +251,7 @@ class DataParallelStrategy(AdamWRule):
         self.model = model
         self._model_observer = None  # the model's own observer while backward runs through _progressing_observer
         self._grads_in_flight: list = []
+        self._lock = threading.Lock()  # task workers: one thread in MPI at a time
         self._traffic: dict[str, list[int]] = {}  # this step: MPI call -> [bytes sent, bytes received]
         self._comm_start: float | None = None  # when this step's first collective started
         model.gradients_ready = self._gradients_ready
@@ -268,6 +275,34 @@ class DataParallelStrategy(AdamWRule):
 
     def moment_ranges(self):
         return [(o.start, o.stop) for state in self.states for o in state.owned]
+
+    # ---- communication as tasks of a rank's task graph (llmpy.execution.tasks.builder.GraphBuilder)
+    def communication_task(self, part: int):
+        """(name, fn, args, gradient views, estimated seconds) of the task that starts part `part`'s gradient
+        collectives as soon as the tasks writing those gradients are done."""
+        views = [self.grads.flat[s.start:s.stop] for s in self._by_part[part].bucket.segments]
+        seconds = 8 * 4 * self._by_part[part].bucket.size / 1e9 + 1.0  # ~1 Gbit/s; +1 s: ahead of any kernel
+        return f"MPI_Istart_bucket l{part}", self.start_bucket, (part,), views, seconds
+
+    def start_bucket(self, part: int) -> None:
+        """GPT2.gradients_ready(part) from a task worker: one thread in MPI at a time, and no recorder (the
+        worker's task is recorded as itself; the bytes are counted as ever)."""
+        with self._lock:
+            observer, self.observer = self.observer, None
+            try:
+                self._gradients_ready(part)
+            finally:
+                self.observer = observer
+
+    def progress(self) -> None:
+        """A test of the collectives in flight, from a task worker after each task."""
+        if self._grads_in_flight and self._lock.acquire(blocking=False):
+            observer, self.observer = self.observer, None
+            try:
+                self._progress(-1)
+            finally:
+                self.observer = observer
+                self._lock.release()
 
     # ---- common machinery
     def _run(self, name: str, layer: int, fn, *args):

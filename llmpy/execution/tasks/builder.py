@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from llmpy.core.step import KernelCall, kernel_calls
+from llmpy.core.step import GradientsReady, KernelCall, kernel_calls
 from llmpy.execution.options import TaskOptions
 from llmpy.execution.tasks.graph import Region, Task, TaskGraph
 from llmpy.execution.tasks.regions import TensorRegistry
@@ -43,16 +43,33 @@ class GraphBuilder:
     """Adds the tasks of kernel calls on `model`'s buffers (its whole B x T batch) to a graph, in call order, cut
     as `options` say with `block_tokens` tokens per block of a sequence."""
 
-    def __init__(self, graph: TaskGraph, tensors: TensorRegistry, model, options: TaskOptions, block_tokens: int):
+    def __init__(self, graph: TaskGraph, tensors: TensorRegistry, model, options: TaskOptions, block_tokens: int,
+                 communication=None):
+        """communication(part) -> (name, fn, args, gradient views, estimated seconds): the task that starts the
+        collectives of a group of final gradients, added where the step's list marks them GradientsReady
+        (data-parallel ranks; None: markers are left out)."""
         self.graph, self.tensors, self.options, self.block_tokens = graph, tensors, options, block_tokens
+        self.communication = communication
         self.B, self.T = model.B, model.T
         self.segments = parameter_segments(model.params)  # for the AdamW blocks
         self.flat_base = model.params.flat.__array_interface__["data"][0]
 
     def add_calls(self, calls) -> None:
-        for call in kernel_calls(calls):
-            for label, layer, suffix, block, args, owner in self._blocks(call):
-                self._add(call, label, layer, suffix, block, args, owner)
+        for call in calls:
+            if isinstance(call, GradientsReady) and self.communication is not None:
+                self._add_communication(call.part)
+                continue
+            for call in kernel_calls([call]):
+                for label, layer, suffix, block, args, owner in self._blocks(call):
+                    self._add(call, label, layer, suffix, block, args, owner)
+
+    def _add_communication(self, part: int) -> Task:
+        """A task that reads the gradients of `part` (so it waits for every task writing them) and starts their
+        collectives. Its cost estimate is the transfer's, far above a kernel's, so that it and the tasks that
+        finish its gradients run ahead of ordinary tasks (critical-path priority)."""
+        name, fn, args, views, seconds = self.communication(part)
+        reads = tuple(region for view in views for region in self.tensors.regions(view))
+        return self.graph.add(Task(name, name.split(" ")[0], fn, args, reads, (), part, (), "backward", seconds))
 
     def _add(self, call: KernelCall, label: str, layer: int, suffix: str, block: tuple, args: tuple,
              owner: bool) -> Task:

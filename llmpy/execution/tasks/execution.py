@@ -55,13 +55,14 @@ def tensor_registry(model, optimizer=None) -> TensorRegistry:
 def build_step_graph(model, optimizer=None, block_tokens: int | None = None, accumulate: bool = False,
                      with_update: bool = True, leading_update: bool = False, grad_norm_at_end: bool = False,
                      gemm_split: str = "rows", gemm_channel_block: int | None = None,
-                     options: TaskOptions | None = None) -> StepGraph:
+                     options: TaskOptions | None = None, communication=None) -> StepGraph:
     """The task graph of one micro-step of `model` (a GPT2 with buffers for B x T tokens): forward with loss,
     backward (gradients written, or added to when `accumulate`), and when `with_update` the AdamW step of
     `optimizer`. With `leading_update` the graph starts with the previous step's AdamW tasks (its gradients are
     graph inputs), so the forward tasks of layer l wait only for the update of what they read (RAW) and the
     backward's gradient writes for the update's reads (WAR). `grad_norm_at_end` adds the gradient-norm task
-    (clipping) without the update, which then runs in the next step's graph."""
+    (clipping) without the update, which then runs in the next step's graph. `communication`: see GraphBuilder
+    (a data-parallel strategy's collectives as tasks of the backward)."""
     if options is None:
         extra = {} if gemm_channel_block is None else {"gemm_channel_block": gemm_channel_block}
         options = TaskOptions(block_tokens=block_tokens, gemm_split=gemm_split, **extra)
@@ -71,7 +72,7 @@ def build_step_graph(model, optimizer=None, block_tokens: int | None = None, acc
     K = options.tokens_per_block(T)
     kinds = ["tokens", "p"] + (["m", "v"] if optimizer is not None else []) + (
         ["g"] if accumulate or leading_update else []) + (["update"] if leading_update else [])
-    graph, builder = _graph_builder(model, optimizer, options, K, kinds)
+    graph, builder = _graph_builder(model, optimizer, options, K, kinds, communication)
     if leading_update:
         builder.add_calls(optimizer.update_calls(model.params, model.grads))
     serial = KernelSet(parallel=False)  # workers run serial kernels, whatever the model's own variant
@@ -95,11 +96,21 @@ def build_update_graph(model, optimizer, options: TaskOptions) -> TaskGraph:
     return graph
 
 
-def _graph_builder(model, optimizer, options: TaskOptions, block_tokens: int, input_kinds) -> tuple:
+def _graph_builder(model, optimizer, options: TaskOptions, block_tokens: int, input_kinds,
+                   communication=None) -> tuple:
     """An empty graph whose inputs are the whole tensors of `input_kinds`, and the builder that adds to it."""
     tensors = tensor_registry(model, optimizer)
     graph = TaskGraph(whole_regions(tensors, input_kinds))
-    return graph, GraphBuilder(graph, tensors, model, options, block_tokens)
+    return graph, GraphBuilder(graph, tensors, model, options, block_tokens, communication)
+
+
+def _progressing(log, progress):
+    def on_done(index: int, worker: int, start: float, end: float) -> None:
+        if log is not None:
+            log(index, worker, start, end)
+        progress()
+
+    return on_done
 
 
 class _TaskLog(list):
@@ -124,12 +135,14 @@ class TaskExecution:
         self._pending: tuple | None = None
 
     def step_graph(self, model, optimizer, accumulate: bool = False, with_update: bool = True,
-                   leading_update: bool = False, grad_norm_at_end: bool = False) -> StepGraph:
-        key = (id(model), id(optimizer), accumulate, with_update, leading_update, grad_norm_at_end)
+                   leading_update: bool = False, grad_norm_at_end: bool = False,
+                   communication: bool = False) -> StepGraph:
+        key = (id(model), id(optimizer), accumulate, with_update, leading_update, grad_norm_at_end, communication)
         if key not in self._graphs:
             self._graphs[key] = build_step_graph(model, optimizer, accumulate=accumulate, with_update=with_update,
                                                  leading_update=leading_update, grad_norm_at_end=grad_norm_at_end,
-                                                 options=self.options)
+                                                 options=self.options,
+                                                 communication=optimizer.communication_task if communication else None)
         return self._graphs[key]
 
     def synchronize(self) -> None:
@@ -165,12 +178,15 @@ class TaskExecution:
         scalars = None
         for micro_step, (inputs, targets) in enumerate(batches):
             last = micro_step == len(batches) - 1
+            # the strategy's gradient collectives as tasks of the last micro-step's backward (one micro-step)
+            communicate = external_update and len(batches) == 1 and hasattr(optimizer, "communication_task")
             # overlap: the first micro-step's graph begins with the previous step's update, and this step's update
             # waits for the next step (or synchronize)
             leading = overlap and micro_step == 0 and self._pending is not None
             graph = self.step_graph(model, optimizer, accumulate=micro_step > 0,
                                     with_update=last and not overlap and not external_update,
-                                    leading_update=leading, grad_norm_at_end=overlap and last and clip)
+                                    leading_update=leading, grad_norm_at_end=overlap and last and clip,
+                                    communication=communicate)
             if model.load_batch(inputs, targets) != (model.B, model.T):
                 raise ValueError(f"task mode runs whole batches of shape ({model.B}, {model.T}); got inputs "
                                  f"{np.shape(inputs)}")
@@ -182,11 +198,14 @@ class TaskExecution:
                 if not overlap:
                     optimizer.scalars = scalars
             log = _TaskLog()
-            self.runtime.run(graph.graph, None if recorder is None else log.append_entry)
+            on_done = None if recorder is None else log.append_entry
+            if communicate:  # MPI moves data only inside MPI calls: a test of what is in flight after each task
+                on_done = _progressing(on_done, optimizer.progress)
+            self.runtime.run(graph.graph, on_done)
             if recorder is not None:
                 self._record(recorder, graph.graph, log, phases)
             loss += model.read_loss() / len(batches)
-            if external_update and model.gradients_ready is not None:  # every gradient is final now
+            if external_update and not communicate and model.gradients_ready is not None:  # every gradient is final
                 for marker in model.backward_calls(model.B, model.T, micro_step > 0):
                     if isinstance(marker, GradientsReady):
                         model.gradients_ready(marker.part)
