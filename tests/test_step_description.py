@@ -41,9 +41,9 @@ def _scale_rows_accesses(out, inp, factor):
 class ScaledGPT2(GPT2):
     """GPT-2 with one more call: the final layernorm's output scaled by 0.5 in place, before the lm_head."""
 
-    def _forward_calls(self, b, t, with_loss, kernels):
-        calls = super()._forward_calls(b, t, with_loss, kernels)
-        rows = self.acts.lnf.reshape(-1, self.config.channels)[: b * t]
+    def _forward_calls(self, b, t, with_loss, kernels, cache=None):
+        calls = super()._forward_calls(b, t, with_loss, kernels, cache)
+        rows = self._buffers_for(b, t)[0].lnf.reshape(b * t, self.config.channels)  # this batch shape's views
         lm_head = next(i for i, c in enumerate(calls) if c.name == "matmul_forward.logits")
         toy = KernelCall("scale_rows", "", -1, scale_rows.variant(kernels.parallel), (rows, rows, np.float32(0.5)))
         return calls[:lm_head] + [toy] + calls[lm_head:]
@@ -80,3 +80,23 @@ def test_a_kernel_added_to_the_model_runs_in_every_execution_model(toy_kernel_re
     # the same arithmetic in every execution model (the GEMMs' blocking differs in tasks: float tolerance)
     assert losses["forkjoin"] == pytest.approx(losses["sequential"], abs=1e-6)
     assert losses["tasks"] == pytest.approx(losses["sequential"], abs=1e-5)
+
+
+def test_generation_runs_the_same_description(toy_kernel_registered):
+    """The KV-cache forward is the model's forward list over the new positions: a kernel added to the list is in
+    it, and a prompt fed at once, then token by token, gives the full forward's logits at every position."""
+    config = PRESETS["tiny"]
+    tokens = np.random.default_rng(6).integers(0, config.vocab_size, (2, 12))
+    full = ScaledGPT2(config, 2, 12, training=False)
+    full.init_random(2)
+    full.forward(tokens)
+    expected = full.logits().copy()
+    decoding = ScaledGPT2(config, 2, 12, training=False, params=full.params)
+    cache = decoding.kv_cache(2, 12)
+    assert any(c.kernel == "scale_rows" for c in decoding.decode_calls(2, 1, cache))
+    got = [decoding.decode(tokens[:, :5], cache)]  # the prompt at once: the logits of its last position
+    got += [decoding.decode(tokens[:, t:t + 1], cache) for t in range(5, 12)]
+    np.testing.assert_allclose(np.stack(got, axis=1), expected[:, 4:], atol=1e-5, rtol=0)
+    assert cache.length == 12
+    with pytest.raises(ValueError, match="cache holds"):
+        decoding.decode(tokens[:, :1], cache)

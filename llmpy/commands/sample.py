@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 from llmpy.core.config import GPT2_EOT_TOKEN, GPT2_VOCAB_SIZE
-from llmpy.core.generate import Sampling, choose_token
+from llmpy.core.generate import KVCacheModel, Sampling, choose_token
 from llmpy.core.model import GPT2
 
 
@@ -40,18 +40,30 @@ def inference_execution(threads: int):
 
 def generate(model: GPT2, prompt: list[int], length: int, temperature: float = 1.0, top_k: int = 0,
              rng: np.random.Generator | None = None) -> list[int]:
-    """`length` new tokens after `prompt` (<|endoftext|> if empty) by full forward passes over the last (at most
-    model.T) tokens, on the training model itself (the samples during training); returns only the new tokens."""
+    """`length` new tokens after `prompt` (<|endoftext|> if empty) with a KV cache over the training model's own
+    parameters (the samples during training); past max_seq_len positions the cache restarts from the context's
+    last half. Returns only the new tokens."""
     sampling = Sampling(temperature, top_k)
     rng = rng if rng is not None else np.random.default_rng()
     context = list(prompt) or [start_token(model.config.vocab_size)]
+    window = model.config.max_seq_len
+
+    def prefill(tokens: list[int]) -> tuple[KVCacheModel, np.ndarray]:
+        cache = KVCacheModel(model.config, model.params, 1, min(window, len(tokens) + length), model.kernels)
+        return cache, cache.forward(np.array([tokens]))[0]
+
+    cache, logits = prefill(context[-window:])
     new: list[int] = []
-    for _ in range(length):
-        model.forward(np.array(context[-model.T:], dtype=np.int32)[None, :])
-        token = choose_token(model.logits()[0, -1], sampling, rng)
+    while True:
+        token = choose_token(logits, sampling, rng)
         context.append(token)
         new.append(token)
-    return new
+        if len(new) == length:
+            return new
+        if cache.length == cache.max_len:
+            cache, logits = prefill(context[-(window // 2):])
+        else:
+            logits = cache.forward(np.array([[token]]))[0]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +107,7 @@ def _prompts(args, vocab_size: int) -> list[tuple[str, list[int]]]:
 
 def run(args, out=sys.stdout, err=sys.stderr) -> list[str]:
     """Generate after each prompt with a KV cache; stream a single prompt's text; tokens/s on stderr."""
-    from llmpy.core.generate import KVCacheModel, positions_needed, generate as generate_kv
+    from llmpy.core.generate import positions_needed, generate as generate_kv
     from llmpy.core.layout import parameter_buffer
     from llmpy.io.huggingface import load_model_source
 

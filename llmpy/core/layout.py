@@ -15,8 +15,9 @@ does, only what the backward pass reads is stored per layer:
     lnf (B, T, C)  lnf_mean, lnf_rstd (B, T)  logits (B, T, Vp)  losses (B, T)
 attproj and fcproj only feed the residual adds, so one (B, T, C) buffer each serves every layer. With
 recomputation, fch_gelu (recompute >= 1) and ln1, ln2 (recompute = 2) keep one layer (leading dimension 1)
-and are recomputed in backward, as llm.c's `-r 1` and `-r 2`. The logits buffer holds the logits, then (after
-the fused cross-entropy) their gradient, in place: no separate probabilities or dlogits.
+and are recomputed in backward, as llm.c's `-r 1` and `-r 2`. A model for inference only (no backward) keeps
+one layer of every activation. The logits buffer holds the logits, then (after the fused cross-entropy) their
+gradient, in place: no separate probabilities or dlogits.
 
 Activation gradients are needed for one layer at a time, so one layer's worth is reused by every layer:
     dresidual (B, T, C) (the residual stream's gradient, added to in place; d(encoded) at the end)
@@ -65,10 +66,12 @@ def parameter_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     }
 
 
-def activation_shapes(config: GPT2Config, B: int, T: int,
-                      options: ActivationOptions = ActivationOptions()) -> dict[str, tuple[int, ...]]:
-    """The stored activations for batch B and sequence length T (see the module docstring)."""
-    C, L, NH, Vp = config.channels, config.num_layers, config.num_heads, config.padded_vocab_size
+def activation_shapes(config: GPT2Config, B: int, T: int, options: ActivationOptions = ActivationOptions(),
+                      inference: bool = False) -> dict[str, tuple[int, ...]]:
+    """The stored activations for batch B and sequence length T (see the module docstring); for `inference`
+    (no backward) one layer of each."""
+    C, NH, Vp = config.channels, config.num_heads, config.padded_vocab_size
+    L = 1 if inference else config.num_layers
     kept = lambda level: 1 if options.recompute >= level else L  # layers kept of a tensor recomputed at that level
     scores = {"att_lse": (L, B, NH, T)} if options.attention == "flash" else {"preatt": (L, B, NH, T, T),
                                                                       "att": (L, B, NH, T, T)}
@@ -162,8 +165,8 @@ def parameter_buffer(config: GPT2Config, flat: np.ndarray | None = None) -> Flat
 
 
 def activation_buffer(config: GPT2Config, B: int, T: int, options: ActivationOptions = ActivationOptions(),
-                      flat: np.ndarray | None = None) -> FlatBuffer:
-    return FlatBuffer(activation_shapes(config, B, T, options), flat)
+                      flat: np.ndarray | None = None, inference: bool = False) -> FlatBuffer:
+    return FlatBuffer(activation_shapes(config, B, T, options, inference), flat)
 
 
 def activation_gradient_buffer(config: GPT2Config, B: int, T: int, options: ActivationOptions = ActivationOptions(),

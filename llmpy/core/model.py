@@ -8,6 +8,7 @@ their collectives at the `GradientsReady` points of the backward list.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
@@ -43,6 +44,16 @@ def init_parameters(params: FlatBuffer, config: GPT2Config, seed: int = 42) -> N
         gain.fill(1.0)
 
 
+@dataclass
+class KVCache:
+    """Every layer's q, k, v rows of the positions seen so far, for generation: qkv (L, b, maxlen, 3C) as the attention
+    kernel reads them, lse (b, NH, maxlen) its scratch, `length` positions filled."""
+
+    qkv: np.ndarray
+    lse: np.ndarray
+    length: int = 0
+
+
 class GPT2:
     """Parameters, gradients, activations and their gradients for batches of up to B x T tokens.
 
@@ -51,7 +62,7 @@ class GPT2:
     """
 
     def __init__(self, config: GPT2Config, B: int, T: int, kernels: KernelSet | None = None, training: bool = True,
-                 activations: ActivationOptions | None = None):
+                 activations: ActivationOptions | None = None, params: FlatBuffer | None = None):
         if B <= 0 or T <= 0:
             raise ValueError(f"batch size B={B} and sequence length T={T} must be positive")
         if T > config.max_seq_len:
@@ -61,10 +72,13 @@ class GPT2:
         self.T = T
         self.kernels = kernels if kernels is not None else KernelSet(parallel=False)
         self.options = activations or ActivationOptions()
-        self.params = parameter_buffer(config)
-        # Inference (training=False) needs neither gradient buffer.
+        if params is not None and params.shapes != parameter_buffer(config, params.flat).shapes:
+            raise ValueError("the parameter buffer given does not have this config's tensor shapes")
+        self.params = params if params is not None else parameter_buffer(config)
+        # Inference (training=False) needs neither gradient buffer, and one layer of activations.
+        self.training = training
         self.grads = parameter_buffer(config) if training else None
-        self.acts = activation_buffer(config, B, T, self.options)
+        self.acts = activation_buffer(config, B, T, self.options, inference=not training)
         self.grad_acts = activation_gradient_buffer(config, B, T, self.options) if training else None
         self.observer: KernelObserver | None = None
         self.gradients_ready: GradientsReadyHook | None = None
@@ -97,7 +111,8 @@ class GPT2:
         if (b, t) not in self._views:
             size = lambda shapes: sum(math.prod(s) for s in shapes.values())
             config, options = self.config, self.options
-            acts = activation_buffer(config, b, t, options, self.acts.flat[:size(activation_shapes(config, b, t, options))])
+            shapes = activation_shapes(config, b, t, options, inference=not self.training)
+            acts = activation_buffer(config, b, t, options, self.acts.flat[:size(shapes)], inference=not self.training)
             grad_acts = None if self.grad_acts is None else activation_gradient_buffer(
                 config, b, t, options, self.grad_acts.flat[:size(activation_gradient_shapes(config, b, t, options))])
             self._views[(b, t)] = (acts, grad_acts)
@@ -163,7 +178,8 @@ class GPT2:
     def _call(kernels: KernelSet, kernel: str, label: str, layer: int, *args, phase: str = "forward") -> KernelCall:
         return KernelCall(kernel, label, layer, getattr(kernels, kernel), args, phase)
 
-    def _forward_calls(self, b: int, t: int, with_loss: bool, kernels: KernelSet) -> list[KernelCall]:
+    def _forward_calls(self, b: int, t: int, with_loss: bool, kernels: KernelSet,
+                       cache: KVCache | None = None) -> list[KernelCall]:
         cfg = self.config
         acts, _ = self._buffers_for(b, t)
         p, a = self.params, acts
@@ -171,28 +187,29 @@ class GPT2:
         N = b * t
         rows = lambda x: x.reshape(N, -1)  # (b, t, X) -> (b*t, X)
         flat = lambda x: x.reshape(-1)
-        at = layer_view  # a per-layer activation's layer, or the one shared layer of a recomputed one
+        at = layer_view  # a per-layer activation's layer, or the one shared layer of one not kept per layer
         call = partial(self._call, kernels)
-        calls = [call("encoder_forward", "", -1, rows(a.encoded), self.inputs[:N], p.wte, p.wpe, t, 0)]
+        calls = self._encoder_calls(kernels, a, b, t, cache)
         for l in range(L):
-            residual = a.encoded if l == 0 else a.residual3[l - 1]
+            residual = a.encoded if l == 0 else at(a.residual3, l - 1)
             calls += [
-                call("layernorm_forward", "ln1", l, rows(at(a.ln1, l)), flat(a.ln1_mean[l]), flat(a.ln1_rstd[l]),
-                     rows(residual), p.ln1w[l], p.ln1b[l]),
-                call("matmul_forward", "qkv", l, rows(a.qkv[l]), rows(at(a.ln1, l)), p.qkvw[l], p.qkvb[l]),
-                self._attention_forward(kernels, a, l, b, t),
-                call("matmul_forward", "attproj", l, rows(a.attproj), rows(a.atty[l]), p.attprojw[l], p.attprojb[l]),
-                call("residual_forward", "residual2", l, flat(a.residual2[l]), flat(residual), flat(a.attproj)),
-                call("layernorm_forward", "ln2", l, rows(at(a.ln2, l)), flat(a.ln2_mean[l]), flat(a.ln2_rstd[l]),
-                     rows(a.residual2[l]), p.ln2w[l], p.ln2b[l]),
-                call("matmul_forward", "fc", l, rows(a.fch[l]), rows(at(a.ln2, l)), p.fcw[l], p.fcb[l]),
-                call("gelu_forward", "", l, flat(at(a.fch_gelu, l)), flat(a.fch[l])),
+                call("layernorm_forward", "ln1", l, rows(at(a.ln1, l)), flat(at(a.ln1_mean, l)),
+                     flat(at(a.ln1_rstd, l)), rows(residual), p.ln1w[l], p.ln1b[l]),
+                call("matmul_forward", "qkv", l, rows(at(a.qkv, l)), rows(at(a.ln1, l)), p.qkvw[l], p.qkvb[l]),
+                self._attention_forward(kernels, a, l, b, t, cache),
+                call("matmul_forward", "attproj", l, rows(a.attproj), rows(at(a.atty, l)), p.attprojw[l], p.attprojb[l]),
+                call("residual_forward", "residual2", l, flat(at(a.residual2, l)), flat(residual), flat(a.attproj)),
+                call("layernorm_forward", "ln2", l, rows(at(a.ln2, l)), flat(at(a.ln2_mean, l)),
+                     flat(at(a.ln2_rstd, l)), rows(at(a.residual2, l)), p.ln2w[l], p.ln2b[l]),
+                call("matmul_forward", "fc", l, rows(at(a.fch, l)), rows(at(a.ln2, l)), p.fcw[l], p.fcb[l]),
+                call("gelu_forward", "", l, flat(at(a.fch_gelu, l)), flat(at(a.fch, l))),
                 call("matmul_forward", "fcproj", l, rows(a.fcproj), rows(at(a.fch_gelu, l)), p.fcprojw[l], p.fcprojb[l]),
-                call("residual_forward", "residual3", l, flat(a.residual3[l]), flat(a.residual2[l]), flat(a.fcproj)),
+                call("residual_forward", "residual3", l, flat(at(a.residual3, l)), flat(at(a.residual2, l)),
+                     flat(a.fcproj)),
             ]
         calls += [
             call("layernorm_forward", "lnf", -1, rows(a.lnf), flat(a.lnf_mean), flat(a.lnf_rstd),
-                 rows(a.residual3[L - 1]), p.lnfw, p.lnfb),
+                 rows(at(a.residual3, L - 1)), p.lnfw, p.lnfb),
             call("matmul_forward", "logits", -1, rows(a.logits), rows(a.lnf), p.wte, None),
         ]
         if with_loss:  # losses, and the logits' gradient in their place (llm.c's fused classifier)
@@ -200,12 +217,27 @@ class GPT2:
                               self.targets[:N], 1.0 / N, cfg.vocab_size))
         return calls
 
-    def _attention_forward(self, kernels: KernelSet, a: FlatBuffer, l: int, b: int, t: int) -> KernelCall:
-        NH = self.config.num_heads
+    def _encoder_calls(self, kernels: KernelSet, a: FlatBuffer, b: int, t: int, cache: KVCache | None) -> list:
+        """Token and position embeddings: positions 0..t-1 of each sequence, or with a cache the positions after the
+        cached ones (one call per sequence: the kernel's row offset is where its positions start)."""
+        p, N, C = self.params, b * t, self.config.channels
+        encoded = a.encoded.reshape(N, C)
+        if cache is None:
+            return [self._call(kernels, "encoder_forward", "", -1, encoded, self.inputs[:N], p.wte, p.wpe, t, 0)]
+        return [self._call(kernels, "encoder_forward", "", -1, encoded[s * t:(s + 1) * t], self.inputs[s * t:(s + 1) * t],
+                           p.wte, p.wpe, self.config.max_seq_len, cache.length) for s in range(b)]
+
+    def _attention_forward(self, kernels: KernelSet, a: FlatBuffer, l: int, b: int, t: int,
+                           cache: KVCache | None = None) -> KernelCall:
+        NH, at = self.config.num_heads, layer_view
+        if cache is not None:
+            return self._call(kernels, "attention_cached_forward", "", l, at(a.atty, l), cache.qkv[l, :b],
+                              cache.lse[:b], at(a.qkv, l), NH, cache.length)
         if self.options.attention == "llmc":
-            return self._call(kernels, "attention_llmc_forward", "", l, a.atty[l], a.preatt[l], a.att[l], a.qkv[l],
-                              NH, 0, b, 0, t)
-        return self._call(kernels, "attention_forward", "", l, a.atty[l], a.att_lse[l], a.qkv[l], NH, 0, b, 0, t)
+            return self._call(kernels, "attention_llmc_forward", "", l, at(a.atty, l), at(a.preatt, l), at(a.att, l),
+                              at(a.qkv, l), NH, 0, b, 0, t)
+        return self._call(kernels, "attention_forward", "", l, at(a.atty, l), at(a.att_lse, l), at(a.qkv, l), NH, 0,
+                          b, 0, t)
 
     def _attention_backward(self, kernels: KernelSet, a: FlatBuffer, d: FlatBuffer, l: int, b: int, t: int) -> KernelCall:
         NH = self.config.num_heads
@@ -289,6 +321,32 @@ class GPT2:
             self.mean_loss = None
             return None
         return self.read_loss()
+
+    # ------------------------------------------------------------------ generation with a KV cache
+    def kv_cache(self, b: int, max_len: int) -> KVCache:
+        """An empty cache of keys and values (with the queries) for b <= B sequences of up to max_len positions."""
+        cfg = self.config
+        if not (0 < b <= self.B and 0 < max_len <= cfg.max_seq_len):
+            raise ValueError(f"a cache for {b} sequences of {max_len} positions: this model runs at most B={self.B} "
+                             f"sequences of at most max_seq_len={cfg.max_seq_len} positions")
+        return KVCache(np.zeros((cfg.num_layers, b, max_len, 3 * cfg.channels), np.float32),
+                       np.zeros((b, cfg.num_heads, max_len), np.float32))
+
+    def decode_calls(self, b: int, n: int, cache: KVCache, kernels: KernelSet | None = None) -> list[KernelCall]:
+        """The forward over the n positions after the cached ones of b sequences, as kernel calls: the step's
+        forward list, with the embeddings at those positions and the attention reading and extending the cache."""
+        return self._forward_calls(b, n, False, kernels or self.kernels, cache)
+
+    def decode(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
+        """tokens (b, n) at the positions after the cached ones: their forward, the cache extended by n positions,
+        and the logits (b, V) of the last one (a copy)."""
+        b, n = self.load_batch(tokens)
+        if b != cache.qkv.shape[1] or cache.length + n > cache.qkv.shape[2]:
+            raise ValueError(f"tokens of shape {tokens.shape} after {cache.length} cached positions: the cache holds "
+                             f"{cache.qkv.shape[1]} sequences of {cache.qkv.shape[2]} positions")
+        run_calls(self.decode_calls(b, n, cache), self.observer)
+        cache.length += n
+        return self.logits()[:, -1].copy()
 
     def logits(self) -> np.ndarray:
         """Logits (b, t, V) of the last forward, without the padded vocabulary columns (a view). A forward with

@@ -45,3 +45,4 @@ class KernelSet:
         self.matmul_backward_weight = partial(matmul.matmul_backward_weight, parallel=parallel)
         self.attention_forward = partial(attention.attention_forward, parallel=parallel)
         self.attention_backward = partial(attention.attention_backward, parallel=parallel)
+        self.attention_cached_forward = partial(attention.attention_cached_forward, parallel=parallel)

@@ -240,3 +240,17 @@ def attention_backward(dqkv, dout, qkv, out, lse, num_heads, b0, b1, t0, t1, acc
                 dk[:, h0:h1, c0:c1] += np.matmul(dprobs.swapaxes(2, 3), queries, out=kv_rows)
 
     _over_head_groups(heads, num_heads, parallel)
+
+
+def attention_cached_forward(out, cache, lse, qkv, num_heads, t0, parallel=False):
+    """Attention for n new positions [t0, t0 + n) of b sequences with the earlier ones cached (generation).
+
+    out (b, n, C); qkv (b, n, 3C) the new positions' q, k, v; cache (b, maxT, 3C) holds rows < t0 and gets the
+    new rows at [t0, t0 + n); lse (b, NH, maxT) scratch. The new queries attend to cache rows 0..t, through
+    `attention_forward`'s causal-prefix form (query rows [t0, t0 + n))."""
+    b, n, C3 = qkv.shape
+    t1 = t0 + n
+    cache[:, t0:t1] = qkv
+    full = _buffer("cached_out", (b, t1, C3 // 3))  # rows [t0, t1) written
+    attention_forward(full, lse, cache[:, :t1], num_heads, 0, b, t0, t1, parallel)
+    out[...] = full[:, t0:t1]

@@ -85,6 +85,12 @@ def _attention_backward(dqkv, dout, qkv, out, lse, num_heads, b0, b1, t0, t1, ac
     return pairs * (10 * hs + 8), F * (3 * rows * C + 3 * keys * C + 2 * 3 * keys * C)
 
 
+def _attention_cached_forward(out, cache, lse, qkv, num_heads, t0):
+    b, n, C = out.shape
+    hs, pairs = C // num_heads, _attention_pairs(0, b, t0, t0 + n, num_heads)
+    return pairs * (4 * hs + 5), F * (4 * b * n * C + 2 * b * (t0 + n) * C)
+
+
 def _attention_llmc_forward(out, preatt, att, qkv, num_heads, b0, b1, t0, t1):
     hs = out.shape[2] // num_heads
     pairs = _attention_pairs(b0, b1, t0, t1, num_heads)
@@ -142,6 +148,7 @@ KERNEL_COSTS: dict[str, Callable[..., tuple[int, int]]] = {
     "matmul_backward_weight": _matmul_backward_weight,
     "attention_forward": _attention_forward,
     "attention_backward": _attention_backward,
+    "attention_cached_forward": _attention_cached_forward,
     "attention_llmc_forward": _attention_llmc_forward,
     "attention_llmc_backward": _attention_llmc_backward,
     "gelu_forward": _gelu_forward,

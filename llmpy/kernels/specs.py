@@ -133,6 +133,10 @@ def _attention_backward(dqkv, dout, qkv, out, lse, num_heads, b0, b1, t0, t1, ac
             (R, out[b0:b1, t0:t1]), (R, lse[b0:b1, :, t0:t1])]
 
 
+def _attention_cached_forward(out, cache, lse, qkv, num_heads, t0):
+    return [(W, out), (RW, cache[:, :t0 + qkv.shape[1]]), (W, lse), (R, qkv)]
+
+
 def _attention_llmc_forward(out, preatt, att, qkv, num_heads, b0, b1, t0, t1):
     return [(W, out[b0:b1, t0:t1]), (W, preatt[b0:b1, :, t0:t1]), (W, att[b0:b1, :, t0:t1]), (R, qkv[b0:b1, :t1])]
 
@@ -213,6 +217,7 @@ SPECS: dict[str, KernelSpec] = {spec.name: spec for spec in (
     KernelSpec("matmul_backward_weight", _matmul_backward_weight, {"channels": range_rule(5)}),
     KernelSpec("attention_forward", _attention_forward, {"queries": _attention_forward_queries}),
     KernelSpec("attention_backward", _attention_backward, {"queries": _attention_backward_queries}),
+    KernelSpec("attention_cached_forward", _attention_cached_forward),
     KernelSpec("attention_llmc_forward", _attention_llmc_forward, {"queries": _attention_llmc_forward_queries}),
     KernelSpec("attention_llmc_backward", _attention_llmc_backward, {"queries": _attention_llmc_backward_queries}),
     KernelSpec("gelu_forward", _gelu_forward, {"rows": rows_rule((0, 1))}),
