@@ -500,7 +500,7 @@ def _run_shape(args, out) -> list[dict]:
 def format_shape_table(results: list[dict]) -> str:
     """One row per (shape, llmpy configuration): ms/step, torch's, the paired ratio, MFU, both peak RSS, and the
     attention kernels' share of the step."""
-    lines = [f"{'B x T':>9s} {'configuration':24s} {'ms/step':>8s} {'torch ms':>9s} {'ratio':>6s} {'MFU':>6s} "
+    lines = [f"{'B x T':>10s} {'configuration':24s} {'ms/step':>8s} {'torch ms':>9s} {'ratio':>6s} {'MFU':>6s} "
              f"{'RSS MB':>7s} {'torch RSS':>9s} {'attention':>9s} {'att GF/s':>8s} {'GEMM GF/s':>9s}"]
     dash = lambda width: "-".rjust(width)
     for r in results:
@@ -513,7 +513,7 @@ def format_shape_table(results: list[dict]) -> str:
         torch_ms = f"{r['torch_ms_per_step_median']:9.0f}" if "torch_ms_per_step_median" in r else dash(9)
         torch_rss = f"{r['torch_peak_rss_mb']:9.0f}" if "torch_peak_rss_mb" in r else dash(9)
         name = f"{r['mode']} {r['runtime']} x{r['threads']}"
-        lines.append(f"{r['B']:>4d} x {r['T']:<4d}{name:24s} {r['ms_per_step_median']:8.0f} {torch_ms} {ratio} "
+        lines.append(f"{r['B']:>4d} x {r['T']:<5d}{name:24s} {r['ms_per_step_median']:8.0f} {torch_ms} {ratio} "
                      f"{100 * r['mfu']:5.1f}% {r['peak_rss_mb']:7.0f} {torch_rss} "
                      f"{100 * attention / r['ms_per_step_median']:8.1f}% {attention_gflops:8.1f} {gemm_gflops:9.1f}")
     lines.append("ratio: median over rounds of llmpy ms / torch ms in the same round; attention: share of the step "
