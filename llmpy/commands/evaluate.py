@@ -70,16 +70,17 @@ def run(args, out=sys.stdout) -> EvalScore:
 
 class TrainingEval:
     """HellaSwag during training (`train --eval-every`): its own inference model of 4 * (B // 4) rows (at least
-    4) over the examples' length, loaded with the training model's parameters at each evaluation."""
+    4) over the examples' length, on the training model's parameters (shared, not copied)."""
 
-    def __init__(self, path: str, config, B: int, kernels):
+    def __init__(self, path: str, model: GPT2):
         from llmpy.io.evalfile import read_eval_file
 
         self.path = path
         self.examples = read_eval_file(path)
-        self.model = GPT2(config, 4 * max(1, B // 4), eval_seq_len(self.examples, config), kernels, training=False)
+        config = model.config
+        self.model = GPT2(config, 4 * max(1, model.B // 4), eval_seq_len(self.examples, config), model.kernels,
+                          training=False, params=model.params)
         check_examples_fit(self.examples, self.model.B, self.model.T, path)
 
-    def score(self, model: GPT2) -> EvalScore:
-        self.model.load_parameters(model.params.flat)
+    def score(self) -> EvalScore:
         return evaluate(self.model, self.examples, self.path)

@@ -9,14 +9,9 @@ from typing import Callable
 
 import numpy as np
 
-from llmpy.core.config import GPT2_EOT_TOKEN, GPT2_VOCAB_SIZE
+from llmpy.core.config import GPT2_EOT_TOKEN, GPT2_VOCAB_SIZE, end_of_text_token
 from llmpy.core.generate import KVCacheModel, Sampling, choose_token
 from llmpy.core.model import GPT2
-
-
-def start_token(vocab_size: int) -> int:
-    """Generation starts from <|endoftext|> for GPT-2's vocabulary (as llm.c does), else the last id."""
-    return GPT2_EOT_TOKEN if vocab_size == GPT2_VOCAB_SIZE else vocab_size - 1
 
 
 def token_decoder(vocab_size: int) -> Callable[[list[int]], str]:
@@ -45,7 +40,7 @@ def generate(model: GPT2, prompt: list[int], length: int, temperature: float = 1
     last half. Returns only the new tokens."""
     sampling = Sampling(temperature, top_k)
     rng = rng if rng is not None else np.random.default_rng()
-    context = list(prompt) or [start_token(model.config.vocab_size)]
+    context = list(prompt) or [end_of_text_token(model.config.vocab_size)]
     window = model.config.max_seq_len
 
     def prefill(tokens: list[int]) -> tuple[KVCacheModel, np.ndarray]:
@@ -102,7 +97,7 @@ def _prompts(args, vocab_size: int) -> list[tuple[str, list[int]]]:
     from llmpy.io.tokenizer import Tokenizer
 
     encode = Tokenizer.gpt2().encode if any(texts) else None
-    return [(text, (encode(text) if text else []) or [start_token(vocab_size)]) for text in texts]
+    return [(text, (encode(text) if text else []) or [end_of_text_token(vocab_size)]) for text in texts]
 
 
 def run(args, out=sys.stdout, err=sys.stderr) -> list[str]:

@@ -303,11 +303,11 @@ def _check_finite_state(step: int, model: GPT2, optimizer) -> None:
                                      "--grad-clip")
 
 
-def _hellaswag(args, config: GPT2Config, B: int, execution: ExecutionModel):
-    """The HellaSwag evaluation of --eval-every (None when off)."""
+def _hellaswag(args, model: GPT2):
+    """The HellaSwag evaluation of --eval-every on the training model's parameters (None when off)."""
     from llmpy.commands.evaluate import TrainingEval
 
-    return TrainingEval(_eval_file(args), config, B, execution.kernels) if args.eval_every else None
+    return TrainingEval(_eval_file(args), model) if args.eval_every else None
 
 
 def _eval_file(args) -> str:
@@ -496,7 +496,7 @@ def run(args, out=sys.stdout) -> TrainResult:
         model, checkpoint = build_model(args, execution, B, T, say)
         config: GPT2Config = model.config
         train_loader, val_loader = _load_data(args, config.vocab_size, B, T, say, execution)
-        hellaswag = _hellaswag(args, config, B, execution)
+        hellaswag = _hellaswag(args, model)
         log = MainLog(args.log_dir, resume=checkpoint is not None) if args.log_dir and execution.rank == 0 else None
         optimizer = execution.make_optimizer(model, optimizer_config, args.grad_accum)
         peak = args.peak_gflops * execution.threads if args.peak_gflops else measure_peak_gflops(execution.threads)
@@ -537,7 +537,7 @@ def run(args, out=sys.stdout) -> TrainResult:
                 if log is not None:
                     log.val(step, val_loss)
             if evaluate:
-                score = hellaswag.score(model)
+                score = hellaswag.score()
                 result.evals.append((step, score.accuracy_norm))
                 say(describe_eval(score))
                 if log is not None:

@@ -10,6 +10,11 @@ GPT2_VOCAB_SIZE = 50257
 GPT2_EOT_TOKEN = 50256
 
 
+def end_of_text_token(vocab_size: int) -> int:
+    """<|endoftext|> for GPT-2's vocabulary; the last id of any other (where generation starts, as llm.c's)."""
+    return GPT2_EOT_TOKEN if vocab_size == GPT2_VOCAB_SIZE else vocab_size - 1
+
+
 def pad_vocab(vocab_size: int, multiple: int = 128) -> int:
     """Vocabulary size rounded up to a multiple of `multiple` (llm.c pads 50257 to 50304)."""
     return ((vocab_size + multiple - 1) // multiple) * multiple

@@ -172,3 +172,13 @@ def activation_buffer(config: GPT2Config, B: int, T: int, options: ActivationOpt
 def activation_gradient_buffer(config: GPT2Config, B: int, T: int, options: ActivationOptions = ActivationOptions(),
                                flat: np.ndarray | None = None) -> FlatBuffer:
     return FlatBuffer(activation_gradient_shapes(config, B, T, options), flat)
+
+
+def packed_ranges(ranges) -> list[tuple[slice, slice]]:
+    """For [start, stop) ranges of the whole parameters held one after the other in a packed array: (slice of the
+    packed array, slice of the whole) of each."""
+    out, offset = [], 0
+    for start, stop in ranges:
+        out.append((slice(offset, offset + stop - start), slice(start, stop)))
+        offset += stop - start
+    return out

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmpy.core.errors import OptionError
-from llmpy.core.layout import MATRIX_PARAMETERS, FlatBuffer
+from llmpy.core.layout import MATRIX_PARAMETERS, FlatBuffer, packed_ranges
 from llmpy.core.step import KernelCall, run_calls
 from llmpy.kernels import KernelSet
 
@@ -112,11 +112,8 @@ class AdamWRule:
     def load_moments(self, m, v) -> None:
         """Take this optimizer's ranges of the whole m and v (a checkpoint's, of any world size or strategy)."""
         own_m, own_v = self.flat_moments()
-        offset = 0
-        for start, stop in self.moment_ranges():
-            own_m[offset:offset + stop - start] = m[start:stop]
-            own_v[offset:offset + stop - start] = v[start:stop]
-            offset += stop - start
+        for packed, whole in packed_ranges(self.moment_ranges()):
+            own_m[packed], own_v[packed] = m[whole], v[whole]
 
     def grad_norm_call(self, grads) -> KernelCall:
         """The sum of squares of `grads` into grad_norm_sq."""

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from llmpy.core.config import GPT2Config
+from llmpy.core.layout import packed_ranges
 from llmpy.io.formats import (FormatError, RunState, file_sha256, load_model, read_run_state, read_run_state_owner,
                               write_model, write_run_state)
 
@@ -121,11 +122,9 @@ def _assemble_shards(directory: str, record: RunState, num_parameters: int) -> t
                                                                            entry["state_sha256"], ranges):
             raise FormatError(f"{path}: not the shard its completion record lists (step, run, checksum or ranges "
                               "differ: replaced by another run's?)")
-        offset = 0
-        for start, stop in ranges:
-            m[start:stop], v[start:stop] = shard.m[offset:offset + stop - start], shard.v[offset:offset + stop - start]
-            covered[start:stop] += 1
-            offset += stop - start
+        for packed, whole in packed_ranges(ranges):
+            m[whole], v[whole] = shard.m[packed], shard.v[packed]
+            covered[whole] += 1
     if (covered != 1).any():
         first = int(np.argmax(covered != 1))
         raise FormatError(f"{state_path(directory, record.step)}: shards: parameter {first} is held by "

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from llmpy.core.config import GPT2_EOT_TOKEN, GPT2_VOCAB_SIZE, GPT2Config, pad_vocab
+from llmpy.core.config import GPT2Config, end_of_text_token, pad_vocab
 from llmpy.core.layout import parameter_buffer
 from llmpy.io.formats import (FormatError, atomic_write_bytes, bfloat16_bits_to_float32, check_finite,
                               float32_to_bfloat16_bits, load_model)
@@ -148,6 +148,13 @@ def _hf_names(config: GPT2Config) -> dict[str, list[tuple[str, bool]]]:
     return names
 
 
+def _llmc_part(params, name: str, layer: int, parts: list, vocab_size: int) -> np.ndarray:
+    """The view of llm.c's tensor `name` that Hugging Face tensor `layer` of `parts` holds (wte: its real rows)."""
+    if name == "wte":
+        return params[name][:vocab_size]
+    return params[name] if len(parts) == 1 else params[name][layer]
+
+
 def read_huggingface(folder) -> tuple[GPT2Config, np.ndarray]:
     """(config, flat float32 parameters in llm.c's order, wte padded with zero rows) of a Hugging Face GPT-2
     folder; a missing, misshapen, unexpected or non-finite tensor is a FormatError naming it."""
@@ -156,9 +163,8 @@ def read_huggingface(folder) -> tuple[GPT2Config, np.ndarray]:
     params = parameter_buffer(config)
     V = config.vocab_size
     for name, parts in _hf_names(config).items():
-        target = params[name]
         for l, (hf, conv1d) in enumerate(parts):
-            into = target[:V] if name == "wte" else (target if len(parts) == 1 else target[l])
+            into = _llmc_part(params, name, l, parts, V)
             if hf not in tensors:
                 raise FormatError(f"{folder}: tensor {PREFIX}{hf}: missing from {', '.join(_weight_files(folder))}")
             values, path = tensors.pop(hf)
@@ -191,7 +197,7 @@ def _check_leftovers(folder, tensors: dict, wte: np.ndarray) -> None:
 
 def huggingface_config(config: GPT2Config, dtype: str = "float32") -> dict:
     """config.json of GPT2LMHeadModel for `config` (dropout as GPT-2's; inference ignores it)."""
-    eot = GPT2_EOT_TOKEN if config.vocab_size == GPT2_VOCAB_SIZE else config.vocab_size - 1
+    eot = end_of_text_token(config.vocab_size)
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
             "n_positions": config.max_seq_len, "n_ctx": config.max_seq_len, "n_embd": config.channels,
             "n_layer": config.num_layers, "n_head": config.num_heads, "n_inner": None,
@@ -208,8 +214,7 @@ def huggingface_tensors(config: GPT2Config, params_flat: np.ndarray) -> dict[str
     tensors = {}
     for name, parts in _hf_names(config).items():
         for l, (hf, conv1d) in enumerate(parts):
-            values = params[name][:config.vocab_size] if name == "wte" else (
-                params[name] if len(parts) == 1 else params[name][l])
+            values = _llmc_part(params, name, l, parts, config.vocab_size)
             tensors[PREFIX + hf] = np.ascontiguousarray(values.T if conv1d else values)
     return tensors
 

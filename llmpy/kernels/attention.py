@@ -24,6 +24,7 @@ limits it; the sequential model and task workers run with one), so a call's resu
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -42,8 +43,16 @@ QUERY_TILE = 128  # query rows per tile
 KEY_TILE = 256  # key rows per tile (at most: a query tile's last key tile ends at its last row)
 
 _scratch = threading.local()  # per thread (task workers run attention calls side by side)
-_pools: dict[int, ThreadPoolExecutor] = {}
-_blas: list[ThreadpoolController] = []
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, "llmpy-attention")
+
+
+@functools.cache
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController()
 
 
 def _over_head_groups(work, num_heads: int, parallel: bool) -> None:
@@ -54,12 +63,9 @@ def _over_head_groups(work, num_heads: int, parallel: bool) -> None:
     if threads == 1:
         work(0, num_heads)
         return
-    if not _blas:
-        _blas.append(ThreadpoolController())
-    pool = _pools.get(threads) or _pools.setdefault(threads, ThreadPoolExecutor(threads, "llmpy-attention"))
     bounds = [num_heads * i // threads for i in range(threads + 1)]
-    with _blas[0].limit(limits=1, user_api="blas"):
-        futures = [pool.submit(work, h0, h1) for h0, h1 in zip(bounds[:-1], bounds[1:])]
+    with _blas().limit(limits=1, user_api="blas"):
+        futures = [_pool(threads).submit(work, h0, h1) for h0, h1 in zip(bounds[:-1], bounds[1:])]
         for future in futures:
             future.result()
 

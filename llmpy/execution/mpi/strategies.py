@@ -55,6 +55,7 @@ rank 0 prints the pid of every rank at startup.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -287,22 +288,26 @@ class DataParallelStrategy(AdamWRule):
     def start_bucket(self, part: int) -> None:
         """GPT2.gradients_ready(part) from a task worker: one thread in MPI at a time, and no recorder (the
         worker's task is recorded as itself; the bytes are counted as ever)."""
-        with self._lock:
-            observer, self.observer = self.observer, None
-            try:
-                self._gradients_ready(part)
-            finally:
-                self.observer = observer
+        with self._lock, self._unobserved():
+            self._gradients_ready(part)
 
     def progress(self) -> None:
         """A test of the collectives in flight, from a task worker after each task."""
         if self._grads_in_flight and self._lock.acquire(blocking=False):
-            observer, self.observer = self.observer, None
             try:
-                self._progress(-1)
+                with self._unobserved():
+                    self._progress(-1)
             finally:
-                self.observer = observer
                 self._lock.release()
+
+    @contextlib.contextmanager
+    def _unobserved(self):
+        """MPI calls made from a task worker are not recorded as kernel-like events (the worker's task is)."""
+        observer, self.observer = self.observer, None
+        try:
+            yield
+        finally:
+            self.observer = observer
 
     # ---- common machinery
     def _run(self, name: str, layer: int, fn, *args):
