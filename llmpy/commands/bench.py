@@ -420,7 +420,8 @@ def _shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def run(args, out=sys.stdout) -> list[dict]:
+def run(args, out=None) -> list[dict]:
+    out = out if out is not None else sys.stdout  # the stream of the call, not of the import
     if args.worker:
         if args.worker.startswith("torch:"):
             _run_torch_worker(args)

@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="precision of what is written (default float32; bfloat16 rounds to nearest even)")
 
 
-def run(args, out=sys.stdout) -> None:
+def run(args, out=None) -> None:
+    out = out if out is not None else sys.stdout  # the stream of the call, not of the import
     from llmpy.io.formats import write_model
     from llmpy.io.huggingface import load_model_source, write_huggingface
 

@@ -43,7 +43,8 @@ def describe(score: EvalScore) -> str:
             f"acc {score.correct}/{score.total} = {score.accuracy:.6f}")
 
 
-def run(args, out=sys.stdout) -> EvalScore:
+def run(args, out=None) -> EvalScore:
+    out = out if out is not None else sys.stdout  # the stream of the call, not of the import
     from llmpy.commands.sample import inference_execution
     from llmpy.io.evalfile import read_eval_file
     from llmpy.io.huggingface import load_model_source

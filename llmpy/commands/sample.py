@@ -100,8 +100,10 @@ def _prompts(args, vocab_size: int) -> list[tuple[str, list[int]]]:
     return [(text, (encode(text) if text else []) or [end_of_text_token(vocab_size)]) for text in texts]
 
 
-def run(args, out=sys.stdout, err=sys.stderr) -> list[str]:
+def run(args, out=None, err=None) -> list[str]:
     """Generate after each prompt with a KV cache; stream a single prompt's text; tokens/s on stderr."""
+    out = out if out is not None else sys.stdout  # the stream of the call, not of the import
+    err = err if err is not None else sys.stderr
     from llmpy.core.generate import positions_needed, generate as generate_kv
     from llmpy.core.layout import parameter_buffer
     from llmpy.io.huggingface import load_model_source

@@ -467,7 +467,8 @@ def _report(args, result: TrainResult, recorder, execution, optimizer, meta: dic
                 f"`llmpy analyze {args.trace}`)")
 
 
-def run(args, out=sys.stdout) -> TrainResult:
+def run(args, out=None) -> TrainResult:
+    out = out if out is not None else sys.stdout  # the stream of the call, not of the import
     from tqdm import tqdm
 
     from llmpy.commands.evaluate import describe as describe_eval

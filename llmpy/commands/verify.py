@@ -67,7 +67,8 @@ def _expected_losses(spec: str, config: GPT2Config, first_loss: float, out) -> t
         raise ValueError(f"--expected-losses must be auto, none or comma-separated numbers, got {spec!r}") from None
 
 
-def run(args, out=sys.stdout) -> bool:
+def run(args, out=None) -> bool:
+    out = out if out is not None else sys.stdout  # the stream of the call, not of the import
     from llmpy.execution.base import Sequential
     from llmpy.io.formats import load_model, read_debug_state
     from llmpy.core.model import GPT2
