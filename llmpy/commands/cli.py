@@ -1,4 +1,5 @@
-"""The `llmpy` command: prepare, train, sample, eval, convert, verify, bench, analyze, plot, graph."""
+"""The `llmpy` command: prepare, train, sample, eval, convert, verify, bench, analyze, plot, graph, predict,
+report."""
 
 from __future__ import annotations
 
@@ -66,6 +67,20 @@ def _convert(args) -> int:
     from llmpy.commands import convert
 
     convert.run(args)
+    return 0
+
+
+def _predict(args) -> int:
+    from llmpy.commands import predict
+
+    predict.run(args)
+    return 0
+
+
+def _report(args) -> int:
+    from llmpy.commands import report
+
+    report.run(args)
     return 0
 
 
@@ -153,7 +168,7 @@ def _graph(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llmpy.commands import bench, convert, evaluate, sample, train, verify
+    from llmpy.commands import bench, convert, evaluate, predict, report, sample, train, verify
     from llmpy.core.config import PRESETS
 
     parser = argparse.ArgumentParser(
@@ -243,6 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
     graph_parser.add_argument("--overlap-steps", action="store_true",
                               help="the graph of a step of an --overlap-steps run (the previous step's update first)")
     graph_parser.set_defaults(handler=_graph)
+
+    predict_parser = sub.add_parser("predict", help="step time of a measured run on other ranks, links and cores",
+                                    description=predict.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    predict.add_arguments(predict_parser)
+    predict_parser.set_defaults(handler=_predict)
+
+    report_parser = sub.add_parser("report", help="one self-contained HTML page of a run or a benchmark",
+                                   description=report.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_arguments(report_parser)
+    report_parser.set_defaults(handler=_report)
 
     verify_parser = sub.add_parser("verify", help="check llmpy against llm.c's debug state (test_gpt2)",
                                    description=verify.__doc__)

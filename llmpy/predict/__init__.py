@@ -1,0 +1,1 @@
+"""What-if models: a measured run's costs carried to other ranks, links and cores (`llmpy predict`)."""
