@@ -22,8 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
-from llmpy.observe.analysis import (TE_NOTE, TOTAL, describe, kept_steps, meta_float, pop_table,
-                                    roofline_rows)
+from llmpy.observe.analysis import TE_NOTE, TOTAL, describe, kept_steps, meta_float, pop_table, roofline_rows
 from llmpy.observe.trace import CHROME_FILE, EVENTS_FILE, Trace
 
 REPORT_FILE = "report.html"
@@ -97,7 +96,7 @@ def _read_metrics(metrics_dir: str, inputs: ReportInputs) -> None:
             with open(path) as f:
                 document = json.load(f)
             if not isinstance(document, dict):
-                raise ValueError("not a JSON object")
+                raise ValueError("not a JSON object")  # one line from the CLI, as for a JSON error
         except (OSError, ValueError) as error:
             raise ValueError(f"{path}: cannot read run metrics ({error}); rerun with `llmpy train --metrics-dir "
                              f"{metrics_dir}`") from None
@@ -145,6 +144,9 @@ def _read_prediction(path: str) -> dict:
             prediction = json.load(f)
         if not isinstance(prediction, dict) or "step_ms" not in prediction:
             raise ValueError('not a prediction: no "step_ms"')
+        components = prediction.get("components") or []
+        if not isinstance(components, list) or not all(isinstance(c, dict) for c in components):
+            raise ValueError('"components" is not a list of objects')
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: cannot read the prediction ({error}); write it again with `llmpy predict`") from None
     return prediction
@@ -504,7 +506,8 @@ def prediction_section(inputs: ReportInputs) -> str:
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 1400px; padding: 0 1.5em 3em; color: #222; }
-h1 { font-size: 1.5em; margin-top: 1em; } h2 { border-bottom: 1px solid #ccc; margin-top: 2em; } h3 { font-size: 1.05em; }
+h1 { font-size: 1.5em; margin-top: 1em; } h3 { font-size: 1.05em; }
+h2 { border-bottom: 1px solid #ccc; margin-top: 2em; }
 nav a { margin-right: 1em; }
 table { border-collapse: collapse; margin: 0.5em 0 1em; font-variant-numeric: tabular-nums; }
 th, td { border: 1px solid #ddd; padding: 2px 8px; } th { background: #f3f3f3; text-align: left; }
@@ -520,7 +523,7 @@ footer { margin-top: 3em; color: #777; font-size: 0.85em; }
 def _title(inputs: ReportInputs) -> str:
     meta = inputs.summary or (inputs.trace.meta if inputs.trace is not None else {})
     parts = [str(meta[k]) for k in ("model", "mode", "strategy") if k in meta]
-    if "ranks" in meta and (meta.get("ranks") or 1) > 1:
+    if _finite(meta.get("ranks")) and meta["ranks"] > 1:
         parts.append(f"{meta['ranks']} ranks")
     if "threads" in meta:
         parts.append(f"{meta['threads']} threads")
