@@ -33,11 +33,12 @@ LINK_GBITS = {"unshaped": None, "2gbit": 2.0, "1gbit": 1.0}
 
 
 def run_one(hosts, strategy: str, rate: str, args, work: Path, round_index: int) -> dict:
-    out = work / f"{strategy}-{rate}-{round_index}"
+    progress = getattr(args, "mpi_progress", "thread")
+    out = work / f"{strategy}-{rate}-{progress}-{round_index}"
     command = [sys.executable, "-m", "llmpy", "train", "--model", args.model, "-T", args.seq_len, "-B",
                args.batch_size, "--steps", args.steps + 1, "--val-every", "0", "--sample-every", "0", "--no-progress",
                "--output", "", "--metrics-dir", out, "--mode", "mpi", "--threads", "1", "--strategy", strategy,
-               "--rank-mode", args.rank_mode, *(["--train-data", args.train_data] if args.train_data else
+               "--rank-mode", args.rank_mode, "--mpi-progress", progress, *(["--train-data", args.train_data] if args.train_data else
                                                  ["--data-dir", args.data_dir])]
     hosts.shape(RATES[rate])
     try:
@@ -73,12 +74,12 @@ def format_table(results: dict) -> str:
     def pct(x):
         return f"{100 * x:5.0f}%" if x is not None else "     -"
 
-    lines = [f"{'strategy':10s} {'link':9s} {'ms/step':>8s} {'comm':>6s} {'wait':>6s} {'grads':>6s} {'params':>6s} "
+    lines = [f"{'strategy':10s} {'link':9s} {'progress':8s} {'ms/step':>8s} {'comm':>6s} {'wait':>6s} {'grads':>6s} {'params':>6s} "
              f"{'MB/step':>8s} {'Gbit/s':>7s} {'veth MB':>8s} {'link use':>8s}",
-             f"{'':10s} {'':9s} {'':>8s} {'':>6s} {'':>6s} {'hidden':>6s} {'hidden':>6s} {'(coll.)':>8s} "
+             f"{'':10s} {'':9s} {'':8s} {'':>8s} {'':>6s} {'':>6s} {'hidden':>6s} {'hidden':>6s} {'(coll.)':>8s} "
              f"{'(span)':>7s} {'/step':>8s} {'(step)':>8s}"]
-    for (strategy, rate), r in results.items():
-        lines.append(f"{strategy:10s} {rate:9s} {r['step_ms']:8.1f} {pct(r['comm_share'])} {pct(r['wait_share'])} "
+    for (strategy, rate, progress), r in results.items():
+        lines.append(f"{strategy:10s} {rate:9s} {progress:8s} {r['step_ms']:8.1f} {pct(r['comm_share'])} {pct(r['wait_share'])} "
                      f"{pct(r['grads_hidden'])} {pct(r['params_hidden'])} {r['collective_mb']:8.2f} "
                      f"{r['achieved_gbits']:7.2f} {r['veth_mb_per_step']:8.2f} {pct(r['link_use']):>8s}")
     return "\n".join(lines)
@@ -94,6 +95,8 @@ def main(argv=None) -> None:
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--rates", default=",".join(RATES), help="unshaped,2gbit,1gbit")
     parser.add_argument("--rank-mode", default="sequential", choices=("sequential", "tasks"))
+    parser.add_argument("--progress", default="thread",
+                        help="comma list of --mpi-progress ways (thread,tests), each run beside the other")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--train-data", help="glob of training shards (overrides --data-dir)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run before it is killed")
@@ -111,15 +114,17 @@ def main(argv=None) -> None:
         for round_index in range(args.rounds):
             for strategy in strategies:
                 for rate in rates:
-                    found = run_one(hosts, strategy, rate, args, Path(work), round_index)
-                    samples.setdefault((strategy, rate), []).append(found)
-                    print(f"round {round_index + 1}: {strategy} over {rate}: {found['step_ms']:.1f} ms/step",
-                          flush=True)
+                    for progress in args.progress.split(","):
+                        args.mpi_progress = progress
+                        found = run_one(hosts, strategy, rate, args, Path(work), round_index)
+                        samples.setdefault((strategy, rate, progress), []).append(found)
+                        print(f"round {round_index + 1}: {strategy} over {rate}, progress {progress}: "
+                              f"{found['step_ms']:.1f} ms/step", flush=True)
     results = {key: {k: _median([r[k] for r in runs]) for k in runs[0]} for key, runs in samples.items()}
     print(format_table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps([{"strategy": s, "link": r, **v} for (s, r), v in results.items()],
-                                              indent=1))
+        Path(args.json).write_text(json.dumps([{"strategy": s, "link": r, "progress": p, **v}
+                                               for (s, r, p), v in results.items()], indent=1))
 
 
 def _median(values):

@@ -213,12 +213,12 @@ def test_bad_arguments_are_refused_before_any_work_in_one_line(args, message, da
 
 
 @needs_mpi
-@pytest.mark.parametrize("strategy", ["zero1", "owners"])
-def test_tasks_inside_each_rank_match_one_process_with_twice_the_batch(strategy, data_dir, references):
+@pytest.mark.parametrize("strategy, progress", [("zero1", "thread"), ("owners", "tests")])
+def test_tasks_inside_each_rank_match_one_process_with_twice_the_batch(strategy, progress, data_dir, references):
     out = f"tasks-{strategy}"
     result = llmpy_train([*COMMON, *PLAIN, "--mode", "mpi", "--strategy", strategy, "--rank-mode", "tasks",
-                          "--block-tokens", "8", "-B", B, "--output", f"{out}/model.bin", "--metrics-dir", out],
-                         data_dir, ranks=2)
+                          "--block-tokens", "8", "-B", B, "--output", f"{out}/model.bin", "--metrics-dir", out,
+                          "--mpi-progress", progress], data_dir, ranks=2)
     assert "tasks, 1 worker" in result.stdout
     ref_losses, ref_params = references["plain"]
     np.testing.assert_allclose(train_losses(result.stdout), ref_losses, rtol=1e-5)
@@ -281,3 +281,44 @@ def test_a_stopped_rank_is_named_and_every_rank_stops_within_the_timeout(data_di
     assert process.returncode != 0
     assert f"rank 1 (pid {pid}) is stopped" in err and "no answer for 5 s" in err, err
     assert elapsed < 45, elapsed  # the 5 s timeout, then MPI_Abort ends every rank
+
+
+PROGRESS_CHECK = """
+import time
+import mpi4py
+mpi4py.rc.thread_level = "multiple"
+from mpi4py import MPI
+import numpy as np
+import threading
+from llmpy.execution.mpi.progress import ProgressThread
+
+comm = MPI.COMM_WORLD
+thread = ProgressThread(MPI, threading.RLock())
+idle_start = time.process_time()
+time.sleep(0.5)  # nothing in flight: the thread waits on its condition
+idle_cpu = time.process_time() - idle_start
+values = np.full(4 << 20, comm.rank + 1, dtype=np.float32)  # 16 MB: many rounds of MPICH's progress
+total = np.zeros_like(values)
+comm.Barrier()
+request = comm.Iallreduce(values, total, MPI.SUM)
+thread.watch([request])
+deadline = time.monotonic() + 20
+while request and time.monotonic() < deadline:  # no MPI call here: only the thread moves the data
+    time.sleep(0.01)
+done = not request
+thread.close()
+print(f"rank {comm.rank}: done {done} sum {total[0]:g}/{total[-1]:g} tests {thread.tests} idle_cpu {idle_cpu:.3f}")
+"""
+
+
+@needs_mpi
+def test_the_progress_thread_completes_a_collective_while_the_rank_makes_no_mpi_call_and_idles_without_cpu(tmp_path):
+    result = run([MPIEXEC, "-n", 2, sys.executable, "-c", PROGRESS_CHECK], tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2, result.stdout
+    for line in lines:
+        found = re.search(r"done (\w+) sum (\S+)/(\S+) tests (\d+) idle_cpu (\S+)", line)
+        assert found.group(1) == "True" and found.group(2) == found.group(3) == "3", line  # 1 + 2 everywhere
+        assert int(found.group(4)) >= 1
+        assert float(found.group(5)) < 0.1, line  # 0.5 s idle: no spinning core

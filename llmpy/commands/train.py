@@ -16,7 +16,7 @@ from llmpy.core.config import ATTENTION_KINDS, PRESETS, RECOMPUTE_LEVELS, Activa
 from llmpy.execution.base import ExecutionModel
 from llmpy.execution.factory import MODES, make_execution_model
 from llmpy.execution.threads import THREADING_LAYERS, available_cores
-from llmpy.execution.options import RANK_MODES, RUNTIMES, GEMM_SPLITS, STRATEGIES, MpiOptions, TaskOptions
+from llmpy.execution.options import MPI_PROGRESS, RANK_MODES, RUNTIMES, GEMM_SPLITS, STRATEGIES, MpiOptions, TaskOptions
 from llmpy.io.checkpoints import Checkpoint, checkpoint_steps, identity_mismatch, latest_checkpoint, new_run_id
 from llmpy.io.checkpoints import save_checkpoint as write_checkpoint
 from llmpy.io.formats import RunState, is_model_file, remove_stale_temporaries, write_model
@@ -87,6 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--mpi-timeout", type=float, metavar="SECONDS",
                      help="mpi: how long a rank waits for the others before it stops the run, naming the ranks "
                           "that do not answer (default 600)")
+    run.add_argument("--mpi-progress", choices=MPI_PROGRESS,
+                     help="mpi: what moves the collectives' data while kernels run: thread (default; a thread "
+                          "that tests them every 0.5 ms and sleeps, needs MPI_THREAD_MULTIPLE) or tests (an "
+                          "MPI_Test after each kernel or task)")
     run.add_argument("--rank-mode", choices=RANK_MODES,
                      help="mpi: execution model inside each rank, on --threads threads (default: the node's cores "
                           "/ its ranks; sequential when that is 1, else forkjoin)")
@@ -287,7 +291,7 @@ def _agreement_fields(args, config: GPT2Config) -> dict:
     """What every rank of a data-parallel run must have been started with."""
     names = ("batch_size", "seq_len", "steps", "grad_accum", "strategy", "rank_mode", "lr", "beta1", "beta2", "eps",
              "weight_decay", "decay_matrices_only", "grad_clip", "lr_schedule", "warmup_steps", "final_lr_fraction",
-             "seed", "shuffle", "val_every", "val_batches", "checkpoint_every", "block_tokens", "gemm_split")
+             "seed", "shuffle", "val_every", "val_batches", "checkpoint_every", "block_tokens", "gemm_split", "mpi_progress")
     fields = {f"--{name.replace('_', '-')}": getattr(args, name) for name in names}
     fields["model"] = _model_shape(config)
     return fields
@@ -354,7 +358,8 @@ def execution_options(args, threads: int) -> tuple:
     if args.mode != "tasks" and not tasks_inside_ranks and given:
         raise ValueError(f"{', '.join(given)} apply to --mode tasks (or --mode mpi --rank-mode tasks) only")
     mpi_flags = [flag for flag, set_ in (("--strategy", args.strategy), ("--rank-mode", args.rank_mode),
-                                         ("--mpi-timeout", args.mpi_timeout)) if set_]
+                                         ("--mpi-timeout", args.mpi_timeout),
+                                         ("--mpi-progress", args.mpi_progress)) if set_]
     if args.mode != "mpi" and mpi_flags:
         raise ValueError(f"{', '.join(mpi_flags)} apply to --mode mpi only")
     if args.mode == "mpi":  # threads per rank; None: the node's cores shared by its ranks
@@ -363,7 +368,8 @@ def execution_options(args, threads: int) -> tuple:
         rank_threads = args.workers if tasks_inside_ranks and args.workers is not None else args.threads
         timeout = {} if args.mpi_timeout is None else {"timeout_s": args.mpi_timeout}
         return rank_threads, args.threading_layer, MpiOptions(args.strategy or "allreduce", args.rank_mode,
-                                                              _task_options(args), **timeout)
+                                                              _task_options(args), **timeout,
+                                                              progress=args.mpi_progress or "thread")
     if args.mode == "tasks":
         return args.workers or threads, args.threading_layer, _task_options(args)
     return threads, args.threading_layer, None

@@ -55,6 +55,9 @@ class TaskOptions:
         return K
 
 
+MPI_PROGRESS = ("thread", "tests")  # llmpy.execution.mpi.progress; tests after every kernel or task
+
+
 @dataclass(frozen=True)
 class MpiOptions:
     """Data-parallel ranks (llmpy.execution.mpi): the strategy, and the execution model inside each rank."""
@@ -63,6 +66,7 @@ class MpiOptions:
     rank_mode: str | None = None  # None: sequential on 1 thread per rank, else forkjoin
     tasks: TaskOptions = field(default_factory=TaskOptions)  # with rank_mode "tasks"
     timeout_s: float = 600.0  # how long a rank waits for the others before it aborts the run, naming them
+    progress: str = "thread"  # who drives MPI's progress: a sleeping thread of its own, or tests between kernels
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
@@ -72,6 +76,9 @@ class MpiOptions:
         if self.rank_mode is not None and self.rank_mode not in RANK_MODES:
             raise OptionError("rank_mode", self.rank_mode,
                               f"is not an execution model inside a rank; choose one of {', '.join(RANK_MODES)}")
+        if self.progress not in MPI_PROGRESS:
+            raise OptionError("mpi_progress", self.progress, f"is not a way to drive MPI's progress; choose one of "
+                                                             f"{', '.join(MPI_PROGRESS)}")
         if self.rank_mode == "tasks" and self.tasks.overlap_steps:
             raise OptionError("overlap_steps", True, "needs the AdamW tasks in the graph; the strategy runs the "
                                                      "update in mpi mode")

@@ -134,8 +134,11 @@ class DataParallel(ExecutionModel):
                  options: MpiOptions | None = None):
         """make_inner(mode, threads, threading_layer, options): the factory of the execution model inside the rank."""
         options = options or MpiOptions()
-        # task workers start the collectives (tasks rank mode): MPI_THREAD_SERIALIZED
-        self.group = group = MpiRanks(_mpi("serialized" if options.rank_mode == "tasks" else "funneled"))
+        # a progress thread calls MPI beside the main thread: MULTIPLE; task workers start the collectives
+        # one at a time (tasks rank mode): SERIALIZED
+        level = "multiple" if options.progress == "thread" else "serialized" if options.rank_mode == "tasks" else "funneled"
+        self.group = group = MpiRanks(_mpi(level))
+        self._strategies: list[DataParallelStrategy] = []
         world = group.comm
         self.inner: ExecutionModel | None = None
         node = world.Split_type(group.MPI.COMM_TYPE_SHARED)
@@ -178,7 +181,7 @@ class DataParallel(ExecutionModel):
 
     def meta(self) -> dict:
         return dict(self.inner.meta(), mode=self.name, ranks=self.world_size, strategy=self.strategy,
-                    rank_mode=self.rank_mode)
+                    rank_mode=self.rank_mode, mpi_progress=self.options.progress)
 
     def describe(self) -> str:
         inner = self.inner.describe()
@@ -197,6 +200,8 @@ class DataParallel(ExecutionModel):
         return self.inner.train_step(model, optimizer, batches, learning_rate, recorder, step)
 
     def close(self) -> None:
+        for strategy in self._strategies:
+            strategy.close()
         if self.inner is not None:
             self.inner.close()
 
@@ -218,8 +223,10 @@ class DataParallel(ExecutionModel):
             complete_sharded_checkpoint(directory, state.step, config.num_parameters(), state, entries, keep)
 
     def make_optimizer(self, model, config: AdamWConfig, micro_steps: int = 1) -> DataParallelStrategy:
-        return STRATEGY_CLASSES[self.strategy](model, config, self.kernels, self.group.comm, micro_steps,
-                                               self.group.watchdog)
+        strategy = STRATEGY_CLASSES[self.strategy](model, config, self.kernels, self.group.comm, micro_steps,
+                                                   self.group.watchdog, self.options.progress)
+        self._strategies.append(strategy)
+        return strategy
 
 
 def _affinity() -> set[int]:

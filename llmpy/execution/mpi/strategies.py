@@ -23,12 +23,15 @@ non-blocking call per contiguous slice, started as soon as the block's backward 
 copied into a staging buffer (one such copy of the whole gradient would cost more memory traffic than the
 collectives themselves move on one node), and no bucket waits for a later block. `wte` is final only after
 the encoder's backward (it is also the output projection), so 31% of d12's gradient cannot overlap the
-backward pass. MPI progresses non-blocking collectives only inside MPI calls (no progress thread: it would
-take a core from the kernels), so after each bucket the strategy calls MPI_Testall on what is in flight.
+backward pass. MPI progresses non-blocking collectives only inside MPI calls. By default (`--mpi-progress
+thread`) a thread of the rank's own (llmpy.execution.mpi.progress) tests what is in flight every 0.5 ms and
+sleeps between tests, and waits on a condition when nothing is in flight (MPI_THREAD_MULTIPLE); with `tests`
+the strategy calls MPI_Testall after each kernel of the rest of backward instead, which leaves the large
+buckets half sent when the update needs them (about 1.4 MB moves per test over TCP here).
 With tasks inside a rank (`--rank-mode tasks`, one micro-step), the collectives of each bucket start from a task
 of the rank's graph (`communication_task`: it reads the bucket's gradients, so it waits for the tasks writing
-them, and its cost estimate puts it and them ahead of ordinary tasks), under MPI_THREAD_SERIALIZED with a lock,
-and each worker tests what is in flight after every task (`progress`).
+them, and its cost estimate puts it and them ahead of ordinary tasks), one thread in MPI at a time (a lock),
+and, with `--mpi-progress tests`, each worker tests what is in flight after every task (`progress`).
 The update then takes the buckets in the order they were started, waits only for that bucket's
 collectives, updates it, and starts that bucket's parameter collective (zero1, server, owners) while the
 next bucket is updated.
@@ -69,6 +72,7 @@ from llmpy.core.config import GPT2Config
 from llmpy.execution.threads import ExecutionError
 from llmpy.core.layout import PARAMETER_NAMES, parameter_shapes
 from llmpy.core.optim import AdamWConfig, AdamWRule
+from llmpy.execution.mpi.progress import ProgressThread
 
 BLOCK_ELEMENTS = 1 << 20  # owners: largest parameter block (4 MiB of float32)
 # Failure-handling tests: "RANK:STEP" makes that rank raise at that step's update, "RANK:STEP:kill" kills it (SIGKILL),
@@ -223,7 +227,8 @@ class DataParallelStrategy(AdamWRule):
     # Task mode inside a rank leaves the update out of its graph and calls update() after it (llmpy.execution.tasks.step).
     updates_outside_task_graph = True
 
-    def __init__(self, model, config: AdamWConfig, kernels, comm, micro_steps: int = 1, watchdog=None):
+    def __init__(self, model, config: AdamWConfig, kernels, comm, micro_steps: int = 1, watchdog=None,
+                 progress: str = "tests"):
         super().__init__(config, kernels)
         self.watchdog = watchdog  # waits without spinning, and not forever (None: MPI's own blocking waits)
         self.MPI = _mpi()
@@ -252,7 +257,9 @@ class DataParallelStrategy(AdamWRule):
         self.model = model
         self._model_observer = None  # the model's own observer while backward runs through _progressing_observer
         self._grads_in_flight: list = []
-        self._lock = threading.Lock()  # task workers: one thread in MPI at a time
+        self._lock = threading.RLock()  # one thread at a time starts, tests or waits (task workers, progress thread)
+        # "thread": a sleeping thread tests what is in flight; "tests": a test after every kernel or task
+        self._progress_thread = ProgressThread(self.MPI, self._lock) if progress == "thread" else None
         self._traffic: dict[str, list[int]] = {}  # this step: MPI call -> [bytes sent, bytes received]
         self._comm_start: float | None = None  # when this step's first collective started
         model.gradients_ready = self._gradients_ready
@@ -292,8 +299,8 @@ class DataParallelStrategy(AdamWRule):
             self._gradients_ready(part)
 
     def progress(self) -> None:
-        """A test of the collectives in flight, from a task worker after each task."""
-        if self._grads_in_flight and self._lock.acquire(blocking=False):
+        """A test of the collectives in flight, from a task worker after each task (none with a progress thread)."""
+        if self._progress_thread is None and self._grads_in_flight and self._lock.acquire(blocking=False):
             try:
                 with self._unobserved():
                     self._progress(-1)
@@ -319,7 +326,8 @@ class DataParallelStrategy(AdamWRule):
         """Start a non-blocking collective of `elements` floats and count the bytes it moves for this rank."""
         if self._comm_start is None:
             self._comm_start = time.perf_counter()
-        request = self._run(name, part, fn, *args)
+        with self._lock:
+            request = self._run(name, part, fn, *args)
         sent, received = network_bytes(name, 4 * elements, self.world_size, self.rank, root)
         entry = self._traffic.setdefault(name, [0, 0])
         entry[0] += sent
@@ -331,13 +339,17 @@ class DataParallelStrategy(AdamWRule):
 
     def _test(self, layer: int, requests: list) -> bool:
         """Progress (and check) requests in flight: MPI moves data only inside MPI calls."""
-        pending = [r for r in requests if r]
-        if not pending:
-            return True
-        return self._run("MPI_Testall", layer, self.MPI.Request.Testall, pending)
+        with self._lock:
+            pending = [r for r in requests if r]
+            if not pending:
+                return True
+            return self._run("MPI_Testall", layer, self.MPI.Request.Testall, pending)
 
     def _wait(self, layer: int, requests: list) -> None:
-        pending = [r for r in requests if r]
+        with self._lock:
+            self._wait_locked(layer, [r for r in requests if r])
+
+    def _wait_locked(self, layer: int, pending: list) -> None:
         if not pending:
             return
         if self.watchdog is None:
@@ -357,6 +369,9 @@ class DataParallelStrategy(AdamWRule):
         state = self._by_part[part]
         self._started.add(part)
         self.start_gradient_collectives(state)
+        if self._progress_thread is not None:
+            self._progress_thread.watch(state.grad_requests)
+            return
         self._grads_in_flight += state.grad_requests
         self._progress(part)
         model = self.model
@@ -404,6 +419,8 @@ class DataParallelStrategy(AdamWRule):
             for owned in state.owned:
                 self._adamw(owned)
             self.start_parameter_collectives(state)
+            if self._progress_thread is not None:
+                self._progress_thread.watch(state.param_requests)
             in_flight += state.param_requests
             self._test(state.bucket.part, in_flight)
         params_done = sum(4 * s.bucket.size for s in self.states if s.param_requests
@@ -419,6 +436,12 @@ class DataParallelStrategy(AdamWRule):
         self._traffic, self._comm_start = {}, None
         self._started.clear()
         self._backwards = 0
+
+    def close(self) -> None:
+        """Stop the progress thread (every request is complete after `update`)."""
+        if self._progress_thread is not None:
+            self._progress_thread.close()
+            self._progress_thread = None
 
     def _adamw(self, owned: OwnedRange) -> None:
         n = owned.stop - owned.start
@@ -524,9 +547,9 @@ class OwnerBlocksStrategy(ParameterServerStrategy):
 
     name = "owners"
 
-    def __init__(self, model, config, kernels, comm, micro_steps=1, watchdog=None):
+    def __init__(self, model, config, kernels, comm, micro_steps=1, watchdog=None, progress="tests"):
         self.blocks = owner_blocks(gradient_buckets(model.config), comm.Get_size())
-        super().__init__(model, config, kernels, comm, micro_steps, watchdog)
+        super().__init__(model, config, kernels, comm, micro_steps, watchdog, progress)
 
     def owned_slices(self, segment):
         return [(start, stop) for start, stop, owner in self.blocks[segment] if owner == self.rank]
