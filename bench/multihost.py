@@ -101,6 +101,8 @@ def main(argv=None) -> None:
     parser.add_argument("--train-data", help="glob of training shards (overrides --data-dir)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run before it is killed")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--keep", metavar="DIR", help="keep every run's metrics folder in DIR "
+                                                      "(STRATEGY-LINK-PROGRESS-ROUND), e.g. for `llmpy predict --validate`")
     args = parser.parse_args(argv)
     reason = netns_hosts.skip_reason()
     if reason:
@@ -110,7 +112,8 @@ def main(argv=None) -> None:
         if rate not in RATES:
             parser.error(f"--rates: {rate!r} is not one of {', '.join(RATES)}")
     samples: dict = {}
-    with tempfile.TemporaryDirectory(prefix="llmpy-multihost-") as work, netns_hosts.NetnsHosts(2) as hosts:
+    with tempfile.TemporaryDirectory(prefix="llmpy-multihost-") as scratch, netns_hosts.NetnsHosts(2) as hosts:
+        work = args.keep or scratch
         for round_index in range(args.rounds):
             for strategy in strategies:
                 for rate in rates:
