@@ -1,0 +1,423 @@
+"""A measured run's step as the predictor sees it: the real task graph and the model's call list, each task and
+each call with its measured 1-core seconds.
+
+A run directory is what `llmpy train ... --metrics-dir DIR --trace DIR/trace` writes; the trace's events.json is
+what is read (its meta names the model, B, T, mode, threads, block size, bandwidth). Per task (tasks runs) or per
+kernel call (sequential/forkjoin runs) the median over the measured steps (after the warm-up steps) is taken.
+A directory may also hold several runs of one configuration in its subfolders (a tasks run and a forkjoin run,
+say): each execution model then takes its costs from the run of its own granularity, the one on fewest threads.
+
+The two execution models run the same work at two granularities: fork-join one GEMM over all B*T rows, tasks
+one GEMM per block. A 64-row GEMM runs at a lower rate than a 256-row one, so a call's time is not the sum of
+its tasks' times. For the three GEMM kernels the conversion between the two is measured here: the real kernel
+timed at the call's shape and at each block's shape on this machine (`KernelTimer`); the other kernels are
+loops over rows whose time adds up over blocks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from time import perf_counter
+
+from threadpoolctl import threadpool_limits
+
+from llmpy.observe.trace import EVENTS_FILE, Trace, is_communication
+
+GEMM_KERNELS = ("matmul_forward", "matmul_backward_input", "matmul_backward_weight")
+# kernels whose call and blocks run at different rates (timed, see KernelTimer)
+CONVERTED_KERNELS = GEMM_KERNELS + ("attention_forward", "attention_backward")
+CALL_MODES = ("sequential", "forkjoin")  # runs whose trace holds whole kernel calls (tasks runs hold tasks)
+
+
+@dataclass
+class MeasuredRun:
+    """The medians of a measured run's steps (seconds)."""
+
+    meta: dict
+    step_s: float
+    phases_s: dict[str, float]
+    task_s: dict[str, float] = field(default_factory=dict)  # tasks runs: task name -> seconds
+    call_s: dict[tuple, float] = field(default_factory=dict)  # call runs: (kernel, phase, layer, occurrence) -> s
+    task_gap_s: float = 0.0  # tasks runs: the scheduler's time between two tasks on a worker
+    lead_s: float = 0.0  # tasks runs: step start to the first task, and last task to step end
+    tail_s: float = 0.0
+    call_glue_s: float = 0.0  # call runs: Python between two kernel calls
+
+    @property
+    def is_tasks(self) -> bool:
+        return self.meta.get("mode") == "tasks"
+
+
+def trace_path(run_dir: str) -> str:
+    """run_dir/trace/events.json (or run_dir/events.json); a ValueError naming it and its command if missing."""
+    for path in (os.path.join(run_dir, "trace", EVENTS_FILE), os.path.join(run_dir, EVENTS_FILE)):
+        if os.path.isfile(path):
+            return path
+    wanted = os.path.join(run_dir, "trace", EVENTS_FILE)
+    raise ValueError(f"{wanted}: not found; write it with `llmpy train --threads 1 --metrics-dir {run_dir} "
+                     f"--trace {os.path.join(run_dir, 'trace')}` (a measured run, 1 core best)")
+
+
+def load_measured_run(run_dir: str) -> MeasuredRun:
+    path = trace_path(run_dir)
+    trace = Trace.load(path)
+    meta = trace.meta
+    for key in ("model", "B", "T", "mode"):
+        if key not in meta:
+            raise ValueError(f"{path}: the trace's meta has no {key!r}; rewrite it with a current `llmpy train`")
+    if meta.get("ranks", 1) != 1 or meta["mode"] == "mpi":
+        raise ValueError(f"{path}: a data-parallel run; core predictions start from one rank (--mode tasks or "
+                         "forkjoin)")
+    if meta.get("grad_accum", 1) != 1:
+        raise ValueError(f"{path}: a run with --grad-accum {meta['grad_accum']}; measure with --grad-accum 1")
+    steps = _measured_steps(trace)
+    if not steps:
+        raise ValueError(f"{path}: the trace holds no steps")
+    by_step = defaultdict(list)
+    for event in trace.events:
+        if event.rank == 0 and not is_communication(event.name):
+            by_step[event.step].append(event)
+    run = MeasuredRun(meta, statistics.median(s.duration for s in steps), _median_phases(steps))
+    if run.is_tasks:
+        _read_tasks(run, steps, by_step)
+    else:
+        _read_calls(run, steps, by_step, os.path.dirname(os.path.dirname(path)) if path.endswith(
+            os.path.join("trace", EVENTS_FILE)) else os.path.dirname(path))
+    return run
+
+
+def _measured_steps(trace: Trace) -> list:
+    steps = sorted((s for s in trace.steps if s.rank == 0), key=lambda s: s.step)
+    warmup = int(trace.meta.get("warmup_steps", 1))
+    return steps[warmup:] if len(steps) > warmup else steps
+
+
+def _median_phases(steps) -> dict[str, float]:
+    phases = {}
+    for phase in ("forward", "backward", "update"):
+        spans = [s.phases[phase][1] - s.phases[phase][0] for s in steps if phase in s.phases]
+        phases[phase] = statistics.median(spans) if spans else 0.0
+    return phases
+
+
+def _read_tasks(run: MeasuredRun, steps, by_step) -> None:
+    """Per task name the median seconds; the scheduler's gap between tasks on a worker; lead and tail."""
+    durations, gaps, leads, tails = defaultdict(list), [], [], []
+    for step in steps:
+        events = [e for e in by_step[step.step] if e.task]
+        if not events:
+            continue
+        for event in events:
+            durations[event.task].append(event.duration)
+        for worker in {e.thread for e in events}:
+            row = sorted((e for e in events if e.thread == worker), key=lambda e: e.start)
+            gaps += [max(0.0, b.start - a.end) for a, b in zip(row, row[1:])]
+        leads.append(min(e.start for e in events) - step.start)
+        tails.append(step.end - max(e.end for e in events))
+    if not durations:
+        raise ValueError("a tasks run whose trace holds no task events; rerun it with --trace")
+    run.task_s = {name: statistics.median(values) for name, values in durations.items()}
+    if gaps and run.meta.get("threads", 1) > 1:  # a gap on a worker of several may be a wait for a dependency
+        typical = statistics.median(gaps)
+        gaps = [g for g in gaps if g <= 4 * typical]
+    run.task_gap_s = statistics.fmean(gaps) if gaps else 0.0
+    run.lead_s, run.tail_s = max(0.0, statistics.median(leads)), max(0.0, statistics.median(tails))
+
+
+def _read_calls(run: MeasuredRun, steps, by_step, metrics_dir: str) -> None:
+    """Per (kernel, phase, layer, occurrence in the step) the median seconds of row 0 (the calling thread), scaled
+    per kernel to kernels.csv's wall time where the run had several threads (row 0 is the calling thread's CPU
+    time, which misses its waits at the barrier); Python's glue per call."""
+    durations = defaultdict(list)
+    calls_per_step = []
+    for step in steps:
+        events = sorted((e for e in by_step[step.step] if e.thread == 0 and not e.task), key=lambda e: e.start)
+        seen = defaultdict(int)
+        for event in events:
+            key = (event.name, event.phase, event.layer)
+            durations[key + (seen[key],)].append(event.duration)
+            seen[key] += 1
+        calls_per_step.append(len(events))
+    run.call_s = {key: statistics.median(values) for key, values in durations.items()}
+    if run.meta.get("threads", 1) > 1:
+        _scale_to_wall(run.call_s, os.path.join(metrics_dir, "kernels.csv"))
+    calls = max(1, statistics.median(calls_per_step))
+    run.call_glue_s = max(0.0, (run.step_s - sum(run.call_s.values())) / calls)
+
+
+def _scale_to_wall(call_s: dict[tuple, float], kernels_csv: str) -> None:
+    import csv
+
+    try:
+        with open(kernels_csv) as f:
+            wall = {row["name"]: float(row["ms_per_step"]) / 1e3 for row in csv.DictReader(f)}
+    except (OSError, KeyError, ValueError):
+        return  # no per-kernel wall times: keep the calling thread's
+    per_kernel = defaultdict(float)
+    for key, seconds in call_s.items():
+        per_kernel[key[0]] += seconds
+    for key in call_s:
+        if per_kernel[key[0]] > 0 and key[0] in wall:
+            call_s[key] *= wall[key[0]] / per_kernel[key[0]]
+
+
+# ------------------------------------------------------------------ the step's structure
+@dataclass
+class StepCall:
+    """One kernel call of the step as fork-join runs it, and the graph's tasks it is cut into."""
+
+    kernel: str
+    name: str
+    phase: str
+    layer: int
+    fn: object
+    args: tuple
+    tasks: list[int]
+    flops: float = 0.0
+    bytes: float = 0.0
+    seconds: float = 0.0  # 1 core
+
+
+@dataclass
+class MeasuredStep:
+    """The real task graph and call list of the runs' configuration, with measured 1-core seconds."""
+
+    tasks_run: MeasuredRun | None  # the run the task costs come from (None: split from the calls run's)
+    calls_run: MeasuredRun | None  # the run the call costs come from (None: summed from the tasks run's)
+    graph: object  # TaskGraph
+    calls: list[StepCall]
+    task_s: list[float]
+    matched_tasks: int  # tasks whose seconds were measured (0 without a tasks run)
+    matched_calls: int
+    timer: "KernelTimer"
+
+    @property
+    def reference(self) -> MeasuredRun:
+        return self.tasks_run or self.calls_run
+
+    @property
+    def task_overhead_s(self) -> float:
+        """The scheduler's time per task: measured between tasks, else Python's glue per call."""
+        return self.tasks_run.task_gap_s if self.tasks_run else self.calls_run.call_glue_s
+
+    @property
+    def call_glue_s(self) -> float:
+        """Python's time between two fork-join calls: measured, else the scheduler's time per task."""
+        return self.calls_run.call_glue_s if self.calls_run else self.tasks_run.task_gap_s
+
+
+def model_config(meta: dict):
+    """The GPT2Config of a run: its preset, or the preset with its layers and channels, or GPT-2's shape rule."""
+    from llmpy.core.config import PRESETS, GPT2Config
+
+    if meta["model"] in PRESETS:
+        return PRESETS[meta["model"]]
+    layers, channels = meta.get("num_layers"), meta.get("channels")
+    for config in PRESETS.values():
+        if config.num_layers == layers and config.channels == channels:
+            return config
+    if not layers or not channels:
+        raise ValueError(f"model {meta['model']!r}: the trace's meta names neither a preset nor its shape")
+    return GPT2Config(num_layers=layers, num_heads=max(1, channels // 64), channels=channels)
+
+
+def _gemm_split(task_names) -> str:
+    """The run's --gemm-split, read off its task names (the meta does not hold it)."""
+    split = "rows"
+    for name in task_names:
+        if name.startswith(("matmul_forward", "matmul_backward_input")) and " c" in name:
+            if " l-1" not in name and ".logits" not in name:
+                return "channels"
+            split = "lm_head"
+    return split
+
+
+def build_step(run: MeasuredRun, other: MeasuredRun | None = None):
+    """(graph, calls) of the run's configuration (`run` a tasks run when there is one): build_step_graph's graph (buffers lazily zero, so cheap) and
+    the model's list of calls in order, each with the consecutive graph tasks cut from it."""
+    from llmpy.core.model import GPT2
+    from llmpy.core.optim import AdamW, AdamWConfig
+    from llmpy.core.step import kernel_calls
+    from llmpy.execution.options import TaskOptions
+    from llmpy.execution.tasks.execution import build_step_graph
+
+    meta = run.meta
+    B, T = int(meta["B"]), int(meta["T"])
+    model = GPT2(model_config(meta), B, T)
+    clips = any(n.startswith("sum_of_squares") for r in (run, other) if r for n in r.task_s) or any(
+        k[0] == "sum_of_squares" for r in (run, other) if r for k in r.call_s)
+    optimizer = AdamW(model.params, AdamWConfig(grad_clip=1.0 if clips else 0.0))
+    block = meta.get("block_tokens") if run.is_tasks else None
+    options = TaskOptions(block_tokens=block if block and T % block == 0 else None, gemm_split=_gemm_split(run.task_s))
+    graph = build_step_graph(model, optimizer, options=options).graph
+    norm = [optimizer.grad_norm_call(model.grads.flat)] if clips else []
+    calls = kernel_calls(model.forward_calls(B, T) + model.backward_calls(B, T, False) + norm
+                         + optimizer.update_calls(model.params, model.grads))
+    return graph, _calls_with_tasks(graph, calls)
+
+
+def _calls_with_tasks(graph, calls) -> list[StepCall]:
+    """Each call with its tasks: the builder adds a call's tasks one after the other, in call order."""
+    out, i, tasks = [], 0, graph.tasks
+    for call in calls:
+        j = i
+        while j < len(tasks) and tasks[j].kernel == call.kernel:
+            j += 1
+        if j == i:
+            raise ValueError(f"the task graph has no task for the call {call.name} of layer {call.layer}")
+        flops = sum(tasks[k].flops for k in range(i, j))
+        moved = sum(tasks[k].bytes for k in range(i, j))
+        out.append(StepCall(call.kernel, call.name, call.phase, call.layer, call.fn, call.args, list(range(i, j)),
+                            flops, moved))
+        i = j
+    if i != len(tasks):
+        raise ValueError(f"the task graph has {len(tasks) - i} tasks beyond the model's calls ({tasks[i].name})")
+    return out
+
+
+# ------------------------------------------------------------------ measured seconds of every task and call
+class KernelTimer:
+    """Ratios of real kernel calls timed on this machine, once per (kernel, shape): a call over the sequence of
+    its blocks (the granularity conversion), and a call on N BLAS threads over 1 (a GEMM's scaling). The two
+    sides are timed in turn, a few rounds, so that what else runs on the machine slows both alike."""
+
+    ROUNDS = 3
+
+    def __init__(self) -> None:
+        self._ratios: dict[tuple, float] = {}
+
+    def call_over_blocks(self, call: "StepCall", tasks) -> float:
+        key = ("blocks", call.kernel, call.flops, call.bytes, len(call.tasks))
+        if key not in self._ratios:
+            blocks = [(tasks[i].fn, tasks[i].args) for i in call.tasks]
+            self._ratios[key] = _ratio(lambda: call.fn(*call.args), lambda: [fn(*args) for fn, args in blocks],
+                                       1, 1, self.ROUNDS)
+        return self._ratios[key]
+
+    def threads_over_one(self, call: "StepCall", threads: int) -> float:
+        key = ("threads", call.kernel, call.flops, call.bytes, threads)
+        if key not in self._ratios:
+            run = lambda: call.fn(*call.args)  # noqa: E731
+            self._ratios[key] = _ratio(run, run, threads, 1, self.ROUNDS)
+        return self._ratios[key]
+
+
+def _seconds(run, threads: int) -> float:
+    with threadpool_limits(limits=threads, user_api="blas"):
+        start = perf_counter()
+        run()
+        return perf_counter() - start
+
+
+def _ratio(a, b, threads_a: int, threads_b: int, rounds: int, budget_s: float = 0.3) -> float:
+    """The median over rounds of time(a) / time(b), after a warm-up of a (first touch of the lazily zero buffers,
+    BLAS's own buffers; b touches the same data). Fewer rounds for long calls: at most `budget_s` after the
+    first (the lm_head's GEMMs take a second a round at d12)."""
+    _seconds(a, threads_a)
+    ratios, spent = [], 0.0
+    while len(ratios) < rounds and (not ratios or spent < budget_s):
+        ta, tb = _seconds(a, threads_a), _seconds(b, threads_b)
+        ratios.append(ta / tb if tb > 0 else 1.0)
+        spent += ta + tb
+    return statistics.median(ratios)
+
+
+def estimate(flops: float, moved: float) -> float:
+    """The builder's 1-core cost estimate without its per-task overhead (for costs the run did not measure)."""
+    from llmpy.execution.tasks.builder import EST_BYTES, EST_FLOPS
+
+    return max(flops / EST_FLOPS, moved / EST_BYTES)
+
+
+def _fill_unmeasured(seconds: list, items: list) -> None:
+    """seconds[i] None -> the cost model's estimate of items[i] (kernel, flops, bytes) times the measured
+    seconds-per-estimate of that kernel (of all measured items if the kernel has none)."""
+    measured, estimated = defaultdict(float), defaultdict(float)
+    for s, (kernel, flops, moved) in zip(seconds, items):
+        if s is not None:
+            measured[kernel] += s
+            estimated[kernel] += estimate(flops, moved)
+    overall = sum(measured.values()) / sum(estimated.values()) if sum(estimated.values()) > 0 else 1.0
+    for i, (kernel, flops, moved) in enumerate(items):
+        if seconds[i] is None:
+            rate = measured[kernel] / estimated[kernel] if estimated[kernel] > 0 else overall
+            seconds[i] = estimate(flops, moved) * rate
+
+
+def measured_step(run_dir: str, timer: KernelTimer | None = None) -> MeasuredStep:
+    """The runs' graph and calls with 1-core seconds: the task costs measured by a tasks run, the call costs by a
+    sequential/forkjoin run; where the directory has only one kind, converted from it (module docstring)."""
+    tasks_run, calls_run = reference_runs(run_dir)
+    graph, calls = build_step(tasks_run or calls_run, calls_run)
+    timer = timer or KernelTimer()
+    tasks, task_s, matched_tasks, matched_calls = graph.tasks, [None] * len(graph.tasks), 0, 0
+    if tasks_run is not None:
+        task_s = [tasks_run.task_s.get(t.name) for t in tasks]
+        matched_tasks = sum(s is not None for s in task_s)
+        _fill_unmeasured(task_s, [(t.kernel, t.flops, t.bytes) for t in tasks])
+    if calls_run is not None:
+        occurrence, call_s = defaultdict(int), []
+        for call in calls:
+            key = (call.kernel, call.phase, call.layer)
+            call_s.append(calls_run.call_s.get(key + (occurrence[key],)))
+            occurrence[key] += 1
+        matched_calls = sum(s is not None for s in call_s)
+        _fill_unmeasured(call_s, [(c.kernel, c.flops, c.bytes) for c in calls])
+        for call, seconds in zip(calls, call_s):
+            call.seconds = seconds
+            if tasks_run is None:
+                _split_call(call, tasks, task_s, timer)
+    else:
+        for call in calls:
+            call.seconds = sum(task_s[i] for i in call.tasks) * _call_over_blocks(call, tasks, timer)
+    return MeasuredStep(tasks_run, calls_run, graph, calls, task_s, matched_tasks, matched_calls, timer)
+
+
+def reference_runs(run_dir: str) -> tuple[MeasuredRun | None, MeasuredRun | None]:
+    """(tasks run, sequential/forkjoin run) of `run_dir`: the run itself, or of the runs in its subfolders the one
+    of each kind on fewest threads. They must be runs of one configuration."""
+    try:
+        runs = [load_measured_run(run_dir)]
+    except ValueError as missing:
+        folders = sorted(os.path.join(run_dir, d) for d in os.listdir(run_dir)) if os.path.isdir(run_dir) else []
+        runs = [load_measured_run(d) for d in folders if os.path.isdir(d) and _has_trace(d)]
+        if not runs:
+            raise missing from None
+    for run in runs[1:]:
+        for key in ("model", "B", "T"):
+            if run.meta.get(key) != runs[0].meta.get(key):
+                raise ValueError(f"{run_dir}: its runs differ in {key} ({runs[0].meta.get(key)} and "
+                                 f"{run.meta.get(key)}); keep runs of one configuration together")
+    fewest = lambda kind: min(kind, key=lambda r: r.meta.get("threads", 1), default=None)  # noqa: E731
+    return fewest([r for r in runs if r.is_tasks]), fewest([r for r in runs if not r.is_tasks])
+
+
+def _has_trace(folder: str) -> bool:
+    try:
+        trace_path(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def _call_over_blocks(call: StepCall, tasks, timer: KernelTimer) -> float:
+    """A call's time over the sum of its blocks' times, as timed here: GEMMs and attention, whose rate depends
+    on the block's shape (1 for the loops over rows, and for AdamW: its blocks add up, and timing it would touch
+    the whole optimizer state)."""
+    if call.kernel not in CONVERTED_KERNELS or len(call.tasks) == 1:
+        return 1.0
+    return timer.call_over_blocks(call, tasks)
+
+
+def _split_call(call: StepCall, tasks, task_s: list, timer: KernelTimer) -> None:
+    """A measured call's seconds over its tasks: in the cost model's shares, the blocks' sum being the call's
+    over the timed call-over-blocks ratio."""
+    shares = [estimate(tasks[i].flops, tasks[i].bytes) for i in call.tasks]
+    total = sum(shares)
+    blocks_s = call.seconds / _call_over_blocks(call, tasks, timer)
+    for i, share in zip(call.tasks, shares):
+        task_s[i] = blocks_s * (share / total if total > 0 else 1.0 / len(call.tasks))
