@@ -126,9 +126,9 @@ def _headless_chromium():
 
 @needs_two_ranks
 def test_the_page_loads_in_a_headless_browser(report_page):
+    browser = _headless_chromium()  # skips without selenium, chromium or chromedriver
     from selenium.webdriver.common.by import By
 
-    browser = _headless_chromium()
     try:
         browser.get(report_page.as_uri())
         assert browser.title.startswith("llmpy report")
