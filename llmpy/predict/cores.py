@@ -203,10 +203,10 @@ def predict_forkjoin(step: MeasuredStep, threads: int, machine: Machine) -> dict
 
 
 def _kernel_label(call: StepCall, threads: int) -> str:
+    """The kernel's name, with its pieces when they are fewer than the threads (what holds the barrier)."""
     items = parallel_items(call)
-    if call.kernel.startswith("attention") and items is not None and items < threads:
-        return f"{call.kernel} ({items} heads)" if items == call.args[3 if call.kernel == "attention_forward" else 5] \
-            else call.kernel
+    if items is not None and items < threads:
+        return f"{call.kernel} ({items} pieces)"
     return call.kernel
 
 
