@@ -1,0 +1,320 @@
+"""The step of a data-parallel strategy on a cluster, predicted: compute from a measured run, the strategy's real
+buckets and collectives (llmpy.execution.mpi.strategies) priced by llmpy.predict.network, and the overlap the
+strategy allows.
+
+One rank's step is replayed as the strategy runs it (rank 0: the root of `server`, so the rank with the most
+update work): forward; backward, at whose points the buckets' gradients become final (the final layernorm, the
+blocks from the last to the first, the encoder; `backward_ready` places them by llm.c's FLOP count of what
+backward has done by then) and each bucket's gradient collectives start; the update, which takes the buckets in
+that order, waits for the bucket's gradients, runs AdamW on the rank's part of it and starts its parameter
+collectives (zero1, server, owners), and at the end waits for all of them. A strategy with gradient clipping first
+waits for every gradient and sums the norm (an Allreduce where each rank holds a part).
+
+The rank's link is a FIFO of the collectives started (each bucket's collectives are started together and priced
+together, llmpy.predict.network.concurrent_seconds). While the rank computes, the link moves `overlap` of what it
+could (1: the structural limit, every bucket hides behind the backward of the layers still to run and the updates
+of the buckets before it; 0: MPI moves data only inside the waits, which is what MPICH over TCP does with no
+progress thread: the hidden shares measured here are ~0%); while the rank waits it moves everything it can.
+`calibrate_overlap` finds the value that reproduces a measured run's hidden gradient bytes. Parameters are
+waited for before the step ends: no strategy lets the next forward start on blocks whose parameters arrived
+(`params_behind_forward` is that what-if, ignoring that forward needs the encoder's parameters, updated last).
+
+Model size and batch may differ from the measured run: forward and backward scale by llm.c's training FLOPs per
+step (flops_per_token(T) * B * T) at the measured rate, AdamW and the norm by the parameter count (they stream
+memory), the rest of the step (Python between kernel calls) by the number of layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from llmpy.core.config import GPT2Config
+from llmpy.core.errors import OptionError
+from llmpy.execution.mpi.strategies import gradient_buckets, owner_blocks, split_evenly
+from llmpy.predict.measured import GRADIENT_STARTS, PARAMETER_STARTS, MeasuredRun
+from llmpy.predict.network import Cluster, collective_seconds, concurrent_seconds
+
+STRATEGY_NAMES = ("allreduce", "zero1", "server", "owners")
+GRADIENT_KIND = {"allreduce": "MPI_Iallreduce", "zero1": "MPI_Ireduce_scatter", "server": "MPI_Ireduce",
+                 "owners": "MPI_Ireduce"}
+PARAMETER_KIND = {"allreduce": None, "zero1": "MPI_Iallgatherv", "server": "MPI_Ibcast", "owners": "MPI_Ibcast"}
+DEFAULT_CALL_US = 15.0  # one non-blocking MPI call (start or test) where the measured run made none
+
+
+@dataclass(frozen=True)
+class ComputeProfile:
+    """One rank's work per step without communication, ms: forward, backward, AdamW over every parameter (its
+    loop included), the gradient norm's sum of squares (0 without clipping), and the rest of the step (zero-grad,
+    Python between kernel calls); `call_us`: one MPI start or test call."""
+
+    config: GPT2Config
+    B: int
+    T: int
+    forward_ms: float
+    backward_ms: float
+    update_ms: float
+    norm_ms: float = 0.0
+    other_ms: float = 0.0
+    call_us: float = DEFAULT_CALL_US
+
+    def __post_init__(self) -> None:
+        for name in ("forward_ms", "backward_ms", "update_ms", "norm_ms", "other_ms", "call_us"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"ComputeProfile.{name} must be a time >= 0, got {value!r}")
+
+    @property
+    def clips(self) -> bool:
+        return self.norm_ms > 0
+
+    def scaled(self, config: GPT2Config, B: int, T: int) -> "ComputeProfile":
+        """The same machine's profile for another model or batch (see the module docstring)."""
+        if T > config.max_seq_len:
+            raise OptionError("seq_len", T, f"exceeds the model's {config.max_seq_len} positions")
+        flops = config.flops_per_token(T) * B * T / (self.config.flops_per_token(self.T) * self.B * self.T)
+        params = config.num_parameters() / self.config.num_parameters()
+        calls = (config.num_layers + 2) / (self.config.num_layers + 2)
+        return replace(self, config=config, B=B, T=T, forward_ms=self.forward_ms * flops,
+                       backward_ms=self.backward_ms * flops, update_ms=self.update_ms * params,
+                       norm_ms=self.norm_ms * params, other_ms=self.other_ms * calls)
+
+
+def profile_from_run(run: MeasuredRun) -> ComputeProfile:
+    """The compute of `run`'s rank 0 with its MPI calls taken out, AdamW normalised to the whole model."""
+    phases = run.phases_ms
+    norm = run.kernels_ms.get("sum_of_squares", 0.0)
+    other = max(0.0, phases["step"] - phases["forward"] - phases["backward"] - phases["update"])
+    if not run.is_distributed:
+        return ComputeProfile(run.config, run.B, run.T, phases["forward"], phases["backward"],
+                              max(0.0, phases["update"] - norm), norm, other)
+    starts, tests = run.mpi_ms(GRADIENT_STARTS), run.kernels_ms.get("MPI_Testall", 0.0)
+    calls = run.mpi_calls(GRADIENT_STARTS + PARAMETER_STARTS + ("MPI_Testall",))
+    in_update = run.mpi_ms(("MPI_Waitall", "MPI_Allreduce") + PARAMETER_STARTS)
+    share = strategy_plan(run.strategy or "allreduce", run.config, run.ranks).update_share
+    update = max(0.0, phases["update"] - in_update - norm) / share if share else 0.0
+    call_us = 1e3 * (run.mpi_ms(GRADIENT_STARTS + PARAMETER_STARTS) + tests) / calls if calls else DEFAULT_CALL_US
+    return ComputeProfile(run.config, run.B, run.T, phases["forward"], max(0.0, phases["backward"] - starts - tests),
+                          update, norm / share if share else norm, other, call_us)
+
+
+def backward_ready(config: GPT2Config) -> list[float]:
+    """The fraction of backward done when each bucket (gradient_buckets' order) is final, by llm.c's backward
+    FLOPs per token: the LM head 4 Vp C (before the final layernorm's bucket), each block 4 (12 C^2 + C T)
+    (T = the context llm.c counts: max_seq_len), the encoder nothing to speak of."""
+    C, L = config.channels, config.num_layers
+    head = 4.0 * config.padded_vocab_size * C
+    block = 4.0 * (12 * C * C + C * config.max_seq_len)
+    total = head + L * block
+    return [head / total] + [(head + (i + 1) * block) / total for i in range(L)] + [1.0]
+
+
+@dataclass(frozen=True)
+class StrategyPlan:
+    """What a strategy does per bucket (gradient_buckets' order): the collectives it starts for the gradients and
+    for the parameters, (kind, bytes, root) each, and rank 0's share of the bucket's AdamW."""
+
+    name: str
+    gradient_kind: str
+    parameter_kind: str | None
+    gradient_items: list
+    parameter_items: list
+    update_shares: list
+    norm_allreduce: bool
+    bucket_bytes: list = field(default_factory=list)
+
+    @property
+    def update_share(self) -> float:
+        """Rank 0's share of all AdamW work."""
+        return sum(s * b for s, b in zip(self.update_shares, self.bucket_bytes)) / sum(self.bucket_bytes)
+
+
+def strategy_plan(name: str, config: GPT2Config, ranks: int) -> StrategyPlan:
+    if name not in STRATEGY_NAMES:
+        raise OptionError("strategy", name, f"is not a strategy; choose one of {', '.join(STRATEGY_NAMES)}")
+    buckets = gradient_buckets(config)
+    blocks = owner_blocks(buckets, ranks) if name == "owners" else {}
+    grads, params, shares = [], [], []
+    for bucket in buckets:
+        if name == "owners":
+            pieces = [(stop - start, owner) for s in bucket.segments for start, stop, owner in blocks[s]]
+        else:
+            pieces = [(s.size, 0) for s in bucket.segments]
+        grads.append([(GRADIENT_KIND[name], 4.0 * size, root) for size, root in pieces])
+        params.append([(PARAMETER_KIND[name], 4.0 * size, root) for size, root in pieces] if PARAMETER_KIND[name] else [])
+        if name == "zero1":
+            owned = sum(split_evenly(s.size, ranks)[0][0] for s in bucket.segments)
+        elif name == "allreduce":
+            owned = bucket.size
+        else:
+            owned = sum(size for size, root in pieces if root == 0)
+        shares.append(owned / bucket.size)
+    return StrategyPlan(name, GRADIENT_KIND[name], PARAMETER_KIND[name], grads, params, shares,
+                        name in ("zero1", "owners") and ranks > 1, [4.0 * b.size for b in buckets])
+
+
+@dataclass(frozen=True)
+class Target:
+    """A strategy on a cluster; `overlap`: the share of the link's rate that moves data while the rank computes
+    (see the module docstring)."""
+
+    strategy: str
+    cluster: Cluster
+    overlap: float = 1.0
+    params_behind_forward: bool = False
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGY_NAMES:
+            raise OptionError("strategy", self.strategy, f"is not a strategy; choose one of {', '.join(STRATEGY_NAMES)}")
+        if not (isinstance(self.overlap, (int, float)) and 0.0 <= self.overlap <= 1.0):
+            raise OptionError("overlap", self.overlap, "must be a share between 0 and 1 (or 'measured')")
+
+
+@dataclass
+class _Job:
+    kind: str
+    seconds: float  # left to move, at the link's full rate
+    released: float
+
+
+class _Link:
+    """The collectives a rank has in flight, moved first come first served."""
+
+    def __init__(self) -> None:
+        self.jobs: list[_Job] = []
+
+    def start(self, kind: str, seconds: float, now: float) -> _Job:
+        job = _Job(kind, seconds, now)
+        self.jobs.append(job)
+        return job
+
+    def advance(self, start: float, end: float, rate: float) -> None:
+        """Move what `rate` of the link moves between `start` and `end`."""
+        cursor = start
+        for job in self.jobs:
+            if job.seconds <= 0:
+                continue
+            begin = max(cursor, job.released)
+            if rate <= 0 or begin >= end:
+                return
+            moved = min(job.seconds, (end - begin) * rate)
+            job.seconds -= moved
+            cursor = begin + moved / rate
+
+    def wait(self, job: _Job, now: float) -> float:
+        """When `job` is done if the rank waits for it from `now` (the jobs before it finish first)."""
+        cursor = now
+        for queued in self.jobs:
+            if queued.seconds > 0:
+                cursor = max(cursor, queued.released) + queued.seconds
+                queued.seconds = 0.0
+            if queued is job:
+                break
+        return max(cursor, now)
+
+
+@dataclass
+class StepPrediction:
+    """Predicted ms per step by component (compute, update, each collective's waiting, wait, communication,
+    other), the whole step, the hidden shares, and each collective kind's time on the link."""
+
+    step_ms: float
+    components: dict
+    grad_hidden: float
+    param_hidden: float | None
+    link_ms: dict
+
+
+def predict_step(profile: ComputeProfile, target: Target) -> StepPrediction:
+    """Rank 0's step of `target.strategy` (see the module docstring)."""
+    cluster, rate = target.cluster, target.overlap
+    plan = strategy_plan(target.strategy, profile.config, cluster.ranks)
+    call = profile.call_us * 1e-6 if cluster.ranks > 1 else 0.0
+    link, state = _Link(), {"t": 1e-3 * profile.forward_ms, "calls": 0}
+    waits = {plan.gradient_kind: 0.0, **({plan.parameter_kind: 0.0} if plan.parameter_kind else {}),
+             **({"MPI_Allreduce": 0.0} if plan.norm_allreduce and profile.clips else {})}
+    link_ms = {kind: 0.0 for kind in waits}
+
+    def compute(seconds: float) -> None:
+        link.advance(state["t"], state["t"] + seconds, rate)
+        state["t"] += seconds
+
+    def start(kind: str, items: list) -> _Job:
+        compute(call * (len(items) + 1))  # the starts and a test
+        state["calls"] += len(items) + 1
+        seconds = concurrent_seconds(items, cluster)
+        link_ms[kind] += 1e3 * seconds
+        return link.start(kind, seconds, state["t"])
+
+    def wait(job: _Job) -> None:
+        done = link.wait(job, state["t"])
+        waits[job.kind] += 1e3 * (done - state["t"])
+        state["t"] = done
+
+    grad_jobs = _backward(profile, plan, compute, start)
+    total_bytes = sum(plan.bucket_bytes)
+    grad_hidden = sum(b for job, b in zip(grad_jobs, plan.bucket_bytes) if job.seconds <= 0) / total_bytes
+    update_start = state["t"]
+    if profile.clips:
+        for job in grad_jobs:
+            wait(job)
+        compute(1e-3 * profile.norm_ms * plan.update_share)
+        if plan.norm_allreduce:
+            wait(link.start("MPI_Allreduce", collective_seconds("MPI_Allreduce", 8, cluster), state["t"]))
+            link_ms["MPI_Allreduce"] = waits["MPI_Allreduce"]
+    param_jobs = []
+    for job, items, share, nbytes in zip(grad_jobs, plan.parameter_items, plan.update_shares, plan.bucket_bytes):
+        wait(job)
+        compute(1e-3 * profile.update_ms * share * nbytes / total_bytes)
+        if items:
+            param_jobs.append((start(plan.parameter_kind, items), nbytes))
+    param_hidden = (sum(b for job, b in param_jobs if job.seconds <= 0) / total_bytes) if param_jobs else None
+    if param_jobs:
+        _wait_for_parameters(link, param_jobs[-1][0], state, waits, target, 1e-3 * profile.forward_ms * rate)
+    wait_ms = sum(waits.values())
+    update_ms = 1e3 * (state["t"] - update_start) - wait_ms - 1e3 * call * _calls_in_update(plan)
+    components = {"compute": profile.forward_ms + profile.backward_ms, "update": update_ms, **waits,
+                  "wait": wait_ms, "communication": wait_ms + 1e3 * call * state["calls"], "other": profile.other_ms}
+    step = 1e3 * state["t"] + profile.other_ms
+    return StepPrediction(step, components, grad_hidden, param_hidden, link_ms)
+
+
+def _backward(profile: ComputeProfile, plan: StrategyPlan, compute, start) -> list:
+    """Backward with each bucket's gradient collectives started where its gradients are final."""
+    jobs, done = [], 0.0
+    for items, ready in zip(plan.gradient_items, backward_ready(profile.config)):
+        compute(1e-3 * profile.backward_ms * (ready - done))
+        done = ready
+        jobs.append(start(plan.gradient_kind, items))
+    return jobs
+
+
+def _calls_in_update(plan: StrategyPlan) -> int:
+    return sum(len(items) + 1 for items in plan.parameter_items if items)
+
+
+def _wait_for_parameters(link: _Link, last: _Job, state: dict, waits: dict, target: Target, forward_moves: float):
+    """The update's last wait, for every parameter collective; with `params_behind_forward` the next step's
+    forward would move `forward_moves` seconds' worth of it first."""
+    done = link.wait(last, state["t"])
+    exposed = done - state["t"]
+    if target.params_behind_forward:
+        exposed = max(0.0, exposed - forward_moves)
+    waits[last.kind] += 1e3 * exposed
+    state["t"] += exposed
+
+
+def calibrate_overlap(profile: ComputeProfile, target: Target, measured_hidden: float) -> float:
+    """The smallest `overlap` whose predicted hidden gradient bytes reach `measured_hidden` (0 for none)."""
+    if measured_hidden <= 1e-6:
+        return 0.0
+    if predict_step(profile, replace(target, overlap=1.0)).grad_hidden < measured_hidden:
+        return 1.0
+    low, high = 0.0, 1.0
+    for _ in range(30):
+        middle = (low + high) / 2
+        if predict_step(profile, replace(target, overlap=middle)).grad_hidden >= measured_hidden - 1e-6:
+            high = middle
+        else:
+            low = middle
+    return high
