@@ -29,7 +29,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from llmpy.predict.measured_tasks import GEMM_KERNELS, MeasuredStep, StepCall, measured_step
+from llmpy.predict.measured_tasks import CONVERTED_KERNELS, GEMM_KERNELS, MeasuredStep, StepCall, measured_step
 
 MODES = ("forkjoin", "tasks")
 PHASES = ("forward", "backward", "update")
@@ -73,10 +73,12 @@ class Schedule:
 
 def list_schedule(work: Sequence[float], preds: Sequence, succs: Sequence, priority: Sequence[float],
                   workers: int, demand: Sequence[float] | None = None,
-                  bandwidth: Callable[[int], float] | None = None) -> Schedule:
+                  bandwidth: Callable[[int], float] | None = None,
+                  beside: Sequence[float] | None = None) -> Schedule:
     """Tasks work[i] seconds at full speed on `workers` workers; a task is ready when its preds have ended, and a
     free worker takes the ready task of highest priority (ties: lowest index). demand[i]: bytes per second task i
-    moves at full speed; bandwidth(k): bytes per second k running tasks share (see the module docstring)."""
+    moves at full speed; bandwidth(k): bytes per second k running tasks share (see the module docstring);
+    beside[i]: how much slower task i runs while another task runs beside it (shared caches)."""
     n = len(work)
     waiting = [len(p) for p in preds]
     ready = [(-priority[i], i) for i in range(n) if waiting[i] == 0]
@@ -89,6 +91,8 @@ def list_schedule(work: Sequence[float], preds: Sequence, succs: Sequence, prior
             _, i = heapq.heappop(ready)
             running[i], start[i] = work[i], now
         speed = _shared_speeds(running, demand, bandwidth) if demand is not None else {}
+        if beside is not None and len(running) > 1:
+            speed = {i: speed.get(i, 1.0) / beside[i] for i in running}
         step = min(left / speed.get(i, 1.0) for i, left in running.items())
         now += step
         done = []
@@ -237,34 +241,48 @@ def predict_tasks(step: MeasuredStep, workers: int, machine: Machine) -> dict:
     moved = [min(t.bytes, s * b1) for t, s in zip(tasks, step.task_s)]
     demand = [m / w if w > 0 else 0.0 for m, w in zip(moved, work)]
     preds, succs = [t.preds for t in tasks], [t.succs for t in tasks]
-    schedule = list_schedule(work, preds, succs, [t.priority for t in tasks], workers, demand, machine.bandwidth)
+    schedule = list_schedule(work, preds, succs, [t.priority for t in tasks], workers, demand, machine.bandwidth,
+                             _side_by_side(step, min(workers, machine.cores)))
     run = step.tasks_run
     lead, tail = (run.lead_s, run.tail_s) if run else (0.0, 0.0)
     phases = {}
     for phase in PHASES:
         spans = [(schedule.start[i], schedule.end[i]) for i, t in enumerate(tasks) if t.phase == phase]
         phases[phase] = max(e for _, e in spans) - min(s for s, _ in spans) if spans else 0.0
-    bounds = {"critical path": critical_path(work, succs, step.graph.topological_order()),
-              "work / cores": sum(work) / workers, "memory bandwidth": sum(moved) / machine.bandwidth(workers)}
+    path = critical_path(work, succs, step.graph.topological_order())
     row = _row("tasks", workers, lead + schedule.makespan + tail, phases,
-               _tasks_limit(bounds, schedule.makespan, workers, machine))
-    row["critical_path_ms"] = 1e3 * bounds["critical path"]
+               _tasks_limit(schedule, work, path, workers))
+    row["critical_path_ms"] = 1e3 * path
     return row
 
 
-def _tasks_limit(bounds: dict[str, float], makespan: float, workers: int, machine: Machine) -> str:
-    name = max(bounds, key=bounds.get)
+def _side_by_side(step: MeasuredStep, cores: int) -> list[float] | None:
+    """Per task, its slowdown beside `cores` - 1 others (timed for GEMM and attention blocks, 1 for the rest)."""
+    if cores < 2:
+        return None
+    beside = [1.0] * len(step.graph.tasks)
+    for call in step.calls:
+        if call.kernel in CONVERTED_KERNELS:
+            factor = step.timer.side_by_side_over_alone(call, step.graph.tasks, cores)
+            for i in call.tasks:
+                beside[i] = factor
+    return beside
+
+
+def _tasks_limit(schedule: Schedule, work: Sequence[float], path: float, workers: int) -> str:
+    """What the schedule shows: workers busy throughout (the work, slowed side by side or not), the critical path
+    (the chain every other task waits on), or workers idle for dependencies."""
     if workers == 1:
         return "work / cores (1 core)"
-    if makespan <= BOUND_SLACK * bounds[name]:
-        if name == "critical path":
-            return f"critical path ({1e3 * bounds[name]:.1f} ms)"
-        if name == "memory bandwidth":
-            return f"memory bandwidth ({machine.bandwidth(workers) / 1e9:.0f} GB/s) shared by the running tasks"
-        return name
-    idle = 1.0 - bounds["work / cores"] / makespan
-    return (f"dependencies: workers {idle:.0%} idle (critical path {1e3 * bounds['critical path']:.1f} ms, "
-            f"work / cores {1e3 * bounds['work / cores']:.1f} ms)")
+    busy = sum(e - s for s, e in zip(schedule.start, schedule.end))
+    idle = 1.0 - busy / (workers * schedule.makespan) if schedule.makespan > 0 else 0.0
+    slower = busy / sum(work) - 1.0 if sum(work) > 0 else 0.0
+    slowed = f", tasks {slower:.0%} slower side by side (caches, memory)" if slower > 0.05 else ""
+    if idle < 1.0 - 1.0 / BOUND_SLACK:
+        return "work / cores" + slowed
+    if schedule.makespan <= BOUND_SLACK * path:
+        return f"critical path ({1e3 * path:.1f} ms)" + slowed
+    return f"dependencies: workers {idle:.0%} idle (critical path {1e3 * path:.1f} ms)" + slowed
 
 
 def _row(mode: str, cores: int, step_s: float, phases: dict, limit: str) -> dict:
@@ -291,3 +309,23 @@ def predict_cores(run_dir: str, cores: list[int], modes: tuple[str, ...] = MODES
     machine = this_machine(step.reference.meta, bandwidth_gbs)
     predict = {"forkjoin": predict_forkjoin, "tasks": predict_tasks}
     return [predict[mode](step, n, machine) for mode in modes for n in cores]
+
+
+def where_tasks_overtake(rows: list[dict]) -> str:
+    """One sentence: from how many cores on the task graph beats fork-join, and what bounds each there."""
+    forkjoin = {r["cores"]: r for r in rows if r["mode"] == "forkjoin"}
+    tasks = {r["cores"]: r for r in rows if r["mode"] == "tasks"}
+    common = sorted(set(forkjoin) & set(tasks))
+    if not common:
+        return ""
+    ahead = [n for n in common if tasks[n]["step_ms"] < forkjoin[n]["step_ms"]]
+    if not ahead:
+        n = common[-1]
+        return (f"fork-join is faster at every core count predicted ({common[0]}-{n}); at {n} cores fork-join: "
+                f"{forkjoin[n]['limit']}; tasks: {tasks[n]['limit']}")
+    n = ahead[0]
+    stays = all(m in ahead for m in common if m >= n)
+    where = f"from {n} cores" if n != common[0] else f"already at {n} core{'s' if n > 1 else ''}"
+    return (f"tasks overtake fork-join {where} ({tasks[n]['step_ms']:.1f} vs {forkjoin[n]['step_ms']:.1f} ms"
+            f"{', and stay ahead' if stays else ', not at every count after'}): fork-join: {forkjoin[n]['limit']}; "
+            f"tasks: {tasks[n]['limit']}")

@@ -305,6 +305,20 @@ class KernelTimer:
             self._ratios[key] = _ratio(run, run, threads, 1, self.ROUNDS)
         return self._ratios[key]
 
+    def side_by_side_over_alone(self, call: "StepCall", tasks, threads: int) -> float:
+        """A block's time while `threads` - 1 other blocks of its call run on the other cores, over its time
+        alone (shared caches and memory: two 1-thread GEMMs on two cores each run slower than one alone).
+        1 for a call of fewer blocks than threads (its blocks never run side by side)."""
+        key = ("side", call.kernel, call.flops, call.bytes, len(call.tasks), threads)
+        if threads < 2 or len(call.tasks) < threads:
+            return 1.0
+        if key not in self._ratios:
+            runs = [(tasks[i].fn, tasks[i].args) for i in call.tasks[:threads]]
+            self._ratios[key] = _side_by_side(runs, self.ROUNDS)
+        return self._ratios[key]
+
+    MIN_SIDE_BY_SIDE_S = 2e-4  # shorter blocks are timed by Python's overhead and its lock, not by the cores
+
 
 def _seconds(run, threads: int) -> float:
     with threadpool_limits(limits=threads, user_api="blas"):
@@ -324,6 +338,43 @@ def _ratio(a, b, threads_a: int, threads_b: int, rounds: int, budget_s: float = 
         ratios.append(ta / tb if tb > 0 else 1.0)
         spent += ta + tb
     return statistics.median(ratios)
+
+
+def _side_by_side(runs: list, rounds: int) -> float:
+    """The blocks' mean time per call while each runs on its own thread at once, over the first one's alone,
+    both timed as loops of the same length (BLAS on 1 thread, as task workers run it); median of rounds."""
+    fn, args = runs[0]
+    once = _seconds(lambda: fn(*args), 1)  # also the warm-up
+    if once < KernelTimer.MIN_SIDE_BY_SIDE_S:
+        return 1.0
+    reps, ratios = max(3, min(100, int(0.05 / once))), []
+    with threadpool_limits(limits=1, user_api="blas"):
+        for _ in range(rounds):
+            alone = _loop_times(runs[:1], reps)[0]
+            ratios.append(statistics.fmean(_loop_times(runs, reps)) / alone if alone > 0 else 1.0)
+    return min(2.0, max(1.0, statistics.median(ratios)))
+
+
+def _loop_times(runs: list, reps: int) -> list[float]:
+    """Each (fn, args) called `reps` times on a thread of its own, all started together: mean seconds per call."""
+    import threading
+
+    start, times = threading.Barrier(len(runs)), [0.0] * len(runs)
+
+    def repeat(index: int) -> None:
+        fn, args = runs[index]
+        start.wait()
+        begin = perf_counter()
+        for _ in range(reps):
+            fn(*args)
+        times[index] = (perf_counter() - begin) / reps
+
+    threads = [threading.Thread(target=repeat, args=(i,)) for i in range(len(runs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return times
 
 
 def estimate(flops: float, moved: float) -> float:
