@@ -7,7 +7,8 @@ import statistics
 import pytest
 from test_cli import llmpy, text_dataset  # noqa: F401  (fixture)
 
-from llmpy.predict.cores import Machine, forkjoin_call, list_schedule, predict_cores
+from llmpy.observe.trace import StepRecord, Trace
+from llmpy.predict.cores import Machine, forkjoin_call, list_schedule, predict_cores, where_tasks_overtake
 from llmpy.predict.measured_tasks import StepCall
 
 GB = 1e9
@@ -141,3 +142,28 @@ def test_a_folder_without_a_trace_is_refused_naming_the_file_and_its_command(tmp
         predict_cores(str(tmp_path), [2])
     with pytest.raises(ValueError, match="cores must be positive"):
         predict_cores(str(tmp_path), [0])
+
+
+def test_where_tasks_overtake_names_the_first_core_count_and_both_limits():
+    rows = [{"mode": "forkjoin", "cores": n, "step_ms": ms, "limit": f"fj{n}"} for n, ms in ((1, 10), (2, 6), (4, 4))]
+    rows += [{"mode": "tasks", "cores": n, "step_ms": ms, "limit": f"t{n}"} for n, ms in ((1, 12), (2, 7), (4, 3))]
+    sentence = where_tasks_overtake(rows)
+    assert sentence.startswith("tasks overtake fork-join from 4 cores (3.0 vs 4.0 ms")
+    assert "fork-join: fj4" in sentence and "tasks: t4" in sentence
+    behind = [r for r in rows if r["mode"] == "forkjoin"] + [dict(r, step_ms=99) for r in rows if r["mode"] == "tasks"]
+    assert where_tasks_overtake(behind).startswith("fork-join is faster at every core count")
+
+
+def write_trace(folder, **meta):
+    base = {"model": "d2", "B": 2, "T": 32, "mode": "tasks", "threads": 1, "warmup_steps": 0}
+    Trace([], [StepRecord(1, 0, 0.0, 1.0, 0.0, 64)], {**base, **meta}).save_events(str(folder / "trace"))
+
+
+def test_a_folder_of_runs_must_hold_one_configuration_on_one_core(tmp_path):
+    write_trace(tmp_path / "a", mode="forkjoin")
+    write_trace(tmp_path / "b", mode="forkjoin", B=4)
+    with pytest.raises(ValueError, match="differ in B"):
+        predict_cores(str(tmp_path), [1])
+    write_trace(tmp_path / "two", mode="forkjoin", threads=2)
+    with pytest.raises(ValueError, match="ran on 2 threads; predictions start from a 1-core run"):
+        predict_cores(str(tmp_path / "two"), [1])

@@ -444,7 +444,13 @@ def reference_runs(run_dir: str) -> tuple[MeasuredRun | None, MeasuredRun | None
                 raise ValueError(f"{run_dir}: its runs differ in {key} ({runs[0].meta.get(key)} and "
                                  f"{run.meta.get(key)}); keep runs of one configuration together")
     fewest = lambda kind: min(kind, key=lambda r: r.meta.get("threads", 1), default=None)  # noqa: E731
-    return fewest([r for r in runs if r.is_tasks]), fewest([r for r in runs if not r.is_tasks])
+    chosen = fewest([r for r in runs if r.is_tasks]), fewest([r for r in runs if not r.is_tasks])
+    for run in chosen:
+        # a run on more threads measured its calls already scaled, its tasks already slowed side by side
+        if run is not None and run.meta.get("threads", 1) != 1:
+            raise ValueError(f"{run_dir}: the {run.meta['mode']} run ran on {run.meta['threads']} threads; predictions "
+                             "start from a 1-core run: `llmpy train --threads 1 --metrics-dir DIR --trace DIR/trace`")
+    return chosen
 
 
 def _has_trace(folder: str) -> bool:
