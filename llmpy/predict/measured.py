@@ -13,6 +13,15 @@ from llmpy.core.config import PRESETS, GPT2Config
 GRADIENT_STARTS = ("MPI_Iallreduce", "MPI_Ireduce_scatter", "MPI_Ireduce")
 PARAMETER_STARTS = ("MPI_Iallgatherv", "MPI_Ibcast")
 NORM_KERNEL = "sum_of_squares"
+NORM_LABEL = "MPI_Allreduce (norm)"
+
+
+def gradient_label(kind: str) -> str:
+    return f"{kind} (gradients)"
+
+
+def parameter_label(kind: str) -> str:
+    return f"{kind} (parameters)"
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,7 @@ class MeasuredRun:
     kernels_ms: dict  # kernel or MPI call -> ms per step
     kernel_calls: dict  # kernel or MPI call -> calls per step
     per_rank: list = field(default_factory=list)
+    kernels_gbytes: dict = field(default_factory=dict)  # kernel -> GB/s by its cost model
     events_path: str | None = None
     warmup_steps: int = 1
 
@@ -82,6 +92,7 @@ def read_run(directory: str) -> MeasuredRun:
             kernels_ms={k["name"]: float(k["ms_per_step"]) for k in kernels},
             kernel_calls={k["name"]: float(k["calls_per_step"]) for k in kernels},
             per_rank=list(summary.get("per_rank", [])),
+            kernels_gbytes={k["name"]: float(k.get("gbytes", 0.0)) for k in kernels},
             events_path=_events(directory), warmup_steps=int(summary.get("warmup_steps", 1)))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not JSON ({error})") from None
@@ -155,3 +166,29 @@ def measured_waits(run: MeasuredRun, gradient_kind: str, parameter_kind: str | N
                                                         else gradient_kind)
             totals[key] += 1e3 * wall / len(by_step)
     return totals
+
+
+def measured_components(run: MeasuredRun, gradient_kind: str | None, parameter_kind: str | None) -> dict:
+    """Rank 0's ms per step by the step model's components: compute (forward and backward without the MPI calls
+    made in them), update (without the MPI calls), the waiting for each collective (with a trace; else None),
+    wait, communication (every MPI call), other (the rest of the step)."""
+    phases = run.phases_ms
+    other = phases["step"] - phases["forward"] - phases["backward"] - phases["update"]
+    if not run.is_distributed:
+        return {"compute": phases["forward"] + phases["backward"], "update": phases["update"], "wait": 0.0,
+                "communication": 0.0, "other": other}
+    row = rank_row(run) or {}
+    in_backward = run.mpi_ms(GRADIENT_STARTS + ("MPI_Testall",))
+    in_update = run.mpi_ms(("MPI_Waitall", "MPI_Allreduce") + PARAMETER_STARTS)
+    components = {"compute": phases["forward"] + phases["backward"] - in_backward,
+                  "update": phases["update"] - in_update}
+    waits = measured_waits(run, gradient_kind, parameter_kind) if gradient_kind else None
+    if gradient_kind:
+        components[gradient_label(gradient_kind)] = waits[gradient_kind] if waits else None
+    if parameter_kind:
+        components[parameter_label(parameter_kind)] = waits[parameter_kind] if waits else None
+    if run.clips and run.strategy in ("zero1", "owners"):
+        components[NORM_LABEL] = waits["MPI_Allreduce"] if waits else run.kernels_ms.get("MPI_Allreduce", 0.0)
+    components.update({"wait": row.get("wait_ms", run.mpi_ms(("MPI_Waitall", "MPI_Allreduce"))),
+                       "communication": row.get("communication_ms", in_backward + in_update), "other": other})
+    return components

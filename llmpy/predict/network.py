@@ -423,6 +423,13 @@ def collective_seconds(kind: str, nbytes: float, cluster: Cluster) -> float:
     return collective_cost(kind, nbytes, cluster).seconds
 
 
+def algorithm_seconds(kind: str, algorithm: str, nbytes: float, cluster: Cluster) -> float:
+    """`kind` by a named algorithm (ALGORITHMS[kind]), whatever MPICH would pick."""
+    if algorithm not in ALGORITHMS.get(kind, {}) and algorithm != "smp":
+        raise ValueError(f"no algorithm {algorithm!r} for {kind}")
+    return _cost(kind, algorithm, float(nbytes), cluster).seconds if cluster.ranks > 1 else 0.0
+
+
 def _rotated(loads: dict, root: int, cluster: Cluster) -> dict:
     """A root-0 schedule's loads moved to `root`'s host (ranks shift by whole hosts, so hosts stay hosts)."""
     k, hosts, p = cluster.ranks_per_node, cluster.nodes, cluster.ranks

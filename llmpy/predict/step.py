@@ -32,7 +32,8 @@ from dataclasses import dataclass, field, replace
 from llmpy.core.config import GPT2Config
 from llmpy.core.errors import OptionError
 from llmpy.execution.mpi.strategies import gradient_buckets, owner_blocks, split_evenly
-from llmpy.predict.measured import GRADIENT_STARTS, PARAMETER_STARTS, MeasuredRun
+from llmpy.predict.measured import (GRADIENT_STARTS, NORM_LABEL, PARAMETER_STARTS, MeasuredRun, gradient_label,
+                                    parameter_label)
 from llmpy.predict.network import Cluster, collective_seconds, concurrent_seconds
 
 STRATEGY_NAMES = ("allreduce", "zero1", "server", "owners")
@@ -273,8 +274,11 @@ def predict_step(profile: ComputeProfile, target: Target) -> StepPrediction:
         _wait_for_parameters(link, param_jobs[-1][0], state, waits, target, 1e-3 * profile.forward_ms * rate)
     wait_ms = sum(waits.values())
     update_ms = 1e3 * (state["t"] - update_start) - wait_ms - 1e3 * call * _calls_in_update(plan)
-    components = {"compute": profile.forward_ms + profile.backward_ms, "update": update_ms, **waits,
-                  "wait": wait_ms, "communication": wait_ms + 1e3 * call * state["calls"], "other": profile.other_ms}
+    labels = {plan.gradient_kind: gradient_label(plan.gradient_kind), "MPI_Allreduce": NORM_LABEL,
+              plan.parameter_kind: parameter_label(plan.parameter_kind or "")}
+    components = {"compute": profile.forward_ms + profile.backward_ms, "update": update_ms,
+                  **{labels[kind]: ms for kind, ms in waits.items()}, "wait": wait_ms,
+                  "communication": wait_ms + 1e3 * call * state["calls"], "other": profile.other_ms}
     step = 1e3 * state["t"] + profile.other_ms
     return StepPrediction(step, components, grad_hidden, param_hidden, link_ms)
 

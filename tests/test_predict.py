@@ -1,0 +1,277 @@
+"""`llmpy predict`: each collective's cost against closed forms computed by hand, the shared host link, owner
+traffic with several roots, the step model against a hand-computed step, self-prediction of a small real run,
+--validate's table, prediction.json, and bad options refused in one line."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmpy.commands.cli import main
+from llmpy.core.config import PRESETS
+from llmpy.execution.mpi.strategies import gradient_buckets
+from llmpy.execution.threads import available_cores
+from llmpy.io.formats import write_shard
+from llmpy.predict.network import (Cluster, Link, algorithm_seconds, collective_seconds, concurrent_seconds,
+                                   mpich_algorithm)
+from llmpy.predict.step import ComputeProfile, Target, backward_ready, predict_step
+
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+LINK = Link("test", 8.0, 40.0)  # 1 GB/s: beta = 1e-9 s per byte; alpha = 40 us
+ALPHA, BETA = 40e-6, 1e-9
+N = 4e6  # bytes
+FREE_SUMS = math.inf  # no reduction term (gamma = 0) unless a test asks for one
+
+
+def cluster(p, per_node=1, reduce=FREE_SUMS, intra=None):
+    extra = {"intra": intra} if intra else {}
+    return Cluster(p, LINK, per_node, reduce_gbytes_s=reduce, **extra)
+
+
+# ------------------------------------------------------------------ collectives, one rank per host
+@pytest.mark.parametrize("p", [2, 3, 4, 8, 9])
+def test_ring_allreduce(p):
+    expected = 2 * (p - 1) * (ALPHA + N / (p * (1 / BETA)))
+    assert algorithm_seconds("MPI_Iallreduce", "ring", N, cluster(p)) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("p, log", [(2, 1), (4, 2), (8, 3), (16, 4)])
+def test_power_of_two_halving_and_doubling(p, log):
+    c = cluster(p)
+    assert algorithm_seconds("MPI_Iallreduce", "rabenseifner", N, c) == pytest.approx(
+        2 * log * ALPHA + 2 * (p - 1) / p * N * BETA)
+    assert algorithm_seconds("MPI_Ireduce_scatter", "recursive_halving", N, c) == pytest.approx(
+        log * ALPHA + (p - 1) / p * N * BETA)
+    assert algorithm_seconds("MPI_Iallgatherv", "recursive_doubling", N, c) == pytest.approx(
+        log * ALPHA + (p - 1) / p * N * BETA)
+    assert algorithm_seconds("MPI_Ireduce", "reduce_scatter_gather", N, c) == pytest.approx(
+        2 * log * ALPHA + 2 * (p - 1) / p * N * BETA)
+    assert algorithm_seconds("MPI_Ibcast", "scatter_ring_allgather", N, c) == pytest.approx(
+        log * ALPHA + (p - 1) / p * N * BETA + (p - 1) * (ALPHA + N / p * BETA))
+
+
+def test_reduction_term():
+    gamma = 1 / 2e9  # 2 GB/s of data summed
+    c = cluster(4, reduce=2.0)
+    assert algorithm_seconds("MPI_Ireduce_scatter", "pairwise", N, c) == pytest.approx(
+        3 * (ALPHA + N / 4 * BETA + N / 4 * gamma))
+    assert algorithm_seconds("MPI_Ireduce", "binomial", N, c) == pytest.approx(2 * (ALPHA + N * BETA + N * gamma))
+
+
+@pytest.mark.parametrize("p, rounds", [(2, 1), (3, 2), (5, 3), (8, 3), (9, 4)])
+def test_binomial_broadcast_takes_ceil_log2_rounds_of_the_whole_buffer(p, rounds):
+    assert algorithm_seconds("MPI_Ibcast", "binomial", N, cluster(p)) == pytest.approx(rounds * (ALPHA + N * BETA))
+
+
+def test_non_power_of_two_folds_the_extra_ranks_in_with_the_whole_buffer():
+    # 3 ranks: rank 0 hands its buffer to rank 1 (N), ranks 1 and 2 halve and double (2 rounds of N/2), rank 1
+    # hands the result back (N)
+    assert algorithm_seconds("MPI_Iallreduce", "rabenseifner", N, cluster(3)) == pytest.approx(
+        4 * ALPHA + 3 * N * BETA)
+
+
+def test_mpich_picks_by_message_size_and_ranks():
+    assert mpich_algorithm("MPI_Iallreduce", 1024, 4) == "recursive_doubling"
+    assert mpich_algorithm("MPI_Iallreduce", 1 << 20, 4) == "rabenseifner"
+    assert mpich_algorithm("MPI_Ireduce_scatter", 100_000, 4) == "recursive_halving"
+    assert mpich_algorithm("MPI_Ireduce_scatter", 1 << 20, 4) == "pairwise"
+    assert mpich_algorithm("MPI_Iallgatherv", 1 << 20, 9) == "ring"
+    assert mpich_algorithm("MPI_Iallgatherv", 50_000, 9) == "bruck"
+    assert mpich_algorithm("MPI_Ireduce", 1 << 20, 2) == "reduce_scatter_gather"
+    assert mpich_algorithm("MPI_Ibcast", 1 << 20, 4) == "binomial"  # fewer than 8 ranks
+    assert mpich_algorithm("MPI_Ibcast", 1 << 20, 9) == "scatter_ring_allgather"
+
+
+def test_one_rank_moves_nothing():
+    for kind in ("MPI_Iallreduce", "MPI_Ireduce", "MPI_Ibcast"):
+        assert collective_seconds(kind, N, cluster(1)) == 0.0
+
+
+# ------------------------------------------------------------------ ranks sharing a host's link
+SHM = Link("shm-test", 80.0, 1.0)
+ALPHA_S, BETA_S = 1e-6, 1e-10
+
+
+def test_ranks_of_one_host_share_its_link():
+    # 4 ranks, 2 per host. Recursive doubling allgather: first round within the hosts (N/4 each through shared
+    # memory), second between them: both ranks of a host send N/2 over its one link at once
+    c = cluster(4, per_node=2, intra=SHM)
+    assert algorithm_seconds("MPI_Iallgatherv", "recursive_doubling", N, c) == pytest.approx(
+        ALPHA_S + N / 4 * BETA_S + ALPHA + 2 * (N / 2) * BETA)
+    # the ring crosses each host's link once per round (1->2, 3->0), while 0->1 and 2->3 stay inside
+    assert algorithm_seconds("MPI_Iallreduce", "ring", N, c) == pytest.approx(6 * (ALPHA + N / 4 * BETA))
+
+
+def test_rooted_collectives_go_through_each_host_first_with_several_ranks_per_host():
+    # MPICH's smp broadcast: between the hosts' first ranks (2 hosts: one message of N), then within each host
+    # (binomial over 2 ranks: one copy of N)
+    c = cluster(4, per_node=2, intra=SHM)
+    assert collective_seconds("MPI_Ibcast", N, c) == pytest.approx(ALPHA + N * BETA + ALPHA_S + N * BETA_S)
+
+
+# ------------------------------------------------------------------ several roots at once (owners)
+def test_owner_blocks_spread_over_roots_share_the_links_evenly():
+    c = cluster(2)
+    # binomial broadcast on 2 ranks: the root sends N. Roots 0 and 1: each host sends N and receives N, both
+    # directions at once: alpha + N beta. One root for both: its link sends 2N.
+    assert concurrent_seconds([("MPI_Ibcast", N, 0), ("MPI_Ibcast", N, 1)], c) == pytest.approx(ALPHA + N * BETA)
+    assert concurrent_seconds([("MPI_Ibcast", N, 0), ("MPI_Ibcast", N, 0)], c) == pytest.approx(ALPHA + 2 * N * BETA)
+    # MPICH's reduce on 2 ranks: exchange halves (N/2 each way), then the other rank sends its reduced half
+    # (N/2) to the root: the root receives N, sends N/2. Roots 0 and 1: each host 1.5 N each way.
+    assert concurrent_seconds([("MPI_Ireduce", N, 0), ("MPI_Ireduce", N, 1)], c) == pytest.approx(
+        2 * ALPHA + 1.5 * N * BETA)
+    assert concurrent_seconds([("MPI_Ireduce", N, 0), ("MPI_Ireduce", N, 0)], c) == pytest.approx(
+        2 * ALPHA + 2 * N * BETA)
+
+
+def test_link_and_cluster_options_are_checked():
+    with pytest.raises(ValueError, match="bandwidth"):
+        Link("x", 0.0, 1.0)
+    with pytest.raises(ValueError, match="latency"):
+        Link("x", 1.0, -1.0)
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        Cluster(4, LINK, 3)
+
+
+# ------------------------------------------------------------------ the step model, by hand
+D2 = PRESETS["d2"]
+
+
+def profile(backward_ms=80.0):
+    return ComputeProfile(D2, 4, 64, forward_ms=40.0, backward_ms=backward_ms, update_ms=10.0, other_ms=2.0,
+                          call_us=0.0)
+
+
+def test_without_overlap_every_bucket_waits_after_backward():
+    # allreduce on 2 ranks: MPICH's Rabenseifner per segment (2 rounds; recursive doubling, 1 round, up to
+    # 2 KiB): a bucket's segments together take their deepest latency (they overlap) + the bucket's bytes * beta
+    # (each host sends half of a segment twice, or all of a small one once)
+    buckets = gradient_buckets(D2)
+    communication = sum((2 if max(s.size for s in b.segments) * 4 > 2048 else 1) * ALPHA + 4 * b.size * BETA
+                        for b in buckets)
+    found = predict_step(profile(), Target("allreduce", cluster(2), overlap=0.0))
+    assert found.step_ms == pytest.approx(40 + 80 + 10 + 2 + 1e3 * communication)
+    assert found.grad_hidden == 0.0
+
+
+def test_with_full_overlap_only_the_last_two_buckets_are_left_after_backward():
+    # a backward so long that every bucket but the last two is done when it ends: block 0's gradients are final
+    # only after its backward, and the encoder's (wte, wpe) when backward ends. They still move while AdamW runs
+    # on the buckets before the encoder's (10 ms for all parameters, by size): the link is busy all along.
+    buckets = gradient_buckets(D2)
+    total = sum(b.size for b in buckets)
+    updates_before = 10.0 * sum(b.size for b in buckets[:-1]) / total
+    left = 1e3 * sum(2 * ALPHA + 4 * b.size * BETA for b in buckets[-2:]) - updates_before
+    found = predict_step(profile(backward_ms=1e6), Target("allreduce", cluster(2), overlap=1.0))
+    assert found.step_ms - (40 + 1e6 + 10 + 2) == pytest.approx(left)
+    assert found.grad_hidden == pytest.approx(1 - (buckets[-1].size + buckets[-2].size) / total)
+
+
+def test_zero1_updates_half_on_each_of_two_ranks():
+    found = predict_step(profile(), Target("zero1", cluster(2), overlap=0.0))
+    assert found.components["update"] == pytest.approx(10.0 / 2, rel=1e-3)
+    server = predict_step(profile(), Target("server", cluster(2), overlap=0.0))
+    assert server.components["update"] == pytest.approx(10.0)
+
+
+def test_buckets_become_ready_in_backward_order():
+    ready = backward_ready(D2)
+    assert len(ready) == D2.num_layers + 2 and ready[-1] == 1.0
+    assert all(a < b for a, b in zip(ready[:-1], ready[1:-1]))  # the encoder's backward adds no time to speak of
+
+
+# ------------------------------------------------------------------ real runs
+needs_mpi = pytest.mark.skipif(not MPIEXEC.exists() or available_cores() < 2,
+                               reason=f"needs {MPIEXEC} (pip install mpich) and 2 cores for 2 ranks")
+TRAIN = ["--model", "tiny", "-T", "16", "-B", "2", "--steps", "4", "--val-every", "0", "--sample-every", "0",
+         "--no-progress", "--output", "", "--train-data", "tiny_train.bin", "--no-shuffle"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 1-process run and a 2-rank zero1 run (with its trace in the same folder) of the tiny model."""
+    work = tmp_path_factory.mktemp("predict")
+    rng = np.random.default_rng(0)
+    write_shard(work / "tiny_train.bin", (np.arange(8000) % 97).astype(np.uint16))
+    train = [sys.executable, "-m", "llmpy", "train", *TRAIN]
+    subprocess.run([*train, "--mode", "sequential", "--metrics-dir", "one"], cwd=work, check=True,
+                   capture_output=True, timeout=120)
+    if MPIEXEC.exists() and available_cores() >= 2:
+        subprocess.run([str(MPIEXEC), "-n", "2", *train, "--mode", "mpi", "--threads", "1", "--strategy", "zero1",
+                        "--metrics-dir", "two", "--trace", "two"], cwd=work, check=True, capture_output=True,
+                       timeout=120)
+    del rng
+    return work
+
+
+def predict(args, capsys):
+    code = main(["predict", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_a_run_predicts_its_own_step(runs, capsys):
+    measured = json.loads((runs / "one" / "metrics.json").read_text())["summary"]["phases_ms"]["step"]
+    code, out, _ = predict([runs / "one", "--output", runs / "p" / "prediction.json"], capsys)
+    assert code == 0
+    document = json.loads((runs / "p" / "prediction.json").read_text())
+    assert document["step_ms"] == pytest.approx(measured, rel=0.2)
+    assert set(document) >= {"target", "step_ms", "measured_step_ms", "components"}
+    assert all(set(c) == {"name", "predicted_ms", "measured_ms"} for c in document["components"])
+
+
+@needs_mpi
+def test_validate_prints_every_component_against_the_measured_run(runs, capsys):
+    code, out, err = predict([runs / "one", "--link", "shm", "--validate", runs / "two", "--overlap", "measured",
+                              "--output", runs / "v" / "prediction.json"], capsys)
+    assert code == 0, err
+    lines = {line.split("  ")[0].strip(): line for line in out.splitlines()}
+    for name in ("compute", "update", "MPI_Ireduce_scatter (gradients)", "MPI_Iallgatherv (parameters)", "wait",
+                 "communication", "other", "step"):
+        assert name in lines, out
+        assert lines[name].rstrip().split()[-1].endswith("%") or "on the link" in lines[name], lines[name]
+    document = json.loads((runs / "v" / "prediction.json").read_text())
+    assert document["target"]["ranks"] == 2 and document["target"]["strategy"] == "zero1"
+    assert document["measured_step_ms"] == pytest.approx(
+        json.loads((runs / "two" / "metrics.json").read_text())["summary"]["phases_ms"]["step"])
+    by_name = {c["name"]: c for c in document["components"]}
+    assert by_name["MPI_Ireduce_scatter (gradients)"]["measured_ms"] is not None  # from the trace's waits
+
+
+def test_sweep_prints_the_best_strategy_per_host_count(runs, capsys):
+    code, out, _ = predict([runs / "one", "--model", "d12", "--sweep-nodes", "2,4", "--links", "1gbe,ib100",
+                            "--link", "1gbe"], capsys)
+    assert code == 0
+    rows = [line.split() for line in out.splitlines() if line.startswith(("1gbe ", "ib100 "))]
+    assert [(r[0], r[1]) for r in rows] == [("1gbe", "2"), ("1gbe", "4"), ("ib100", "2"), ("ib100", "4")]
+    assert all(r[-1] in ("allreduce", "zero1", "server", "owners") for r in rows)
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--link", "nope", "--ranks", "2"], "--link"),
+    (["--bandwidth", "0", "--ranks", "2"], "--bandwidth"),
+    (["--ranks", "4", "--ranks-per-node", "3", "--link", "1gbe"], "--ranks-per-node"),
+    (["--ranks", "2"], "--link"),
+    (["--overlap", "2"], "--overlap"),
+    (["--sweep-nodes", "2,x"], "--sweep-nodes"),
+    (["--strategy", "ring"], "--strategy"),
+    (["--model", "d99"], "--model"),
+])
+def test_bad_options_are_refused_in_one_line(runs, capsys, args, flag):
+    code, _, err = predict([runs / "one", *args], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"llmpy predict: error: {flag}"), err
+
+
+def test_a_folder_without_metrics_is_named(tmp_path, capsys):
+    code, _, err = predict([tmp_path], capsys)
+    assert code == 2 and str(tmp_path) in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "metrics.json").write_text("{")
+    code, _, err = predict([tmp_path], capsys)
+    assert code == 2 and "metrics.json" in err and len(err.strip().splitlines()) == 1
+    os.remove(tmp_path / "metrics.json")
