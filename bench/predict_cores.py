@@ -78,8 +78,9 @@ def run_all(args, work: Path) -> tuple[list[dict], list[int]]:
 def validation_table(measured, both, tasks_only) -> tuple[str, list[dict]]:
     key = lambda r: (r["mode"], r["cores"])  # noqa: E731
     both, tasks_only = {key(r): r for r in both}, {key(r): r for r in tasks_only}
-    lines = [f"{'mode':9s} {'cores':>5s} {'measured':>9s} {'predicted':>10s} {'error':>7s} "
-             f"{'tasks ref only':>15s} {'error':>7s}   phases measured / predicted (fwd, bwd, update ms)"]
+    header = (f"{'mode':9s} {'cores':>5s} {'measured':>9s} {'predicted':>10s} {'error':>7s} "
+              f"{'tasks ref only':>15s} {'error':>7s}   phases measured / predicted (fwd, bwd, update ms)")
+    lines = [header]
     records = []
     for m in measured:
         p, q = both[key(m)], tasks_only[key(m)]

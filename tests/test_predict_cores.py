@@ -76,7 +76,8 @@ def call(kernel, seconds, moved, args=()):
 
 def test_a_memory_bound_call_stops_scaling_at_the_memory_systems_bandwidth():
     machine = Machine(core_gbs=10.0, total_gbs=20.0, cores=64)
-    streaming = call("adamw_update", 1.0, 10 * GB, (_Sized(1 << 24),))  # 1 s at 1 core moving 10 GB: one core's bandwidth
+    # 1 s at 1 core moving 10 GB: all one core draws
+    streaming = call("adamw_update", 1.0, 10 * GB, (_Sized(1 << 24),))
     expected = {1: 1.0, 2: 0.5, 4: 0.5, 16: 0.5}  # 10 GB at min(n * 10, 20) GB/s
     for threads, seconds in expected.items():
         assert forkjoin_call(None, streaming, threads, machine)[0] == pytest.approx(seconds)

@@ -9,14 +9,14 @@ say): each execution model then takes its costs from the run of its own granular
 
 The two execution models run the same work at two granularities: fork-join one GEMM over all B*T rows, tasks
 one GEMM per block. A 64-row GEMM runs at a lower rate than a 256-row one, so a call's time is not the sum of
-its tasks' times. For the three GEMM kernels the conversion between the two is measured here: the real kernel
-timed at the call's shape and at each block's shape on this machine (`KernelTimer`); the other kernels are
-loops over rows whose time adds up over blocks.
+its tasks' times. For the GEMM and attention kernels the conversion between the two is measured here: the real
+call and the sequence of its blocks timed in turn on this machine (`KernelTimer`, on the throwaway model's
+buffers); the other kernels are loops over rows whose time adds up over blocks. The same timer measures a GEMM
+call's scaling over OpenBLAS threads and how much slower blocks run side by side on separate cores.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 from collections import defaultdict
@@ -30,7 +30,6 @@ from llmpy.observe.trace import EVENTS_FILE, Trace, is_communication
 GEMM_KERNELS = ("matmul_forward", "matmul_backward_input", "matmul_backward_weight")
 # kernels whose call and blocks run at different rates (timed, see KernelTimer)
 CONVERTED_KERNELS = GEMM_KERNELS + ("attention_forward", "attention_backward")
-CALL_MODES = ("sequential", "forkjoin")  # runs whose trace holds whole kernel calls (tasks runs hold tasks)
 
 
 @dataclass
@@ -85,8 +84,7 @@ def load_measured_run(run_dir: str) -> MeasuredRun:
     if run.is_tasks:
         _read_tasks(run, steps, by_step)
     else:
-        _read_calls(run, steps, by_step, os.path.dirname(os.path.dirname(path)) if path.endswith(
-            os.path.join("trace", EVENTS_FILE)) else os.path.dirname(path))
+        _read_calls(run, steps, by_step)
     return run
 
 
@@ -121,17 +119,13 @@ def _read_tasks(run: MeasuredRun, steps, by_step) -> None:
     if not durations:
         raise ValueError("a tasks run whose trace holds no task events; rerun it with --trace")
     run.task_s = {name: statistics.median(values) for name, values in durations.items()}
-    if gaps and run.meta.get("threads", 1) > 1:  # a gap on a worker of several may be a wait for a dependency
-        typical = statistics.median(gaps)
-        gaps = [g for g in gaps if g <= 4 * typical]
     run.task_gap_s = statistics.fmean(gaps) if gaps else 0.0
     run.lead_s, run.tail_s = max(0.0, statistics.median(leads)), max(0.0, statistics.median(tails))
 
 
-def _read_calls(run: MeasuredRun, steps, by_step, metrics_dir: str) -> None:
-    """Per (kernel, phase, layer, occurrence in the step) the median seconds of row 0 (the calling thread), scaled
-    per kernel to kernels.csv's wall time where the run had several threads (row 0 is the calling thread's CPU
-    time, which misses its waits at the barrier); Python's glue per call."""
+def _read_calls(run: MeasuredRun, steps, by_step) -> None:
+    """Per (kernel, phase, layer, occurrence in the step) the median seconds of row 0 (the calling thread, on 1
+    thread the whole call); Python's glue per call: what the step holds beyond its calls."""
     durations = defaultdict(list)
     calls_per_step = []
     for step in steps:
@@ -143,26 +137,8 @@ def _read_calls(run: MeasuredRun, steps, by_step, metrics_dir: str) -> None:
             seen[key] += 1
         calls_per_step.append(len(events))
     run.call_s = {key: statistics.median(values) for key, values in durations.items()}
-    if run.meta.get("threads", 1) > 1:
-        _scale_to_wall(run.call_s, os.path.join(metrics_dir, "kernels.csv"))
     calls = max(1, statistics.median(calls_per_step))
     run.call_glue_s = max(0.0, (run.step_s - sum(run.call_s.values())) / calls)
-
-
-def _scale_to_wall(call_s: dict[tuple, float], kernels_csv: str) -> None:
-    import csv
-
-    try:
-        with open(kernels_csv) as f:
-            wall = {row["name"]: float(row["ms_per_step"]) / 1e3 for row in csv.DictReader(f)}
-    except (OSError, KeyError, ValueError):
-        return  # no per-kernel wall times: keep the calling thread's
-    per_kernel = defaultdict(float)
-    for key, seconds in call_s.items():
-        per_kernel[key[0]] += seconds
-    for key in call_s:
-        if per_kernel[key[0]] > 0 and key[0] in wall:
-            call_s[key] *= wall[key[0]] / per_kernel[key[0]]
 
 
 # ------------------------------------------------------------------ the step's structure
@@ -237,8 +213,9 @@ def _gemm_split(task_names) -> str:
 
 
 def build_step(run: MeasuredRun, other: MeasuredRun | None = None):
-    """(graph, calls) of the run's configuration (`run` a tasks run when there is one): build_step_graph's graph (buffers lazily zero, so cheap) and
-    the model's list of calls in order, each with the consecutive graph tasks cut from it."""
+    """(graph, calls) of the runs' configuration (`run` the tasks run when there is one): build_step_graph's graph
+    (the model's buffers stay lazily zero, so this is cheap) and the model's list of calls in order, each with the
+    consecutive graph tasks cut from it."""
     from llmpy.core.model import GPT2
     from llmpy.core.optim import AdamW, AdamWConfig
     from llmpy.core.step import kernel_calls
@@ -252,7 +229,8 @@ def build_step(run: MeasuredRun, other: MeasuredRun | None = None):
         k[0] == "sum_of_squares" for r in (run, other) if r for k in r.call_s)
     optimizer = AdamW(model.params, AdamWConfig(grad_clip=1.0 if clips else 0.0))
     block = meta.get("block_tokens") if run.is_tasks else None
-    options = TaskOptions(block_tokens=block if block and T % block == 0 else None, gemm_split=_gemm_split(run.task_s))
+    options = TaskOptions(block_tokens=block if block and T % block == 0 else None,
+                          gemm_split=_gemm_split(run.task_s))
     graph = build_step_graph(model, optimizer, options=options).graph
     norm = [optimizer.grad_norm_call(model.grads.flat)] if clips else []
     calls = kernel_calls(model.forward_calls(B, T) + model.backward_calls(B, T, False) + norm
@@ -262,6 +240,8 @@ def build_step(run: MeasuredRun, other: MeasuredRun | None = None):
 
 def _calls_with_tasks(graph, calls) -> list[StepCall]:
     """Each call with its tasks: the builder adds a call's tasks one after the other, in call order."""
+    from llmpy.kernels.costs import kernel_cost
+
     out, i, tasks = [], 0, graph.tasks
     for call in calls:
         j = i
@@ -269,8 +249,7 @@ def _calls_with_tasks(graph, calls) -> list[StepCall]:
             j += 1
         if j == i:
             raise ValueError(f"the task graph has no task for the call {call.name} of layer {call.layer}")
-        flops = sum(tasks[k].flops for k in range(i, j))
-        moved = sum(tasks[k].bytes for k in range(i, j))
+        flops, moved = kernel_cost(call.kernel, call.args)  # the whole call's: its blocks re-read shared inputs
         out.append(StepCall(call.kernel, call.name, call.phase, call.layer, call.fn, call.args, list(range(i, j)),
                             flops, moved))
         i = j
