@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from llmpy.execution.threads import available_cores
-from llmpy.predict.cores import predict_cores, where_tasks_overtake
+from llmpy.predict.cores import MODES, predict_step, this_machine, where_tasks_overtake
+from llmpy.predict.measured_tasks import KernelTimer, measured_step
 
 
 def parse_args(argv=None):
@@ -113,11 +114,14 @@ def main(argv=None) -> int:
         measured, checked = run_all(args, work)
         reference = str(work / "reference")
         started = time.perf_counter()
-        both = predict_cores(reference, checked, bandwidth_gbs=args.bandwidth_gbs)
-        tasks_only = predict_cores(os.path.join(reference, "tasks"), checked, bandwidth_gbs=args.bandwidth_gbs)
-        what_if = predict_cores(reference, sorted(set(checked + extra)), bandwidth_gbs=args.bandwidth_gbs)
+        timer = KernelTimer()  # one set of timings for both: the tasks rows differ only by the references
+        both = measured_step(reference, timer)
+        tasks_only = measured_step(os.path.join(reference, "tasks"), timer)
+        machine = this_machine(both.reference.meta, args.bandwidth_gbs)
+        what_if = predict_step(both, sorted(set(checked + extra)), MODES, machine)
+        tasks_only_rows = predict_step(tasks_only, checked, MODES, machine)
         print(f"\npredicted in {time.perf_counter() - started:.1f} s")
-    table, records = validation_table(measured, both, tasks_only)
+    table, records = validation_table(measured, what_if, tasks_only_rows)
     print("\npredicted from the 1-core references against measured runs (median ms per step):\n" + table)
     print("\nwhat the references predict for more cores:\n" + what_if_table(what_if))
     print("\n" + where_tasks_overtake(what_if))

@@ -306,7 +306,11 @@ def predict_cores(run_dir: str, cores: list[int], modes: tuple[str, ...] = MODES
     if bandwidth_gbs is not None and not bandwidth_gbs > 0:
         raise ValueError(f"bandwidth_gbs must be positive, got {bandwidth_gbs}")
     step = measured_step(run_dir)
-    machine = this_machine(step.reference.meta, bandwidth_gbs)
+    return predict_step(step, cores, modes, this_machine(step.reference.meta, bandwidth_gbs))
+
+
+def predict_step(step: MeasuredStep, cores: list[int], modes: tuple[str, ...], machine: Machine) -> list[dict]:
+    """predict_cores for a measured step already read (its timings are kept: one step, one set of numbers)."""
     predict = {"forkjoin": predict_forkjoin, "tasks": predict_tasks}
     return [predict[mode](step, n, machine) for mode in modes for n in cores]
 

@@ -84,7 +84,7 @@ def load_measured_run(run_dir: str) -> MeasuredRun:
     if run.is_tasks:
         _read_tasks(run, steps, by_step)
     else:
-        _read_calls(run, steps, by_step)
+        _read_calls(run, steps, by_step, os.path.dirname(os.path.dirname(path)))
     return run
 
 
@@ -123,10 +123,12 @@ def _read_tasks(run: MeasuredRun, steps, by_step) -> None:
     run.lead_s, run.tail_s = max(0.0, statistics.median(leads)), max(0.0, statistics.median(tails))
 
 
-def _read_calls(run: MeasuredRun, steps, by_step) -> None:
-    """Per (kernel, phase, layer, occurrence in the step) the median seconds of row 0 (the calling thread, on 1
-    thread the whole call); Python's glue per call: what the step holds beyond its calls."""
-    durations = defaultdict(list)
+def _read_calls(run: MeasuredRun, steps, by_step, metrics_dir: str) -> None:
+    """Per (kernel, phase, layer, occurrence in the step) the median seconds of row 0, the calling thread; Python's
+    glue per call: what the step holds beyond its calls. Row 0 holds the thread's CPU time in the call, so where
+    kernels.csv (the wall time per kernel, the metrics folder beside the trace) is there, each kernel's calls are
+    scaled by its wall over CPU time: time the thread lost to other processes stays with the kernel, not glue."""
+    durations, cpu = defaultdict(list), defaultdict(float)
     calls_per_step = []
     for step in steps:
         events = sorted((e for e in by_step[step.step] if e.thread == 0 and not e.task), key=lambda e: e.start)
@@ -135,10 +137,24 @@ def _read_calls(run: MeasuredRun, steps, by_step) -> None:
             key = (event.name, event.phase, event.layer)
             durations[key + (seen[key],)].append(event.duration)
             seen[key] += 1
+            cpu[event.name] += event.duration / len(steps)
         calls_per_step.append(len(events))
-    run.call_s = {key: statistics.median(values) for key, values in durations.items()}
+    wall = _wall_ms_per_step(os.path.join(metrics_dir, "kernels.csv"))
+    run.call_s = {key: statistics.median(values) * (wall[key[0]] / 1e3 / cpu[key[0]] if cpu[key[0]] > 0 and
+                                                     key[0] in wall else 1.0) for key, values in durations.items()}
     calls = max(1, statistics.median(calls_per_step))
     run.call_glue_s = max(0.0, (run.step_s - sum(run.call_s.values())) / calls)
+
+
+def _wall_ms_per_step(kernels_csv: str) -> dict[str, float]:
+    """kernels.csv's wall ms per step of each kernel ({} without the file)."""
+    import csv
+
+    try:
+        with open(kernels_csv) as f:
+            return {row["name"]: float(row["ms_per_step"]) for row in csv.DictReader(f)}
+    except (OSError, KeyError, ValueError):
+        return {}
 
 
 # ------------------------------------------------------------------ the step's structure
