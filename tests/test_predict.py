@@ -129,6 +129,15 @@ def test_owner_blocks_spread_over_roots_share_the_links_evenly():
         2 * ALPHA + 2 * N * BETA)
 
 
+def test_several_collectives_in_flight_can_be_capped_to_what_polling_gets():
+    # two broadcasts of N from rank 0: 2N on its link; with a 1 Gbit/s cap for collectives in flight together,
+    # all but the largest (half the bytes) move at 8e-9 s per byte, the largest at the link's 1e-9
+    capped = Cluster(2, LINK, reduce_gbytes_s=FREE_SUMS, concurrent_gbit=1.0)
+    items = [("MPI_Ibcast", N, 0), ("MPI_Ibcast", N, 0)]
+    assert concurrent_seconds(items, capped) == pytest.approx(ALPHA + 2 * N * (0.5 * 8e-9 + 0.5 * 1e-9))
+    assert concurrent_seconds(items[:1], capped) == pytest.approx(ALPHA + N * BETA)  # one alone: the link's rate
+
+
 def test_link_and_cluster_options_are_checked():
     with pytest.raises(ValueError, match="bandwidth"):
         Link("x", 0.0, 1.0)

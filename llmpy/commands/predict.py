@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     network.add_argument("--link", help=f"a named link: {', '.join(LINK_PRESETS)}")
     network.add_argument("--bandwidth", type=float, help="link bandwidth per direction, Gbit/s (instead of --link)")
     network.add_argument("--latency", type=float, help="MPI latency per message, us (with --bandwidth; default 20)")
+    network.add_argument("--concurrent-gbit", type=float,
+                         help="Gbit/s that several collectives in flight at once get while a rank polls for them "
+                              "(MPI progressing only inside MPI calls; default: no cap)")
     network.add_argument("--algorithms", default="mpich", choices=ALGORITHM_CHOICES,
                          help="collective algorithms: the ones MPICH picks (default) or the cheapest")
     network.add_argument("--reduce-gbs", type=float,
@@ -176,7 +179,7 @@ def _cluster(args, target: dict, measured: MeasuredRun) -> Cluster:
             raise ValueError(f"--link or --bandwidth: needed to predict {target['ranks']} ranks")
         link = LINK_PRESETS["shm"]
     return Cluster(target["ranks"], link, args.ranks_per_node, reduce_gbytes_s=_reduce_rate(args, measured),
-                   algorithms=args.algorithms)
+                   algorithms=args.algorithms, concurrent_gbit=args.concurrent_gbit)
 
 
 def _overlap(args, profile: ComputeProfile, target: dict, cluster: Cluster, source: MeasuredRun) -> float:
@@ -198,8 +201,10 @@ def _overlap(args, profile: ComputeProfile, target: dict, cluster: Cluster, sour
 def _describe(target: dict, cluster: Cluster, overlap: float, measured: MeasuredRun) -> str:
     per_node = f", {cluster.ranks_per_node} per host" if cluster.ranks_per_node > 1 else ""
     link = cluster.link
-    network = (f"link {link.name} ({link.bandwidth_gbit:g} Gbit/s, {link.latency_us:g} us), {cluster.algorithms} "
-               f"algorithms, overlap {overlap:.2f}" if cluster.ranks > 1 else "one rank, no communication")
+    capped = f", {cluster.concurrent_gbit:g} Gbit/s for several in flight" if cluster.concurrent_gbit else ""
+    network = (f"link {link.name} ({link.bandwidth_gbit:.3g} Gbit/s, {link.latency_us:.3g} us{capped}), "
+               f"{cluster.algorithms} algorithms, overlap {overlap:.2f}" if cluster.ranks > 1 else
+               "one rank, no communication")
     phases = measured.phases_ms
     return (f"predicted: {target['model']}, B={target['B']}, T={target['T']} per rank, {cluster.ranks} "
             f"rank{'s' if cluster.ranks > 1 else ''}{per_node} x {target['threads']} thread"
@@ -246,7 +251,8 @@ def prediction_document(target: dict, cluster: Cluster, overlap: float, predicti
     measured_ms}], ...details}."""
     return {
         "target": {**target, "ranks_per_node": cluster.ranks_per_node, "link": asdict(cluster.link),
-                   "algorithms": cluster.algorithms, "overlap": overlap, "reduce_gbytes_s": cluster.reduce_gbytes_s},
+                   "algorithms": cluster.algorithms, "overlap": overlap, "reduce_gbytes_s": cluster.reduce_gbytes_s,
+                   "concurrent_gbit": cluster.concurrent_gbit},
         "step_ms": prediction.step_ms,
         "measured_step_ms": measured_step,
         "components": [{"name": name, "predicted_ms": value,

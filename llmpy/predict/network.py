@@ -33,9 +33,10 @@ first (MPICH's smp algorithms: within each host, then between one leader per hos
 cheapest applicable algorithm instead (what a tuned MPI could reach). Non-powers of two fold the extra ranks in
 with one step of the whole buffer before and after, as MPICH does.
 
-Several rooted collectives in flight at once with different roots (the `owners` strategy: a reduce and a
-broadcast per parameter block, owners round robin) share the links: `concurrent_rooted` bounds their time by the
-busiest link's bytes (every block's messages summed per host) plus the deepest schedule's latencies.
+Collectives in flight at once (a bucket's segments; the `owners` strategy's reduce and broadcast per parameter
+block, with owners round robin, so several roots) share the links: `concurrent_seconds` bounds their time by the
+busiest link's bytes (every collective's messages summed per host) plus the deepest schedule's latencies, and
+can cap what several in flight get (`Cluster.concurrent_gbit`, see there).
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ class Cluster:
     intra: Link = field(default_factory=lambda: LINK_PRESETS["shm"])
     reduce_gbytes_s: float = 4.0
     algorithms: str = "mpich"
+    concurrent_gbit: float | None = None  # what several collectives in flight at once get (see concurrent_seconds)
 
     def __post_init__(self) -> None:
         if not isinstance(self.ranks, int) or self.ranks < 1:
@@ -123,6 +125,8 @@ class Cluster:
             raise OptionError("reduce_gbytes_s", self.reduce_gbytes_s, "must be a positive rate in GB/s")
         if self.algorithms not in ALGORITHM_CHOICES:
             raise OptionError("algorithms", self.algorithms, f"is not one of {', '.join(ALGORITHM_CHOICES)}")
+        if self.concurrent_gbit is not None and not (math.isfinite(self.concurrent_gbit) and self.concurrent_gbit > 0):
+            raise OptionError("concurrent_gbit", self.concurrent_gbit, "must be a positive number of Gbit/s")
 
     @property
     def nodes(self) -> int:
@@ -133,7 +137,7 @@ class Cluster:
         return 0.0 if math.isinf(self.reduce_gbytes_s) else 1.0 / (1e9 * self.reduce_gbytes_s)
 
     def subgroup(self, ranks: int, per_node: int, link: Link) -> "Cluster":
-        return Cluster(ranks, link, per_node, self.intra, self.reduce_gbytes_s, self.algorithms)
+        return Cluster(ranks, link, per_node, self.intra, self.reduce_gbytes_s, self.algorithms, self.concurrent_gbit)
 
 
 # ---------------------------------------------------------------------------------------------- schedules
@@ -448,7 +452,13 @@ def _rotated(loads: dict, root: int, cluster: Cluster) -> dict:
 def concurrent_seconds(items: list[tuple[str, float, int]], cluster: Cluster) -> float:
     """Collectives started together and in flight at once, (kind, bytes, root) each (root ignored where there is
     none): their bytes share the links, their latencies overlap. Bounded below by the slowest one alone and by
-    the busiest link's (or rank's copy's, or sum's) bytes plus the deepest schedule's latencies."""
+    the busiest link's (or rank's copy's, or sum's) bytes plus the deepest schedule's latencies.
+
+    With `cluster.concurrent_gbit`, the bytes of all but the largest collective move at that rate: MPI moves
+    data only inside MPI calls, and several collectives waited for by polling MPI_Testall with sleeps (llmpy's
+    waits) get a rate of their own, whatever the link (measured here: 12 MiB as one Iallreduce between two
+    namespace hosts in 21 ms, as 4 to 128 of them in 240-340 ms, on an unshaped or a 1 Gbit/s link alike);
+    the largest one, left alone at the end, streams at the link's rate."""
     if cluster.ranks == 1:
         return 0.0
     loads: dict = {}
@@ -460,7 +470,11 @@ def concurrent_seconds(items: list[tuple[str, float, int]], cluster: Cluster) ->
             loads[key] = loads.get(key, 0.0) + value
     busiest = {kind: max((v for key, v in loads.items() if key[0] == kind), default=0.0)
                for kind in ("link", "shm", "sum")}
-    transfer = max(busiest["link"] * cluster.link.seconds_per_byte, busiest["shm"] * cluster.intra.seconds_per_byte)
+    per_byte = cluster.link.seconds_per_byte
+    if cluster.concurrent_gbit is not None and len(items) > 1:
+        shared = 1.0 - max(n for _, n, _ in items) / sum(n for _, n, _ in items)
+        per_byte = shared * max(per_byte, 1.0 / (cluster.concurrent_gbit * BYTES_PER_GBIT)) + (1 - shared) * per_byte
+    transfer = max(busiest["link"] * per_byte, busiest["shm"] * cluster.intra.seconds_per_byte)
     return max(alone, latency + transfer + busiest["sum"] * cluster.gamma)
 
 

@@ -1,0 +1,249 @@
+"""`llmpy predict` against measured runs: every strategy x {unshaped, 2 Gbit/s, 1 Gbit/s} at 2 ranks on 2
+network-namespace hosts (bench/multihost.py's hosts and links; root only), predicted from a 1-rank run.
+
+    sudo .venv/bin/python bench/predict_validation.py --model d12 -T 64 -B 4 --steps 3 --json validation.json
+
+What it does, in order:
+1. a 1-rank reference run (`--mode sequential`, 1 thread, the same model and batch per rank) on each host at
+   once (the hosts share this machine's cores): the compute the predictions start from;
+2. each link, unshaped and shaped by tc tbf, calibrated once with MPI itself, independently of the training
+   runs: alpha from an 8-byte exchange, bandwidth from the slope over 1-16 MiB of (exchange: the network) blocking Sendrecv
+   exchanges (both directions at once, as a collective's round sends) and of (polled, the default for the
+   predictions) 8 Iallreduces in flight waited for as llmpy's strategies wait (MPI_Testall with sleeps);
+3. every strategy over every link, measured as bench/multihost.py measures it (one rank per host, 1 thread, TCP
+   forced), with the trace written beside metrics.json so the waits split by collective;
+4. `llmpy predict REFERENCE --bandwidth FIT --latency FIT --validate RUN --overlap measured` for each (overlap
+   calibrated to the run's hidden gradient bytes: ~0 here, MPICH over TCP moves data only inside MPI calls).
+Prints predicted vs measured step time (target: within 15%) and each communication component (the waits for
+each collective, all waiting, all MPI time: within 25%), and writes everything as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import multihost  # noqa: E402  (bench/multihost.py: the namespace hosts and the link rates)
+
+netns_hosts = multihost.netns_hosts
+STEP_TARGET, COMMUNICATION_TARGET = 0.15, 0.25
+EXCHANGE_SIZES = (8, 1 << 20, 4 << 20, 16 << 20)
+CONCURRENT = 8  # collectives in flight at once in the polled calibration (a d12 bucket starts 12)
+COMMUNICATION = ("(gradients)", "(parameters)", "(norm)", "wait", "communication")
+
+
+def exchange_worker() -> None:
+    """Run by mpiexec on the two hosts; rank 0 prints, per size, the median seconds of (1) a blocking Sendrecv
+    exchange, what the network does, and (2) CONCURRENT Iallreduces of a 1/CONCURRENT share each waited for as
+    llmpy's strategies wait (llmpy.execution.mpi.watchdog: MPI_Testall with sleeps of up to 1 ms), what llmpy
+    gets of it: MPI moves data only inside MPI calls, so several collectives in flight between sleeps move at a
+    rate of their own, whatever the link."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from llmpy.execution.mpi.watchdog import Watchdog
+
+    comm = MPI.COMM_WORLD
+    rank, peer = comm.Get_rank(), 1 - comm.Get_rank()
+    watchdog = Watchdog(rank, [0, 0], ["", ""], 600.0)
+    found: dict = {"exchange": {}, "polled": {}}
+    for nbytes in EXCHANGE_SIZES:
+        send = np.ones(max(1, nbytes // 4), np.float32)
+        received = np.empty_like(send)
+        pieces = np.array_split(received, CONCURRENT)
+        found["exchange"][nbytes] = _median_seconds(comm, lambda: comm.Sendrecv(send, peer, 0, received, peer, 0))
+        found["polled"][nbytes] = _median_seconds(comm, lambda: watchdog.wait_all(
+            MPI, [comm.Iallreduce(MPI.IN_PLACE, p, MPI.SUM) for p in pieces], "calibration"))
+    if rank == 0:
+        print(json.dumps(found))
+
+
+def _median_seconds(comm, fn, repeats: int = 7) -> float:
+    times = []
+    for _ in range(repeats):
+        comm.Barrier()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def calibrate(hosts, rate: str, timeout: float) -> dict:
+    """The link shaped to `rate`, from MPI between the hosts: alpha (us) from the 8-byte exchange, bandwidth
+    (Gbit/s) from the slope over 1-16 MiB of the blocking exchange (`exchange`: the network) and of the polled
+    collectives (`polled`: an allreduce of n bytes sends n per host on 2 ranks, as an exchange does)."""
+    hosts.shape(multihost.RATES[rate])
+    try:
+        result, _ = hosts.mpiexec(1, [sys.executable, __file__, "--exchange-worker"], timeout)
+    finally:
+        hosts.shape(None)
+    if result.returncode != 0:
+        raise RuntimeError(f"link calibration over {rate} failed:\n{result.stderr[-2000:]}")
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    large = [n for n in EXCHANGE_SIZES if n >= 1 << 20]
+    fits = {}
+    for name, times in found.items():
+        times = {int(k): v for k, v in times.items()}
+        slope = statistics.linear_regression(large, [times[n] for n in large]).slope
+        fits[name] = {"latency_us": 1e6 * times[8], "bandwidth_gbit": 8 / max(slope, 1e-15) / 1e9}
+    return fits
+
+
+def train_command(args, out: Path, extra: list) -> list:
+    return [sys.executable, "-m", "llmpy", "train", "--model", args.model, "-T", args.seq_len, "-B",
+            args.batch_size, "--steps", args.steps + 1, "--val-every", "0", "--sample-every", "0", "--no-progress",
+            "--output", "", "--metrics-dir", out, "--threads", "1",
+            *(["--train-data", args.train_data] if args.train_data else ["--data-dir", args.data_dir]), *extra]
+
+
+def reference_run(hosts, args, work: Path) -> Path:
+    """The 1-rank reference, run on both hosts at once: the namespace hosts share this machine's cores and
+    memory, so a rank computes as fast as in the 2-rank runs only while the other host computes too."""
+    runs = []
+    for index in range(2):
+        command = train_command(args, work / f"reference{index}", ["--mode", "sequential"])
+        full = ["ip", "netns", "exec", hosts.hosts[index].namespace, *map(str, command)]
+        runs.append(subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for run in runs:
+        _, stderr = run.communicate(timeout=args.timeout)
+        if run.returncode != 0:
+            raise RuntimeError(f"the reference run failed (exit {run.returncode}):\n{stderr[-2000:]}")
+    return work / "reference0"
+
+
+def measured_run(hosts, strategy: str, rate: str, args, work: Path) -> Path:
+    out = work / f"{strategy}-{rate}"
+    command = train_command(args, out, ["--mode", "mpi", "--strategy", strategy, "--rank-mode", args.rank_mode,
+                                        "--trace", out])
+    hosts.shape(multihost.RATES[rate])
+    try:
+        result, _ = hosts.mpiexec(1, command, args.timeout)
+    finally:
+        hosts.shape(None)
+    if result.returncode != 0:
+        raise RuntimeError(f"{strategy} over {rate} failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
+    return out
+
+
+def predict(reference: Path, run: Path, fits: dict) -> dict:
+    """`llmpy predict` of `run`'s configuration from `reference` on the calibrated link (the network's alpha and
+    bandwidth; the polled rate for several collectives in flight), validated against `run`."""
+    from llmpy.commands import cli, predict as command
+
+    network, polled = fits["exchange"], fits["polled"]
+    argv = ["predict", str(reference), "--bandwidth", f"{network['bandwidth_gbit']:.6g}", "--latency",
+            f"{network['latency_us']:.6g}", "--concurrent-gbit", f"{polled['bandwidth_gbit']:.6g}", "--validate",
+            str(run), "--overlap", "measured", "--output", str(run / "prediction.json")]
+    text = io.StringIO()
+    document = command.run(cli.build_parser().parse_args(argv), out=text)
+    document["printed"] = text.getvalue()
+    return document
+
+
+def error(predicted: float, measured: float | None) -> float | None:
+    return None if not measured else (predicted - measured) / measured
+
+
+def checked(document: dict) -> dict:
+    """The step and each communication component with its error and whether it is within the target."""
+    rows = [{"name": "step", "predicted_ms": document["step_ms"], "measured_ms": document["measured_step_ms"],
+             "target": STEP_TARGET}]
+    for component in document["components"]:
+        if any(component["name"].endswith(word) for word in COMMUNICATION):
+            rows.append(dict(component, target=COMMUNICATION_TARGET))
+    for row in rows:
+        row["error"] = error(row["predicted_ms"], row["measured_ms"])
+        row["within"] = row["error"] is not None and abs(row["error"]) <= row["target"]
+    return {"rows": rows, "overlap": document["target"]["overlap"]}
+
+
+def format_results(results: list[dict]) -> str:
+    lines = ["link fits: Gbit/s of the network (Sendrecv exchanges) / of several collectives in flight, polled; "
+             "alpha of the network",
+             f"{'strategy':10s} {'link':9s} {'Gbit/s':>11s} {'alpha us':>8s} {'component':32s} {'predicted':>10s} "
+             f"{'measured':>10s} {'error':>8s}  target"]
+    for r in results:
+        for i, row in enumerate(r["check"]["rows"]):
+            fits = r["fits"]
+            rates = f"{fits['exchange']['bandwidth_gbit']:.2f}/{fits['polled']['bandwidth_gbit']:.2f}"
+            head = (f"{r['strategy']:10s} {r['link']:9s} {rates:>11s} {fits['exchange']['latency_us']:8.0f}"
+                    if i == 0 else " " * 41)
+            measured = f"{row['measured_ms']:10.1f}" if row["measured_ms"] is not None else f"{'-':>10s}"
+            err = f"{100 * row['error']:+7.1f}%" if row["error"] is not None else f"{'-':>8s}"
+            mark = ("ok" if row["within"] else "MISSED") + f" ({100 * row['target']:.0f}%)"
+            lines.append(f"{head} {row['name']:32s} {row['predicted_ms']:10.1f} {measured} {err}  {mark}")
+    steps = [row for r in results for row in r["check"]["rows"] if row["name"] == "step"]
+    parts = [row for r in results for row in r["check"]["rows"] if row["name"] != "step"]
+    lines.append(f"step within {100 * STEP_TARGET:.0f}%: {sum(r['within'] for r in steps)} of {len(steps)}; "
+                 f"communication components within {100 * COMMUNICATION_TARGET:.0f}%: "
+                 f"{sum(r['within'] for r in parts)} of {len(parts)}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    if argv is None and sys.argv[1:] == ["--exchange-worker"]:
+        return exchange_worker()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="d12")
+    parser.add_argument("-T", "--seq-len", type=int, default=64)
+    parser.add_argument("-B", "--batch-size", type=int, default=4, help="sequences per rank (default 4)")
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per run (plus one warm-up)")
+    parser.add_argument("--strategies", default="allreduce,zero1,server,owners")
+    parser.add_argument("--rates", default=",".join(multihost.RATES), help="unshaped,2gbit,1gbit")
+    parser.add_argument("--rank-mode", default="sequential", choices=("sequential", "tasks"))
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--train-data", help="glob of training shards (overrides --data-dir)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per run before it is killed")
+    parser.add_argument("--keep", help="keep the runs in this folder (default: a temporary one)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    reason = netns_hosts.skip_reason()
+    if reason:
+        parser.exit(2, f"bench/predict_validation.py: {reason}\n")
+    rates = args.rates.split(",")
+    for rate in rates:
+        if rate not in multihost.RATES:
+            parser.error(f"--rates: {rate!r} is not one of {', '.join(multihost.RATES)}")
+    with tempfile.TemporaryDirectory(prefix="llmpy-predict-") as scratch:
+        work = Path(args.keep or scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        results = measure_and_predict(args, work, rates)
+    print(format_results(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def measure_and_predict(args, work: Path, rates: list[str]) -> list[dict]:
+    results = []
+    with netns_hosts.NetnsHosts(2) as hosts:
+        reference = reference_run(hosts, args, work)
+        phases = json.loads((reference / "metrics.json").read_text())["summary"]["phases_ms"]
+        print("reference (1 rank per host, both at once): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),
+              flush=True)
+        links = {rate: calibrate(hosts, rate, args.timeout) for rate in rates}
+        for rate, fits in links.items():
+            print(f"link {rate}: " + "; ".join(f"{name} {fit['bandwidth_gbit']:.2f} Gbit/s, alpha "
+                                               f"{fit['latency_us']:.0f} us" for name, fit in fits.items()), flush=True)
+        for strategy in args.strategies.split(","):
+            for rate in rates:
+                run = measured_run(hosts, strategy, rate, args, work)
+                document = predict(reference, run, links[rate])
+                results.append({"strategy": strategy, "link": rate, "fits": links[rate], "check": checked(document),
+                                "prediction": document})
+                step = results[-1]["check"]["rows"][0]
+                print(f"{strategy} over {rate}: predicted {step['predicted_ms']:.1f} ms, measured "
+                      f"{step['measured_ms']:.1f} ms", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
