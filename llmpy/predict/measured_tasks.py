@@ -34,21 +34,23 @@ CONVERTED_KERNELS = GEMM_KERNELS + ("attention_forward", "attention_backward")
 
 @dataclass
 class MeasuredRun:
-    """The medians of a measured run's steps (seconds)."""
+    """The medians of a measured run's steps (seconds; rank 0's for a data-parallel run)."""
 
     meta: dict
-    step_s: float
-    phases_s: dict[str, float]
+    step_s: float  # the median step, less the rank's time in MPI calls
     task_s: dict[str, float] = field(default_factory=dict)  # tasks runs: task name -> seconds
-    call_s: dict[tuple, float] = field(default_factory=dict)  # call runs: (kernel, phase, layer, occurrence) -> s
+    # calls outside tasks (sequential/forkjoin runs: every kernel call; tasks inside ranks: the strategy's update):
+    # (kernel, phase, layer, occurrence in the step) -> seconds
+    call_s: dict[tuple, float] = field(default_factory=dict)
     task_gap_s: float = 0.0  # tasks runs: the scheduler's time between two tasks on a worker
-    lead_s: float = 0.0  # tasks runs: step start to the first task, and last task to step end
+    lead_s: float = 0.0  # tasks runs: step start to the first task, and last task to step end (calls outside excluded)
     tail_s: float = 0.0
     call_glue_s: float = 0.0  # call runs: Python between two kernel calls
 
     @property
     def is_tasks(self) -> bool:
-        return self.meta.get("mode") == "tasks"
+        mode = self.meta.get("mode")
+        return mode == "tasks" or (mode == "mpi" and self.meta.get("rank_mode") == "tasks")
 
 
 def trace_path(run_dir: str) -> str:
@@ -62,29 +64,27 @@ def trace_path(run_dir: str) -> str:
 
 
 def load_measured_run(run_dir: str) -> MeasuredRun:
+    """The medians of the run's measured steps: per task or per call, and the time between them."""
     path = trace_path(run_dir)
     trace = Trace.load(path)
     meta = trace.meta
     for key in ("model", "B", "T", "mode"):
         if key not in meta:
             raise ValueError(f"{path}: the trace's meta has no {key!r}; rewrite it with a current `llmpy train`")
-    if meta.get("ranks", 1) != 1 or meta["mode"] == "mpi":
-        raise ValueError(f"{path}: a data-parallel run; core predictions start from one rank (--mode tasks or "
-                         "forkjoin)")
     if meta.get("grad_accum", 1) != 1:
         raise ValueError(f"{path}: a run with --grad-accum {meta['grad_accum']}; measure with --grad-accum 1")
     steps = _measured_steps(trace)
     if not steps:
         raise ValueError(f"{path}: the trace holds no steps")
-    by_step = defaultdict(list)
+    by_step = defaultdict(list)  # rank 0's events of each step, on the calling thread or on task workers
     for event in trace.events:
-        if event.rank == 0 and not is_communication(event.name):
+        if event.rank == 0 and (event.thread == 0 or event.task):
             by_step[event.step].append(event)
-    run = MeasuredRun(meta, statistics.median(s.duration for s in steps), _median_phases(steps))
+    in_mpi = {s.step: sum(e.duration for e in by_step[s.step] if is_communication(e.name)) for s in steps}
+    run = MeasuredRun(meta, statistics.median(s.duration - in_mpi[s.step] for s in steps))
+    _read_calls(run, steps, by_step, os.path.dirname(os.path.dirname(path)))
     if run.is_tasks:
         _read_tasks(run, steps, by_step)
-    else:
-        _read_calls(run, steps, by_step, os.path.dirname(os.path.dirname(path)))
     return run
 
 
@@ -94,16 +94,9 @@ def _measured_steps(trace: Trace) -> list:
     return steps[warmup:] if len(steps) > warmup else steps
 
 
-def _median_phases(steps) -> dict[str, float]:
-    phases = {}
-    for phase in ("forward", "backward", "update"):
-        spans = [s.phases[phase][1] - s.phases[phase][0] for s in steps if phase in s.phases]
-        phases[phase] = statistics.median(spans) if spans else 0.0
-    return phases
-
-
 def _read_tasks(run: MeasuredRun, steps, by_step) -> None:
-    """Per task name the median seconds; the scheduler's gap between tasks on a worker; lead and tail."""
+    """Per task name the median seconds; the scheduler's gap between tasks on a worker; lead and tail (less the
+    calls outside tasks and MPI calls after the last task: a strategy's update)."""
     durations, gaps, leads, tails = defaultdict(list), [], [], []
     for step in steps:
         events = [e for e in by_step[step.step] if e.task]
@@ -114,8 +107,10 @@ def _read_tasks(run: MeasuredRun, steps, by_step) -> None:
         for worker in {e.thread for e in events}:
             row = sorted((e for e in events if e.thread == worker), key=lambda e: e.start)
             gaps += [max(0.0, b.start - a.end) for a, b in zip(row, row[1:])]
+        last = max(e.end for e in events)
+        after = sum(e.duration for e in by_step[step.step] if not e.task and e.start >= last)
         leads.append(min(e.start for e in events) - step.start)
-        tails.append(step.end - max(e.end for e in events))
+        tails.append(step.end - last - after)
     if not durations:
         raise ValueError("a tasks run whose trace holds no task events; rerun it with --trace")
     run.task_s = {name: statistics.median(values) for name, values in durations.items()}
@@ -124,14 +119,16 @@ def _read_tasks(run: MeasuredRun, steps, by_step) -> None:
 
 
 def _read_calls(run: MeasuredRun, steps, by_step, metrics_dir: str) -> None:
-    """Per (kernel, phase, layer, occurrence in the step) the median seconds of row 0, the calling thread; Python's
-    glue per call: what the step holds beyond its calls. Row 0 holds the thread's CPU time in the call, so where
-    kernels.csv (the wall time per kernel, the metrics folder beside the trace) is there, each kernel's calls are
-    scaled by its wall over CPU time: time the thread lost to other processes stays with the kernel, not glue."""
+    """Per (kernel, phase, layer, occurrence in the step) the median seconds of the calls outside tasks on row 0,
+    the calling thread; Python's glue per call: what the step holds beyond its calls. Row 0 holds the thread's CPU
+    time in the call, so where kernels.csv (the wall time per kernel, the metrics folder beside the trace) is
+    there, each kernel's calls are scaled by its wall over CPU time: time the thread lost to other processes stays
+    with the kernel, not with the glue."""
     durations, cpu = defaultdict(list), defaultdict(float)
     calls_per_step = []
     for step in steps:
-        events = sorted((e for e in by_step[step.step] if e.thread == 0 and not e.task), key=lambda e: e.start)
+        events = sorted((e for e in by_step[step.step] if not e.task and not is_communication(e.name)),
+                        key=lambda e: e.start)
         seen = defaultdict(int)
         for event in events:
             key = (event.name, event.phase, event.layer)
@@ -139,11 +136,12 @@ def _read_calls(run: MeasuredRun, steps, by_step, metrics_dir: str) -> None:
             seen[key] += 1
             cpu[event.name] += event.duration / len(steps)
         calls_per_step.append(len(events))
-    wall = _wall_ms_per_step(os.path.join(metrics_dir, "kernels.csv"))
+    wall = {} if run.is_tasks else _wall_ms_per_step(os.path.join(metrics_dir, "kernels.csv"))
     run.call_s = {key: statistics.median(values) * (wall[key[0]] / 1e3 / cpu[key[0]] if cpu[key[0]] > 0 and
                                                      key[0] in wall else 1.0) for key, values in durations.items()}
-    calls = max(1, statistics.median(calls_per_step))
-    run.call_glue_s = max(0.0, (run.step_s - sum(run.call_s.values())) / calls)
+    if not run.is_tasks:
+        calls = max(1, statistics.median(calls_per_step))
+        run.call_glue_s = max(0.0, (run.step_s - sum(run.call_s.values())) / calls)
 
 
 def _wall_ms_per_step(kernels_csv: str) -> dict[str, float]:
@@ -404,13 +402,10 @@ def measured_step(run_dir: str, timer: KernelTimer | None = None) -> MeasuredSte
     if tasks_run is not None:
         task_s = [tasks_run.task_s.get(t.name) for t in tasks]
         matched_tasks = sum(s is not None for s in task_s)
+        _share_totals(task_s, tasks, _totals(tasks_run.call_s))  # a strategy's update, run outside the graph
         _fill_unmeasured(task_s, [(t.kernel, t.flops, t.bytes) for t in tasks])
     if calls_run is not None:
-        occurrence, call_s = defaultdict(int), []
-        for call in calls:
-            key = (call.kernel, call.phase, call.layer)
-            call_s.append(calls_run.call_s.get(key + (occurrence[key],)))
-            occurrence[key] += 1
+        call_s = _measured_calls(calls_run, calls)
         matched_calls = sum(s is not None for s in call_s)
         _fill_unmeasured(call_s, [(c.kernel, c.flops, c.bytes) for c in calls])
         for call, seconds in zip(calls, call_s):
@@ -421,6 +416,49 @@ def measured_step(run_dir: str, timer: KernelTimer | None = None) -> MeasuredSte
         for call in calls:
             call.seconds = sum(task_s[i] for i in call.tasks) * _call_over_blocks(call, tasks, timer)
     return MeasuredStep(tasks_run, calls_run, graph, calls, task_s, matched_tasks, matched_calls, timer)
+
+
+def _totals(call_s: dict[tuple, float]) -> dict[tuple[str, str], float]:
+    """Measured seconds per step of each (kernel, phase)."""
+    totals = defaultdict(float)
+    for key, seconds in call_s.items():
+        totals[key[:2]] += seconds
+    return totals
+
+
+def _share_totals(seconds: list, items, totals: dict[tuple[str, str], float]) -> None:
+    """seconds[i] None -> its (kernel, phase)'s measured total in the cost model's shares among the unmeasured
+    items of that (kernel, phase) (items: tasks or calls)."""
+    open_items = defaultdict(list)
+    for i, item in enumerate(items):
+        if seconds[i] is None and (item.kernel, item.phase) in totals:
+            open_items[item.kernel, item.phase].append(i)
+    for key, indices in open_items.items():
+        shares = [estimate(items[i].flops, items[i].bytes) for i in indices]
+        whole = sum(shares)
+        for i, share in zip(indices, shares):
+            seconds[i] = totals[key] * (share / whole if whole > 0 else 1.0 / len(indices))
+
+
+def _measured_calls(run: MeasuredRun, calls: list[StepCall]) -> list:
+    """Each call's measured seconds: the trace's call of the same kernel, phase, layer and occurrence where the
+    trace has as many calls of that kernel and phase as the model's list; else (an update cut by the strategy
+    into buckets or tensors, say) the kernel's measured total in the cost model's shares; None if unmeasured."""
+    in_trace, in_list = defaultdict(int), defaultdict(int)
+    for key in run.call_s:
+        in_trace[key[:2]] += 1
+    for call in calls:
+        in_list[call.kernel, call.phase] += 1
+    occurrence, seconds = defaultdict(int), []
+    for call in calls:
+        key = (call.kernel, call.phase, call.layer)
+        same = in_trace[key[:2]] == in_list[key[:2]]
+        seconds.append(run.call_s.get(key + (occurrence[key],)) if same else None)
+        occurrence[key] += 1
+    totals = _totals(run.call_s)
+    mismatched = {k: v for k, v in totals.items() if in_trace[k] != in_list[k]}
+    _share_totals(seconds, calls, mismatched)
+    return seconds
 
 
 def reference_runs(run_dir: str) -> tuple[MeasuredRun | None, MeasuredRun | None]:
