@@ -278,7 +278,7 @@ class KernelTimer:
     its blocks (the granularity conversion), and a call on N BLAS threads over 1 (a GEMM's scaling). The two
     sides are timed in turn, a few rounds, so that what else runs on the machine slows both alike."""
 
-    ROUNDS = 3
+    ROUNDS = 5  # at most: long calls stop after budget_s (see _ratio)
 
     def __init__(self) -> None:
         self._ratios: dict[tuple, float] = {}
