@@ -36,8 +36,8 @@ def seed_table(profile: ComputeProfile, link: Link, overlaps: tuple[float, ...])
     """The study's 9 ranks, server strategy, beside the published figures, for each overlap."""
     found = {o: predict_step(profile, Target("server", Cluster(9, link), o)) for o in overlaps}
     head = f"{'component':28s} {'published':>10s} " + " ".join(f"{f'overlap {o:g}':>11s}" for o in overlaps)
-    lines = [f"d12, B=4, T=64 per rank, 9 ranks (1 per node), server, {link.bandwidth_gbit:g} Gbit/s, "
-             f"{link.latency_us:g} us; ms per step", head]
+    lines = [(f"d12, B=4, T=64 per rank, 9 ranks (1 per node), server, {link.bandwidth_gbit:g} Gbit/s, "
+              f"{link.latency_us:g} us; ms per step"), head]
     for name in ("compute", "update", "MPI_Ireduce (gradients)", "MPI_Ibcast (parameters)", "communication", "step"):
         published = f"{PUBLISHED[name]:10.0f}" if name in PUBLISHED else f"{'-':>10s}"
         values = [p.step_ms if name == "step" else p.components[name] for p in found.values()]
@@ -79,8 +79,8 @@ def best(rows: list[dict], link: str, nodes: int, overlap: float) -> dict:
 
 def sweep_table(rows: list[dict], overlap: float) -> str:
     """Per node count and link: the best strategy and its ms per step, then every strategy's ms."""
-    lines = [f"best strategy per node count, overlap {overlap:g} (1 rank per node, d12, B=4, T=64 per rank; ms per "
-             f"step of {', '.join(STRATEGY_NAMES)})",
+    lines = [(f"best strategy per node count, overlap {overlap:g} (1 rank per node, d12, B=4, T=64 per rank; ms "
+              f"per step of {', '.join(STRATEGY_NAMES)})"),
              f"{'nodes':>5s} " + " ".join(f"{f'{link_preset(n).bandwidth_gbit:g} Gbit/s':>44s}" for n in LINKS)]
     for nodes in NODES:
         cells = []

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import multihost  # noqa: E402  (bench/multihost.py: the namespace hosts and the link rates)
+import multihost
 
 netns_hosts = multihost.netns_hosts
 STEP_TARGET, COMMUNICATION_TARGET = 0.15, 0.25
@@ -60,9 +60,10 @@ def exchange_worker() -> None:
         send = np.ones(max(1, nbytes // 4), np.float32)
         received = np.empty_like(send)
         pieces = np.array_split(received, CONCURRENT)
-        found["exchange"][nbytes] = _median_seconds(comm, lambda: comm.Sendrecv(send, peer, 0, received, peer, 0))
-        found["polled"][nbytes] = _median_seconds(comm, lambda: watchdog.wait_all(
-            MPI, [comm.Iallreduce(MPI.IN_PLACE, p, MPI.SUM) for p in pieces], "calibration"))
+        found["exchange"][nbytes] = _median_seconds(
+            comm, lambda s=send, r=received: comm.Sendrecv(s, peer, 0, r, peer, 0))
+        found["polled"][nbytes] = _median_seconds(comm, lambda parts=pieces: watchdog.wait_all(
+            MPI, [comm.Iallreduce(MPI.IN_PLACE, p, MPI.SUM) for p in parts], "calibration"))
     if rank == 0:
         print(json.dumps(found))
 
@@ -137,7 +138,8 @@ def measured_run(hosts, strategy: str, rate: str, args, work: Path) -> Path:
 def predict(reference: Path, run: Path, fits: dict) -> dict:
     """`llmpy predict` of `run`'s configuration from `reference` on the calibrated link (the network's alpha and
     bandwidth; the polled rate for several collectives in flight), validated against `run`."""
-    from llmpy.commands import cli, predict as command
+    from llmpy.commands import cli
+    from llmpy.commands import predict as command
 
     network, polled = fits["exchange"], fits["polled"]
     argv = ["predict", str(reference), "--bandwidth", f"{network['bandwidth_gbit']:.6g}", "--latency",
@@ -167,10 +169,10 @@ def checked(document: dict) -> dict:
 
 
 def format_results(results: list[dict]) -> str:
-    lines = ["link fits: Gbit/s of the network (Sendrecv exchanges) / of several collectives in flight, polled; "
-             "alpha of the network",
-             f"{'strategy':10s} {'link':9s} {'Gbit/s':>11s} {'alpha us':>8s} {'component':32s} {'predicted':>10s} "
-             f"{'measured':>10s} {'error':>8s}  target"]
+    lines = [("link fits: Gbit/s of the network (Sendrecv exchanges) / of several collectives in flight, polled; "
+              "alpha of the network"),
+             (f"{'strategy':10s} {'link':9s} {'Gbit/s':>11s} {'alpha us':>8s} {'component':32s} {'predicted':>10s} "
+              f"{'measured':>10s} {'error':>8s}  target")]
     for r in results:
         for i, row in enumerate(r["check"]["rows"]):
             fits = r["fits"]

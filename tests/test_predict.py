@@ -2,6 +2,7 @@
 traffic with several roots, the step model against a hand-computed step, self-prediction of a small real run,
 --validate's table, prediction.json, and bad options refused in one line."""
 
+import itertools
 import json
 import math
 import os
@@ -17,8 +18,14 @@ from llmpy.core.config import PRESETS
 from llmpy.execution.mpi.strategies import gradient_buckets
 from llmpy.execution.threads import available_cores
 from llmpy.io.formats import write_shard
-from llmpy.predict.network import (Cluster, Link, algorithm_seconds, collective_seconds, concurrent_seconds,
-                                   mpich_algorithm)
+from llmpy.predict.network import (
+    Cluster,
+    Link,
+    algorithm_seconds,
+    collective_seconds,
+    concurrent_seconds,
+    mpich_algorithm,
+)
 from llmpy.predict.step import ComputeProfile, Target, backward_ready, predict_step
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -191,7 +198,7 @@ def test_zero1_updates_half_on_each_of_two_ranks():
 def test_buckets_become_ready_in_backward_order():
     ready = backward_ready(D2)
     assert len(ready) == D2.num_layers + 2 and ready[-1] == 1.0
-    assert all(a < b for a, b in zip(ready[:-1], ready[1:-1]))  # the encoder's backward adds no time to speak of
+    assert all(a < b for a, b in itertools.pairwise(ready[:-1]))  # the encoder's backward adds no time to speak of
 
 
 # ------------------------------------------------------------------ real runs
@@ -205,7 +212,6 @@ TRAIN = ["--model", "tiny", "-T", "16", "-B", "2", "--steps", "4", "--val-every"
 def runs(tmp_path_factory):
     """A 1-process run and a 2-rank zero1 run (with its trace in the same folder) of the tiny model."""
     work = tmp_path_factory.mktemp("predict")
-    rng = np.random.default_rng(0)
     write_shard(work / "tiny_train.bin", (np.arange(8000) % 97).astype(np.uint16))
     train = [sys.executable, "-m", "llmpy", "train", *TRAIN]
     subprocess.run([*train, "--mode", "sequential", "--metrics-dir", "one"], cwd=work, check=True,
@@ -214,7 +220,6 @@ def runs(tmp_path_factory):
         subprocess.run([str(MPIEXEC), "-n", "2", *train, "--mode", "mpi", "--threads", "1", "--strategy", "zero1",
                         "--metrics-dir", "two", "--trace", "two"], cwd=work, check=True, capture_output=True,
                        timeout=120)
-    del rng
     return work
 
 
@@ -226,7 +231,7 @@ def predict(args, capsys):
 
 def test_a_run_predicts_its_own_step(runs, capsys):
     measured = json.loads((runs / "one" / "metrics.json").read_text())["summary"]["phases_ms"]["step"]
-    code, out, _ = predict([runs / "one", "--output", runs / "p" / "prediction.json"], capsys)
+    code, _, _ = predict([runs / "one", "--output", runs / "p" / "prediction.json"], capsys)
     assert code == 0
     document = json.loads((runs / "p" / "prediction.json").read_text())
     assert document["step_ms"] == pytest.approx(measured, rel=0.2)

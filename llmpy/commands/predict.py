@@ -232,17 +232,13 @@ def format_components(prediction: StepPrediction, measured: dict | None, measure
         if measured is not None:
             line += " " + _error(value, measured_step if name == "step" else measured.get(name))
         kind = name.split(" ")[0]
-        if kind in prediction.link_ms and cluster_note(prediction, kind):
-            line += cluster_note(prediction, kind)
+        if kind in prediction.link_ms:
+            line += f"   (on the link {prediction.link_ms[kind]:.1f} ms)"
         lines.append(line)
     hidden = f"hidden gradient bytes {100 * prediction.grad_hidden:.0f}%"
     if prediction.param_hidden is not None:
         hidden += f", parameter bytes {100 * prediction.param_hidden:.0f}%"
     return "\n".join(lines + [hidden])
-
-
-def cluster_note(prediction: StepPrediction, kind: str) -> str:
-    return f"   (on the link {prediction.link_ms[kind]:.1f} ms)"
 
 
 def prediction_document(target: dict, cluster: Cluster, overlap: float, prediction: StepPrediction,

@@ -116,10 +116,9 @@ def _config(summary: dict, path: str) -> GPT2Config:
     for max_seq_len in (1024, 2048, 512, 256):
         rest = count - max_seq_len * C - L * (12 * C * C + 13 * C) - 2 * C
         if rest > 0 and rest % C == 0:
-            vocab = rest // C
-            heads = next(h for h in range(min(C, 64), 0, -1) if C % h == 0 and C // h >= 32) if C >= 32 else 1
+            vocab = rest // C  # heads do not change the FLOP count or the parameter layout: 1 fits any C
             return GPT2Config(max_seq_len=max_seq_len, vocab_size=vocab, padded_vocab_size=vocab, num_layers=L,
-                              num_heads=heads, channels=C)
+                              num_heads=1, channels=C)
     raise ValueError(f"{path}: cannot tell the model's shape from {count} parameters, {L} layers, {C} channels")
 
 

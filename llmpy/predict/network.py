@@ -42,6 +42,7 @@ can cap what several in flight get (`Cluster.concurrent_gbit`, see there).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -77,15 +78,17 @@ class Link:
         return 1.0 / (self.bandwidth_gbit * BYTES_PER_GBIT)
 
 
-# Named links. veth: this machine's veth link between two network-namespace hosts, MPICH over UCX's TCP transport,
-# fitted to Sendrecv exchanges of 8 B - 16 MiB (bench/predict_validation.py measures it again on every run).
+# Named links. veth: this machine's veth link between two network-namespace hosts (tests/netns_hosts.py), MPICH
+# over UCX's TCP transport, from Sendrecv exchanges of 8 B - 16 MiB: 3.6-6.5 Gbit/s and 38-41 us on the shared
+# 2-core development machine (bench/predict_validation.py measures it again on every run). Several collectives
+# in flight, polled as llmpy waits, got ~0.35 Gbit/s there on any link (Cluster.concurrent_gbit).
 LINK_PRESETS: dict[str, Link] = {
     "1gbe": Link("1gbe", 1.0, 50.0),
     "10gbe": Link("10gbe", 10.0, 20.0),
     "25gbe": Link("25gbe", 25.0, 10.0),
     "ib100": Link("ib100", 100.0, 2.0),
     "ib200": Link("ib200", 200.0, 1.5),
-    "veth": Link("veth", 4.5, 30.0),
+    "veth": Link("veth", 5.0, 40.0),
     "shm": Link("shm", 80.0, 0.5),  # ranks on one host: a copy through shared memory
 }
 
@@ -136,7 +139,7 @@ class Cluster:
     def gamma(self) -> float:
         return 0.0 if math.isinf(self.reduce_gbytes_s) else 1.0 / (1e9 * self.reduce_gbytes_s)
 
-    def subgroup(self, ranks: int, per_node: int, link: Link) -> "Cluster":
+    def subgroup(self, ranks: int, per_node: int, link: Link) -> Cluster:
         return Cluster(ranks, link, per_node, self.intra, self.reduce_gbytes_s, self.algorithms, self.concurrent_gbit)
 
 
@@ -146,7 +149,7 @@ def _pof2(p: int) -> int:
     return 1 << (p.bit_length() - 1)
 
 
-def _folded(p: int) -> tuple[int, int, callable]:
+def _folded(p: int) -> tuple[int, int, Callable[[int], int]]:
     """MPICH's fold for p not a power of two: (pof2, rem, rank of new rank): ranks 2i < 2 rem hand their data
     to 2i + 1 and sit out; the others are new ranks 0..pof2-1."""
     pof2 = _pof2(p)
@@ -329,9 +332,8 @@ def mpich_algorithm(kind: str, nbytes: float, p: int) -> str:
 # ---------------------------------------------------------------------------------------------- costs
 @dataclass(frozen=True)
 class Cost:
-    """A schedule's time on a cluster and what it asks of the links: `latency` (the alphas on its path),
-    `link_bytes` / `shm_bytes` (the most one host's link / one rank's shared-memory copy carries in all, one
-    direction), `reduced_bytes` (the most one rank sums)."""
+    """A schedule's time on a cluster, the alphas on its path (`latency`), and the bytes it puts on each host's
+    link per direction, through each rank's shared-memory copies, and into each rank's sums (`loads`)."""
 
     seconds: float
     latency: float
@@ -478,7 +480,3 @@ def concurrent_seconds(items: list[tuple[str, float, int]], cluster: Cluster) ->
     return max(alone, latency + transfer + busiest["sum"] * cluster.gamma)
 
 
-def bytes_sent(kind: str, nbytes: float, cluster: Cluster, rank: int = 0) -> float:
-    """Bytes `rank`'s host sends off it in one collective (root: rank 0), by the algorithm the model picks."""
-    cost = collective_cost(kind, nbytes, cluster)
-    return cost.loads.get(("link", rank // cluster.ranks_per_node, "out"), 0.0)

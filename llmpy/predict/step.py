@@ -69,7 +69,7 @@ class ComputeProfile:
     def clips(self) -> bool:
         return self.norm_ms > 0
 
-    def scaled(self, config: GPT2Config, B: int, T: int) -> "ComputeProfile":
+    def scaled(self, config: GPT2Config, B: int, T: int) -> ComputeProfile:
         """The same machine's profile for another model or batch (see the module docstring)."""
         if T > config.max_seq_len:
             raise OptionError("seq_len", T, f"exceeds the model's {config.max_seq_len} positions")
