@@ -74,6 +74,7 @@ from llmpy.core.layout import PARAMETER_NAMES, parameter_shapes
 from llmpy.core.optim import AdamWConfig, AdamWRule
 from llmpy.execution.mpi.progress import ProgressThread
 
+COMMUNICATION_PRIORITY_S = 1e3  # see communication_task
 BLOCK_ELEMENTS = 1 << 20  # owners: largest parameter block (4 MiB of float32)
 # Failure-handling tests: "RANK:STEP" makes that rank raise at that step's update, "RANK:STEP:kill" kills it (SIGKILL),
 # "RANK:STEP:kill-checkpoint" kills it in the checkpoint of that step, after its shard is written.
@@ -289,7 +290,12 @@ class DataParallelStrategy(AdamWRule):
         """(name, fn, args, gradient views, estimated seconds) of the task that starts part `part`'s gradient
         collectives as soon as the tasks writing those gradients are done."""
         views = [self.grads.flat[s.start:s.stop] for s in self._by_part[part].bucket.segments]
-        seconds = 8 * 4 * self._by_part[part].bucket.size / 1e9 + 1.0  # ~1 Gbit/s; +1 s: ahead of any kernel
+        # An estimate far above any chain of kernels puts the bucket and the tasks finishing it ahead of ordinary
+        # tasks; it falls with the bucket's place in backward so the earliest bucket goes first. (The transfer's
+        # own estimate made the encoder's large bucket the longest path: every weight gradient then waited for
+        # the input-gradient chain, and every collective started at the end of backward.)
+        place = [s.bucket.part for s in self.states].index(part)
+        seconds = COMMUNICATION_PRIORITY_S * (len(self.states) - place)
         return f"MPI_Istart_bucket l{part}", self.start_bucket, (part,), views, seconds
 
     def start_bucket(self, part: int) -> None:
