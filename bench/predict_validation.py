@@ -7,13 +7,14 @@ What it does, in order:
 1. a 1-rank reference run (`--mode sequential`, 1 thread, the same model and batch per rank) on each host at
    once (the hosts share this machine's cores): the compute the predictions start from;
 2. each link, unshaped and shaped by tc tbf, calibrated once with MPI itself, independently of the training
-   runs: alpha from an 8-byte exchange, bandwidth from the slope over 1-16 MiB of (exchange: the network) blocking Sendrecv
-   exchanges (both directions at once, as a collective's round sends) and of (polled, the default for the
-   predictions) 8 Iallreduces in flight waited for as llmpy's strategies wait (MPI_Testall with sleeps);
+   runs: alpha from an 8-byte exchange, bandwidth from the slope over 1-16 MiB of blocking Sendrecv exchanges
+   (both directions at once, as a collective's round sends: the network) and of 8 Iallreduces in flight waited
+   for as llmpy's strategies wait (MPI_Testall with sleeps: `polled`);
 3. every strategy over every link, measured as bench/multihost.py measures it (one rank per host, 1 thread, TCP
    forced), with the trace written beside metrics.json so the waits split by collective;
 4. `llmpy predict REFERENCE --bandwidth FIT --latency FIT --validate RUN --overlap measured` for each (overlap
-   calibrated to the run's hidden gradient bytes: ~0 here, MPICH over TCP moves data only inside MPI calls).
+   calibrated to the run's hidden gradient bytes: ~0 here, MPICH over TCP moves data only inside MPI calls),
+   and the step once more with `--concurrent-gbit POLLED` ("capped").
 Prints predicted vs measured step time (target: within 15%) and each communication component (the waits for
 each collective, all waiting, all MPI time: within 25%), and writes everything as JSON.
 """
@@ -135,16 +136,17 @@ def measured_run(hosts, strategy: str, rate: str, args, work: Path) -> Path:
     return out
 
 
-def predict(reference: Path, run: Path, fits: dict) -> dict:
+def predict(reference: Path, run: Path, fits: dict, capped: bool = False) -> dict:
     """`llmpy predict` of `run`'s configuration from `reference` on the calibrated link (the network's alpha and
-    bandwidth; the polled rate for several collectives in flight), validated against `run`."""
+    bandwidth; `capped`: also the polled rate for several collectives in flight), validated against `run`."""
     from llmpy.commands import cli
     from llmpy.commands import predict as command
 
     network, polled = fits["exchange"], fits["polled"]
+    cap = ["--concurrent-gbit", f"{polled['bandwidth_gbit']:.6g}"] if capped else []
     argv = ["predict", str(reference), "--bandwidth", f"{network['bandwidth_gbit']:.6g}", "--latency",
-            f"{network['latency_us']:.6g}", "--concurrent-gbit", f"{polled['bandwidth_gbit']:.6g}", "--validate",
-            str(run), "--overlap", "measured", "--output", str(run / "prediction.json")]
+            f"{network['latency_us']:.6g}", *cap, "--validate", str(run), "--overlap", "measured",
+            "--output", str(run / ("prediction-capped.json" if capped else "prediction.json"))]
     text = io.StringIO()
     document = command.run(cli.build_parser().parse_args(argv), out=text)
     document["printed"] = text.getvalue()
@@ -182,6 +184,9 @@ def format_results(results: list[dict]) -> str:
             measured = f"{row['measured_ms']:10.1f}" if row["measured_ms"] is not None else f"{'-':>10s}"
             err = f"{100 * row['error']:+7.1f}%" if row["error"] is not None else f"{'-':>8s}"
             mark = ("ok" if row["within"] else "MISSED") + f" ({100 * row['target']:.0f}%)"
+            if row["name"] == "step":
+                capped = r["capped_step_ms"]
+                mark += f"   capped: {capped:.1f} ({100 * error(capped, row['measured_ms']):+.1f}%)"
             lines.append(f"{head} {row['name']:32s} {row['predicted_ms']:10.1f} {measured} {err}  {mark}")
     steps = [row for r in results for row in r["check"]["rows"] if row["name"] == "step"]
     parts = [row for r in results for row in r["check"]["rows"] if row["name"] != "step"]
@@ -239,8 +244,9 @@ def measure_and_predict(args, work: Path, rates: list[str]) -> list[dict]:
             for rate in rates:
                 run = measured_run(hosts, strategy, rate, args, work)
                 document = predict(reference, run, links[rate])
+                capped = predict(reference, run, links[rate], capped=True)
                 results.append({"strategy": strategy, "link": rate, "fits": links[rate], "check": checked(document),
-                                "prediction": document})
+                                "prediction": document, "capped_step_ms": capped["step_ms"]})
                 step = results[-1]["check"]["rows"][0]
                 print(f"{strategy} over {rate}: predicted {step['predicted_ms']:.1f} ms, measured "
                       f"{step['measured_ms']:.1f} ms", flush=True)

@@ -235,6 +235,8 @@ def format_components(prediction: StepPrediction, measured: dict | None, measure
         if kind in prediction.link_ms:
             line += f"   (on the link {prediction.link_ms[kind]:.1f} ms)"
         lines.append(line)
+    if not prediction.link_ms:
+        return "\n".join(lines)
     hidden = f"hidden gradient bytes {100 * prediction.grad_hidden:.0f}%"
     if prediction.param_hidden is not None:
         hidden += f", parameter bytes {100 * prediction.param_hidden:.0f}%"

@@ -280,6 +280,9 @@ def predict_step(profile: ComputeProfile, target: Target) -> StepPrediction:
                   **{labels[kind]: ms for kind, ms in waits.items()}, "wait": wait_ms,
                   "communication": wait_ms + 1e3 * call * state["calls"], "other": profile.other_ms}
     step = 1e3 * state["t"] + profile.other_ms
+    if cluster.ranks == 1:  # nothing to communicate: no collective rows, nothing hidden
+        components = {k: v for k, v in components.items() if k.split(" ")[0] not in link_ms}
+        return StepPrediction(step, components, 0.0, None, {})
     return StepPrediction(step, components, grad_hidden, param_hidden, link_ms)
 
 
