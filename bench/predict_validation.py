@@ -17,6 +17,12 @@ What it does, in order:
    and the step once more with `--concurrent-gbit POLLED` ("capped").
 Prints predicted vs measured step time (target: within 15%) and each communication component (the waits for
 each collective, all waiting, all MPI time: within 25%), and writes everything as JSON.
+
+    sudo .venv/bin/python bench/predict_validation.py --runs /tmp/mh/tasks [--reference REF] [--fits FILE]
+
+checks runs measured before (bench/multihost.py --keep: folders STRATEGY-RATE-...) instead: each one predicted
+from REF, or from its own compute (the communication model alone), on links calibrated now (root) or taken from
+an earlier --json of this script (--fits).
 """
 
 from __future__ import annotations
@@ -136,9 +142,10 @@ def measured_run(hosts, strategy: str, rate: str, args, work: Path) -> Path:
     return out
 
 
-def predict(reference: Path, run: Path, fits: dict, capped: bool = False) -> dict:
+def predict(reference: Path, run: Path, fits: dict, capped: bool = False, out: Path | None = None) -> dict:
     """`llmpy predict` of `run`'s configuration from `reference` on the calibrated link (the network's alpha and
-    bandwidth; `capped`: also the polled rate for several collectives in flight), validated against `run`."""
+    bandwidth; `capped`: also the polled rate for several collectives in flight), validated against `run`; the
+    prediction goes to `out` (default: `run`)."""
     from llmpy.commands import cli
     from llmpy.commands import predict as command
 
@@ -146,7 +153,7 @@ def predict(reference: Path, run: Path, fits: dict, capped: bool = False) -> dic
     cap = ["--concurrent-gbit", f"{polled['bandwidth_gbit']:.6g}"] if capped else []
     argv = ["predict", str(reference), "--bandwidth", f"{network['bandwidth_gbit']:.6g}", "--latency",
             f"{network['latency_us']:.6g}", *cap, "--validate", str(run), "--overlap", "measured",
-            "--output", str(run / ("prediction-capped.json" if capped else "prediction.json"))]
+            "--output", str((out or run) / ("prediction-capped.json" if capped else "prediction.json"))]
     text = io.StringIO()
     document = command.run(cli.build_parser().parse_args(argv), out=text)
     document["printed"] = text.getvalue()
@@ -164,35 +171,36 @@ def checked(document: dict) -> dict:
     for component in document["components"]:
         if any(component["name"].endswith(word) for word in COMMUNICATION):
             rows.append(dict(component, target=COMMUNICATION_TARGET))
-    for row in rows:
+    for row in rows:  # a component the run did not measure (no trace: no waits by collective) is not judged
         row["error"] = error(row["predicted_ms"], row["measured_ms"])
-        row["within"] = row["error"] is not None and abs(row["error"]) <= row["target"]
+        row["within"] = None if row["error"] is None else abs(row["error"]) <= row["target"]
     return {"rows": rows, "overlap": document["target"]["overlap"]}
 
 
 def format_results(results: list[dict]) -> str:
     lines = [("link fits: Gbit/s of the network (Sendrecv exchanges) / of several collectives in flight, polled; "
               "alpha of the network"),
-             (f"{'strategy':10s} {'link':9s} {'Gbit/s':>11s} {'alpha us':>8s} {'component':32s} {'predicted':>10s} "
+             (f"{'run':28s} {'Gbit/s':>11s} {'alpha us':>8s} {'component':32s} {'predicted':>10s} "
               f"{'measured':>10s} {'error':>8s}  target")]
     for r in results:
         for i, row in enumerate(r["check"]["rows"]):
             fits = r["fits"]
             rates = f"{fits['exchange']['bandwidth_gbit']:.2f}/{fits['polled']['bandwidth_gbit']:.2f}"
-            head = (f"{r['strategy']:10s} {r['link']:9s} {rates:>11s} {fits['exchange']['latency_us']:8.0f}"
-                    if i == 0 else " " * 41)
+            label = r.get("run") or f"{r['strategy']} over {r['link']}"
+            head = f"{label:28s} {rates:>11s} {fits['exchange']['latency_us']:8.0f}" if i == 0 else " " * 49
             measured = f"{row['measured_ms']:10.1f}" if row["measured_ms"] is not None else f"{'-':>10s}"
             err = f"{100 * row['error']:+7.1f}%" if row["error"] is not None else f"{'-':>8s}"
-            mark = ("ok" if row["within"] else "MISSED") + f" ({100 * row['target']:.0f}%)"
+            mark = {True: "ok", False: "MISSED", None: "not measured"}[row["within"]] + f" ({100 * row['target']:.0f}%)"
             if row["name"] == "step":
                 capped = r["capped_step_ms"]
                 mark += f"   capped: {capped:.1f} ({100 * error(capped, row['measured_ms']):+.1f}%)"
             lines.append(f"{head} {row['name']:32s} {row['predicted_ms']:10.1f} {measured} {err}  {mark}")
     steps = [row for r in results for row in r["check"]["rows"] if row["name"] == "step"]
     parts = [row for r in results for row in r["check"]["rows"] if row["name"] != "step"]
-    lines.append(f"step within {100 * STEP_TARGET:.0f}%: {sum(r['within'] for r in steps)} of {len(steps)}; "
+    judged = [r for r in parts if r["within"] is not None]
+    lines.append(f"step within {100 * STEP_TARGET:.0f}%: {sum(bool(r['within']) for r in steps)} of {len(steps)}; "
                  f"communication components within {100 * COMMUNICATION_TARGET:.0f}%: "
-                 f"{sum(r['within'] for r in parts)} of {len(parts)}")
+                 f"{sum(r['within'] for r in judged)} of {len(judged)} measured")
     return "\n".join(lines)
 
 
@@ -210,20 +218,26 @@ def main(argv=None) -> None:
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--train-data", help="glob of training shards (overrides --data-dir)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run before it is killed")
+    parser.add_argument("--runs", help="check the runs kept in this folder instead of measuring new ones")
+    parser.add_argument("--reference", help="with --runs: the 1-rank run to predict from (default: each run itself)")
+    parser.add_argument("--fits", help="with --runs: links fitted before (an earlier --json of this script)")
     parser.add_argument("--keep", help="keep the runs in this folder (default: a temporary one)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     reason = netns_hosts.skip_reason()
-    if reason:
+    if reason and not (args.runs and args.fits):
         parser.exit(2, f"bench/predict_validation.py: {reason}\n")
     rates = args.rates.split(",")
     for rate in rates:
         if rate not in multihost.RATES:
             parser.error(f"--rates: {rate!r} is not one of {', '.join(multihost.RATES)}")
-    with tempfile.TemporaryDirectory(prefix="llmpy-predict-") as scratch:
-        work = Path(args.keep or scratch)
-        work.mkdir(parents=True, exist_ok=True)
-        results = measure_and_predict(args, work, rates)
+    if args.runs:
+        results = predict_kept_runs(args, rates)
+    else:
+        with tempfile.TemporaryDirectory(prefix="llmpy-predict-") as scratch:
+            work = Path(args.keep or scratch)
+            work.mkdir(parents=True, exist_ok=True)
+            results = measure_and_predict(args, work, rates)
     print(format_results(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
@@ -250,6 +264,32 @@ def measure_and_predict(args, work: Path, rates: list[str]) -> list[dict]:
                 step = results[-1]["check"]["rows"][0]
                 print(f"{strategy} over {rate}: predicted {step['predicted_ms']:.1f} ms, measured "
                       f"{step['measured_ms']:.1f} ms", flush=True)
+    return results
+
+
+def predict_kept_runs(args, rates: list[str]) -> list[dict]:
+    """The runs in --runs (folders named STRATEGY-RATE-...), predicted from --reference or from themselves."""
+    runs = []
+    for folder in sorted(Path(args.runs).iterdir()):
+        rate = next((part for part in folder.name.split("-") if part in rates), None)
+        if (folder / "metrics.json").is_file() and rate is not None:
+            runs.append((folder, rate))
+    if not runs:
+        raise SystemExit(f"bench/predict_validation.py: no STRATEGY-RATE-... folders with metrics.json in {args.runs}")
+    if args.fits:
+        links = {r["link"]: r["fits"] for r in json.loads(Path(args.fits).read_text())}
+    else:
+        with netns_hosts.NetnsHosts(2) as hosts:
+            links = {rate: calibrate(hosts, rate, args.timeout) for rate in sorted({r for _, r in runs})}
+    results, scratch = [], Path(tempfile.mkdtemp(prefix="llmpy-predict-"))  # predictions out of the runs' folders
+    for folder, rate in runs:
+        reference = Path(args.reference) if args.reference else folder
+        out = Path(args.keep or scratch) / folder.name
+        document = predict(reference, folder, links[rate], out=out)
+        capped = predict(reference, folder, links[rate], capped=True, out=out)
+        strategy = document["target"]["strategy"]
+        results.append({"strategy": strategy, "link": rate, "run": folder.name, "fits": links[rate],
+                        "check": checked(document), "prediction": document, "capped_step_ms": capped["step_ms"]})
     return results
 
 

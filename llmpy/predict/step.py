@@ -90,11 +90,13 @@ def profile_from_run(run: MeasuredRun) -> ComputeProfile:
         return ComputeProfile(run.config, run.B, run.T, phases["forward"], phases["backward"],
                               max(0.0, phases["update"] - norm), norm, other)
     starts, tests = run.mpi_ms(GRADIENT_STARTS), run.kernels_ms.get("MPI_Testall", 0.0)
-    calls = run.mpi_calls(GRADIENT_STARTS + PARAMETER_STARTS + ("MPI_Testall",))
     in_update = run.mpi_ms(("MPI_Waitall", "MPI_Allreduce") + PARAMETER_STARTS)
     share = strategy_plan(run.strategy or "allreduce", run.config, run.ranks).update_share
     update = max(0.0, phases["update"] - in_update - norm) / share if share else 0.0
-    call_us = 1e3 * (run.mpi_ms(GRADIENT_STARTS + PARAMETER_STARTS) + tests) / calls if calls else DEFAULT_CALL_US
+    # a call's cost from the start calls only: a test moves data (it is where MPI progresses), and task workers'
+    # calls are not recorded
+    calls = run.mpi_calls(GRADIENT_STARTS + PARAMETER_STARTS)
+    call_us = 1e3 * run.mpi_ms(GRADIENT_STARTS + PARAMETER_STARTS) / calls if calls else DEFAULT_CALL_US
     return ComputeProfile(run.config, run.B, run.T, phases["forward"], max(0.0, phases["backward"] - starts - tests),
                           update, norm / share if share else norm, other, call_us)
 
