@@ -29,6 +29,9 @@ import netns_hosts  # noqa: E402
 from llmpy.execution.options import STRATEGIES  # noqa: E402
 
 RATES = {"unshaped": None, "2gbit": "2gbit", "1gbit": "1gbit"}
+# --progress: how the collectives' data moves while kernels run; off: every collective starts in the update
+PROGRESS_FLAGS = {"thread": ("--mpi-progress", "thread"), "tests": ("--mpi-progress", "tests"),
+                  "off": ("--mpi-progress", "thread", "--no-comm-overlap")}
 LINK_GBITS = {"unshaped": None, "2gbit": 2.0, "1gbit": 1.0}
 
 
@@ -38,7 +41,7 @@ def run_one(hosts, strategy: str, rate: str, args, work: Path, round_index: int)
     command = [sys.executable, "-m", "llmpy", "train", "--model", args.model, "-T", args.seq_len, "-B",
                args.batch_size, "--steps", args.steps + 1, "--val-every", "0", "--sample-every", "0", "--no-progress",
                "--output", "", "--metrics-dir", out, "--mode", "mpi", "--threads", "1", "--strategy", strategy,
-               "--rank-mode", args.rank_mode, "--mpi-progress", progress, *(["--train-data", args.train_data] if args.train_data else
+               "--rank-mode", args.rank_mode, *PROGRESS_FLAGS[progress], *(["--train-data", args.train_data] if args.train_data else
                                                  ["--data-dir", args.data_dir])]
     hosts.shape(RATES[rate])
     try:
@@ -96,7 +99,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rates", default=",".join(RATES), help="unshaped,2gbit,1gbit")
     parser.add_argument("--rank-mode", default="sequential", choices=("sequential", "tasks"))
     parser.add_argument("--progress", default="thread",
-                        help="comma list of --mpi-progress ways (thread,tests), each run beside the other")
+                        help="comma list of thread, tests (--mpi-progress) and off (--no-comm-overlap: no "
+                             "overlap, the baseline), each run beside the others")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--train-data", help="glob of training shards (overrides --data-dir)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run before it is killed")

@@ -213,20 +213,27 @@ def test_bad_arguments_are_refused_before_any_work_in_one_line(args, message, da
 
 
 @needs_mpi
-@pytest.mark.parametrize("strategy, progress", [("zero1", "thread"), ("owners", "tests")])
-def test_tasks_inside_each_rank_match_one_process_with_twice_the_batch(strategy, progress, data_dir, references):
+@pytest.mark.parametrize("strategy, flags", [("zero1", []), ("owners", ["--mpi-progress", "tests"]),
+                                             ("allreduce", ["--no-comm-overlap"])])
+def test_tasks_inside_each_rank_match_one_process_with_twice_the_batch(strategy, flags, data_dir, references):
     out = f"tasks-{strategy}"
     result = llmpy_train([*COMMON, *PLAIN, "--mode", "mpi", "--strategy", strategy, "--rank-mode", "tasks",
                           "--block-tokens", "8", "-B", B, "--output", f"{out}/model.bin", "--metrics-dir", out,
-                          "--mpi-progress", progress], data_dir, ranks=2)
+                          *flags], data_dir, ranks=2)
     assert "tasks, 1 worker" in result.stdout
     ref_losses, ref_params = references["plain"]
     np.testing.assert_allclose(train_losses(result.stdout), ref_losses, rtol=1e-5)
     np.testing.assert_allclose(read_model(data_dir / out / "model.bin")[1], ref_params, rtol=0, atol=1e-4)
     per_rank = json.loads((data_dir / out / "metrics.json").read_text())["summary"]["per_rank"]
-    assert sum(r["moment_elements"] for r in per_rank) == ref_params.size  # the strategy's sharded update ran
+    held = [r["moment_elements"] for r in per_rank]  # the strategy's update ran, sharded where it shards
+    assert held == [ref_params.size] * 2 if strategy == "allreduce" else sum(held) == ref_params.size
     # each bucket's collectives started from a task of the rank's graph (one per bucket and step)
     assert all("MPI_Istart_bucket" in r["communication_by_call_ms"] for r in per_rank)
+    # rank 0's span from its first collective to the end of its update (the phases are rank 0's): inside the
+    # update when nothing may overlap
+    update_ms = json.loads((data_dir / out / "metrics.json").read_text())["summary"]["phases_ms"]["update"]
+    started_in_update = per_rank[0]["communication_span_ms"] <= update_ms * 1.001
+    assert started_in_update == ("--no-comm-overlap" in flags), (per_rank[0], update_ms)
 
 
 @needs_mpi

@@ -91,6 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="mpi: what moves the collectives' data while kernels run: thread (default; a thread "
                           "that tests them every 0.5 ms and sleeps, needs MPI_THREAD_MULTIPLE) or tests (an "
                           "MPI_Test after each kernel or task)")
+    run.add_argument("--no-comm-overlap", dest="comm_overlap", action="store_false",
+                     help="mpi: start every collective in the update, after backward (the no-overlap baseline)")
     run.add_argument("--rank-mode", choices=RANK_MODES,
                      help="mpi: execution model inside each rank, on --threads threads (default: the node's cores "
                           "/ its ranks; sequential when that is 1, else forkjoin)")
@@ -291,7 +293,8 @@ def _agreement_fields(args, config: GPT2Config) -> dict:
     """What every rank of a data-parallel run must have been started with."""
     names = ("batch_size", "seq_len", "steps", "grad_accum", "strategy", "rank_mode", "lr", "beta1", "beta2", "eps",
              "weight_decay", "decay_matrices_only", "grad_clip", "lr_schedule", "warmup_steps", "final_lr_fraction",
-             "seed", "shuffle", "val_every", "val_batches", "checkpoint_every", "block_tokens", "gemm_split", "mpi_progress")
+             "seed", "shuffle", "val_every", "val_batches", "checkpoint_every", "block_tokens", "gemm_split", "mpi_progress",
+             "comm_overlap")
     fields = {f"--{name.replace('_', '-')}": getattr(args, name) for name in names}
     fields["model"] = _model_shape(config)
     return fields
@@ -359,7 +362,8 @@ def execution_options(args, threads: int) -> tuple:
         raise ValueError(f"{', '.join(given)} apply to --mode tasks (or --mode mpi --rank-mode tasks) only")
     mpi_flags = [flag for flag, set_ in (("--strategy", args.strategy), ("--rank-mode", args.rank_mode),
                                          ("--mpi-timeout", args.mpi_timeout),
-                                         ("--mpi-progress", args.mpi_progress)) if set_]
+                                         ("--mpi-progress", args.mpi_progress),
+                                         ("--no-comm-overlap", not args.comm_overlap)) if set_]
     if args.mode != "mpi" and mpi_flags:
         raise ValueError(f"{', '.join(mpi_flags)} apply to --mode mpi only")
     if args.mode == "mpi":  # threads per rank; None: the node's cores shared by its ranks
@@ -369,7 +373,8 @@ def execution_options(args, threads: int) -> tuple:
         timeout = {} if args.mpi_timeout is None else {"timeout_s": args.mpi_timeout}
         return rank_threads, args.threading_layer, MpiOptions(args.strategy or "allreduce", args.rank_mode,
                                                               _task_options(args), **timeout,
-                                                              progress=args.mpi_progress or "thread")
+                                                              progress=args.mpi_progress or "thread",
+                                                              overlap=args.comm_overlap)
     if args.mode == "tasks":
         return args.workers or threads, args.threading_layer, _task_options(args)
     return threads, args.threading_layer, None

@@ -67,6 +67,7 @@ class MpiOptions:
     tasks: TaskOptions = field(default_factory=TaskOptions)  # with rank_mode "tasks"
     timeout_s: float = 600.0  # how long a rank waits for the others before it aborts the run, naming them
     progress: str = "thread"  # who drives MPI's progress: a sleeping thread of its own, or tests between kernels
+    overlap: bool = True  # False: every collective starts in the update, after backward (the baseline to compare)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):

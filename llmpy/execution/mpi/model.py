@@ -181,7 +181,8 @@ class DataParallel(ExecutionModel):
 
     def meta(self) -> dict:
         return dict(self.inner.meta(), mode=self.name, ranks=self.world_size, strategy=self.strategy,
-                    rank_mode=self.rank_mode, mpi_progress=self.options.progress)
+                    rank_mode=self.rank_mode, mpi_progress=self.options.progress,
+                    comm_overlap=self.options.overlap)
 
     def describe(self) -> str:
         inner = self.inner.describe()
@@ -224,7 +225,8 @@ class DataParallel(ExecutionModel):
 
     def make_optimizer(self, model, config: AdamWConfig, micro_steps: int = 1) -> DataParallelStrategy:
         strategy = STRATEGY_CLASSES[self.strategy](model, config, self.kernels, self.group.comm, micro_steps,
-                                                   self.group.watchdog, self.options.progress)
+                                                   self.group.watchdog, self.options.progress,
+                                                   self.options.overlap)
         self._strategies.append(strategy)
         return strategy
 

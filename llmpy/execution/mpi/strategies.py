@@ -229,7 +229,7 @@ class DataParallelStrategy(AdamWRule):
     updates_outside_task_graph = True
 
     def __init__(self, model, config: AdamWConfig, kernels, comm, micro_steps: int = 1, watchdog=None,
-                 progress: str = "tests"):
+                 progress: str = "tests", overlap: bool = True):
         super().__init__(config, kernels)
         self.watchdog = watchdog  # waits without spinning, and not forever (None: MPI's own blocking waits)
         self.MPI = _mpi()
@@ -261,6 +261,7 @@ class DataParallelStrategy(AdamWRule):
         self._lock = threading.RLock()  # one thread at a time starts, tests or waits (task workers, progress thread)
         # "thread": a sleeping thread tests what is in flight; "tests": a test after every kernel or task
         self._progress_thread = ProgressThread(self.MPI, self._lock) if progress == "thread" else None
+        self.overlap = overlap  # False: no collective starts before the update
         self._traffic: dict[str, list[int]] = {}  # this step: MPI call -> [bytes sent, bytes received]
         self._comm_start: float | None = None  # when this step's first collective started
         model.gradients_ready = self._gradients_ready
@@ -370,7 +371,7 @@ class DataParallelStrategy(AdamWRule):
         if part in self._started:
             raise RuntimeError(f"gradients of part {part} changed after their collective started (more backward "
                                f"passes in this step than the {self.micro_steps} micro-steps announced)")
-        if not last_backward:
+        if not last_backward or not self.overlap:
             return
         state = self._by_part[part]
         self._started.add(part)
@@ -553,9 +554,9 @@ class OwnerBlocksStrategy(ParameterServerStrategy):
 
     name = "owners"
 
-    def __init__(self, model, config, kernels, comm, micro_steps=1, watchdog=None, progress="tests"):
+    def __init__(self, model, config, kernels, comm, micro_steps=1, watchdog=None, progress="tests", overlap=True):
         self.blocks = owner_blocks(gradient_buckets(model.config), comm.Get_size())
-        super().__init__(model, config, kernels, comm, micro_steps, watchdog, progress)
+        super().__init__(model, config, kernels, comm, micro_steps, watchdog, progress, overlap)
 
     def owned_slices(self, segment):
         return [(start, stop) for start, stop, owner in self.blocks[segment] if owner == self.rank]
