@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args, out=None) -> dict:
     out = out if out is not None else sys.stdout
+    cores = _int_list(args.cores, "--cores") if args.cores else None  # every option checked before any output
+    nodes = _int_list(args.sweep_nodes, "--sweep-nodes") if args.sweep_nodes else None
+    links = _links(args.links) if nodes else None
     measured = read_run(args.run_dir)
     reference = read_run(args.validate) if args.validate else None
     target = _target_fields(args, measured, reference)
@@ -80,11 +83,10 @@ def run(args, out=None) -> dict:
     print(format_components(prediction, measured_parts, reference.step_ms if reference else None), file=out)
     document = prediction_document(target, cluster, overlap, prediction, measured_parts,
                                    reference.step_ms if reference else None)
-    if args.cores:
-        document["cores"] = _cores(args.run_dir, _int_list(args.cores, "--cores"), out)
-    if args.sweep_nodes:
-        rows = sweep(profile, _int_list(args.sweep_nodes, "--sweep-nodes"), _links(args.links), cluster,
-                     step_target)
+    if cores:
+        document["cores"] = _cores(args.run_dir, cores, out)
+    if nodes:
+        rows = sweep(profile, nodes, links, cluster, step_target)
         print(format_sweep(rows), file=out)
         document["sweep"] = rows
     if args.output:
