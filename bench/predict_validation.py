@@ -12,9 +12,10 @@ What it does, in order:
    for as llmpy's strategies wait (MPI_Testall with sleeps: `polled`);
 3. every strategy over every link, measured as bench/multihost.py measures it (one rank per host, 1 thread, TCP
    forced), with the trace written beside metrics.json so the waits split by collective;
-4. `llmpy predict REFERENCE --bandwidth FIT --latency FIT --validate RUN --overlap measured` for each (overlap
-   calibrated to the run's hidden gradient bytes: ~0 here, MPICH over TCP moves data only inside MPI calls),
-   and the step once more with `--concurrent-gbit POLLED` ("capped").
+4. `llmpy predict REFERENCE --bandwidth FIT --latency FIT --validate RUN --overlap 1` for each (what the
+   strategy structurally allows, the ranks' progress thread moving data while they compute; `--overlap
+   measured` fits it to the validated run's own hidden bytes instead, which is not a prediction), and the step
+   once more with `--concurrent-gbit POLLED` ("capped").
 Prints predicted vs measured step time (target: within 15%) and each communication component (the waits for
 each collective, all waiting, all MPI time: within 25%), and writes everything as JSON.
 
@@ -152,12 +153,15 @@ def predict(reference: Path, run: Path, fits: dict, capped: bool = False, out: P
     network, polled = fits["exchange"], fits["polled"]
     cap = ["--concurrent-gbit", f"{polled['bandwidth_gbit']:.6g}"] if capped else []
     argv = ["predict", str(reference), "--bandwidth", f"{network['bandwidth_gbit']:.6g}", "--latency",
-            f"{network['latency_us']:.6g}", *cap, "--validate", str(run), "--overlap", "measured",
+            f"{network['latency_us']:.6g}", *cap, "--validate", str(run), "--overlap", OVERLAP[0],
             "--output", str((out or run) / ("prediction-capped.json" if capped else "prediction.json"))]
     text = io.StringIO()
     document = command.run(cli.build_parser().parse_args(argv), out=text)
     document["printed"] = text.getvalue()
     return document
+
+
+OVERLAP = ["1"]  # --overlap of every prediction (main sets it): 1, what the strategy allows, is not fitted to the run
 
 
 def error(predicted: float, measured: float | None) -> float | None:
@@ -219,11 +223,14 @@ def main(argv=None) -> None:
     parser.add_argument("--train-data", help="glob of training shards (overrides --data-dir)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run before it is killed")
     parser.add_argument("--runs", help="check the runs kept in this folder instead of measuring new ones")
+    parser.add_argument("--overlap", default="1", help="--overlap of the predictions (default 1; 'measured' fits "
+                                                       "it to each validated run, not a prediction)")
     parser.add_argument("--reference", help="with --runs: the 1-rank run to predict from (default: each run itself)")
     parser.add_argument("--fits", help="with --runs: links fitted before (an earlier --json of this script)")
     parser.add_argument("--keep", help="keep the runs in this folder (default: a temporary one)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    OVERLAP[0] = args.overlap
     reason = netns_hosts.skip_reason()
     if reason and not (args.runs and args.fits):
         parser.exit(2, f"bench/predict_validation.py: {reason}\n")
