@@ -9,7 +9,10 @@ What it does, in order:
 2. each link, unshaped and shaped by tc tbf, calibrated once with MPI itself, independently of the training
    runs: alpha from an 8-byte exchange, bandwidth from the slope over 1-16 MiB of blocking Sendrecv exchanges
    (both directions at once, as a collective's round sends: the network) and of 8 Iallreduces in flight waited
-   for as llmpy's strategies wait (MPI_Testall with sleeps: `polled`);
+   for as llmpy's strategies wait (MPI_Testall with sleeps: `polled`); each rank's CPU seconds in them
+   (process_time, getrusage's user and system) give the network's CPU rate, bytes sent + received per CPU
+   second, the polled one passed as `--network-cpu-gbs` (the hosts share this machine's cores, so a host has
+   no spare core: `--cores-per-node` cores / 2);
 3. every strategy over every link, measured as bench/multihost.py measures it (one rank per host, 1 thread, TCP
    forced), with the trace written beside metrics.json so the waits split by collective;
 4. `llmpy predict REFERENCE --bandwidth FIT --latency FIT --validate RUN --overlap 1` for each (what the
@@ -31,6 +34,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
+import resource
 import statistics
 import subprocess
 import sys
@@ -41,6 +46,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import multihost
+
+from llmpy.execution.threads import available_cores
 
 netns_hosts = multihost.netns_hosts
 STEP_TARGET, COMMUNICATION_TARGET = 0.15, 0.25
@@ -63,27 +70,33 @@ def exchange_worker() -> None:
     comm = MPI.COMM_WORLD
     rank, peer = comm.Get_rank(), 1 - comm.Get_rank()
     watchdog = Watchdog(rank, [0, 0], ["", ""], 600.0)
-    found: dict = {"exchange": {}, "polled": {}}
+    found: dict = {"exchange": {}, "polled": {}, "cpu": {"exchange": {}, "polled": {}}}
     for nbytes in EXCHANGE_SIZES:
         send = np.ones(max(1, nbytes // 4), np.float32)
         received = np.empty_like(send)
         pieces = np.array_split(received, CONCURRENT)
-        found["exchange"][nbytes] = _median_seconds(
-            comm, lambda s=send, r=received: comm.Sendrecv(s, peer, 0, r, peer, 0))
-        found["polled"][nbytes] = _median_seconds(comm, lambda parts=pieces: watchdog.wait_all(
-            MPI, [comm.Iallreduce(MPI.IN_PLACE, p, MPI.SUM) for p in parts], "calibration"))
+        calls = {"exchange": lambda s=send, r=received: comm.Sendrecv(s, peer, 0, r, peer, 0),
+                 "polled": lambda parts=pieces: watchdog.wait_all(
+                     MPI, [comm.Iallreduce(MPI.IN_PLACE, p, MPI.SUM) for p in parts], "calibration")}
+        for name, call in calls.items():
+            found[name][nbytes], cpu = _median_seconds(comm, call)
+            found["cpu"][name][nbytes] = comm.gather(cpu, root=0)
     if rank == 0:
         print(json.dumps(found))
 
 
-def _median_seconds(comm, fn, repeats: int = 7) -> float:
-    times = []
+def _median_seconds(comm, fn, repeats: int = 7) -> tuple[float, list]:
+    """Median wall seconds of `fn` and this rank's median CPU seconds in it: [process_time (every thread,
+    user + system), getrusage's user, its system]."""
+    times, cpu = [], []
     for _ in range(repeats):
         comm.Barrier()
-        start = time.perf_counter()
+        usage, process, start = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu.append([time.process_time() - process, after.ru_utime - usage.ru_utime, after.ru_stime - usage.ru_stime])
+    return statistics.median(times[1:]), [statistics.median(c[i] for c in cpu[1:]) for i in range(3)]
 
 
 def calibrate(hosts, rate: str, timeout: float) -> dict:
@@ -100,11 +113,41 @@ def calibrate(hosts, rate: str, timeout: float) -> dict:
     found = json.loads(result.stdout.strip().splitlines()[-1])
     large = [n for n in EXCHANGE_SIZES if n >= 1 << 20]
     fits = {}
-    for name, times in found.items():
-        times = {int(k): v for k, v in times.items()}
+    for name in ("exchange", "polled"):
+        times = {int(k): v for k, v in found[name].items()}
         slope = statistics.linear_regression(large, [times[n] for n in large]).slope
         fits[name] = {"latency_us": 1e6 * times[8], "bandwidth_gbit": 8 / max(slope, 1e-15) / 1e9}
+    fits["network_cpu"] = network_cpu_fit(found["cpu"], large)
     return fits
+
+
+def network_cpu_fit(cpu: dict, large: list) -> dict:
+    """GB/s of bytes sent + received per CPU second of a rank (the mean over both), from the slope of its CPU
+    seconds over 1-16 MiB: each rank sends n and receives n in an exchange of n bytes, and in an Iallreduce of n
+    on 2 ranks (recursive doubling or Rabenseifner; the latter also sums n/2, counted in). `gbs`: the polled
+    one's, what llmpy's waits and progress thread spend; the blocking exchange spins in MPI (its CPU is ~its
+    wall time), an upper bound on the cost."""
+    fit: dict = {}
+    for name, sizes in cpu.items():
+        per_size = {int(n): [statistics.fmean(rank[i] for rank in ranks) for i in range(3)] for n, ranks in sizes.items()}
+        rates = {}
+        for i, key in enumerate(("gbs", "user_gbs", "system_gbs")):
+            slope = statistics.linear_regression([2 * n for n in large], [per_size[n][i] for n in large]).slope
+            rates[key] = 1 / slope / 1e9 if slope > 0 else None
+        fit[name] = rates
+    fit["gbs"] = fit["polled"]["gbs"]
+    return fit
+
+
+def link_line(rate: str, fits: dict) -> str:
+    line = f"link {rate}: " + "; ".join(f"{name} {fits[name]['bandwidth_gbit']:.2f} Gbit/s, alpha "
+                                        f"{fits[name]['latency_us']:.0f} us" for name in ("exchange", "polled"))
+    cpu = fits.get("network_cpu")
+    if cpu:
+        line += "; network CPU " + ", ".join(
+            f"{name} {cpu[name]['gbs'] or math.inf:.2f} GB/s (user {cpu[name]['user_gbs'] or math.inf:.2f}, "
+            f"system {cpu[name]['system_gbs'] or math.inf:.2f})" for name in ("exchange", "polled"))
+    return line
 
 
 def train_command(args, out: Path, extra: list) -> list:
@@ -152,8 +195,10 @@ def predict(reference: Path, run: Path, fits: dict, capped: bool = False, out: P
 
     network, polled = fits["exchange"], fits["polled"]
     cap = ["--concurrent-gbit", f"{polled['bandwidth_gbit']:.6g}"] if capped else []
+    cpu = fits.get("network_cpu", {}).get("gbs")  # the hosts share this machine's cores: a share each
+    cpu = ["--network-cpu-gbs", f"{cpu:.6g}", "--cores-per-node", str(HOST_CORES)] if cpu else []
     argv = ["predict", str(reference), "--bandwidth", f"{network['bandwidth_gbit']:.6g}", "--latency",
-            f"{network['latency_us']:.6g}", *cap, "--validate", str(run), "--overlap", OVERLAP[0],
+            f"{network['latency_us']:.6g}", *cap, *cpu, "--validate", str(run), "--overlap", OVERLAP[0],
             "--output", str((out or run) / ("prediction-capped.json" if capped else "prediction.json"))]
     text = io.StringIO()
     document = command.run(cli.build_parser().parse_args(argv), out=text)
@@ -161,6 +206,7 @@ def predict(reference: Path, run: Path, fits: dict, capped: bool = False, out: P
     return document
 
 
+HOST_CORES = max(1, available_cores() // 2)  # the 2 namespace hosts share this machine's cores
 OVERLAP = ["1"]  # --overlap of every prediction (main sets it): 1, what the strategy allows, is not fitted to the run
 
 
@@ -259,8 +305,7 @@ def measure_and_predict(args, work: Path, rates: list[str]) -> list[dict]:
               flush=True)
         links = {rate: calibrate(hosts, rate, args.timeout) for rate in rates}
         for rate, fits in links.items():
-            print(f"link {rate}: " + "; ".join(f"{name} {fit['bandwidth_gbit']:.2f} Gbit/s, alpha "
-                                               f"{fit['latency_us']:.0f} us" for name, fit in fits.items()), flush=True)
+            print(link_line(rate, fits), flush=True)
         for strategy in args.strategies.split(","):
             for rate in rates:
                 run = measured_run(hosts, strategy, rate, args, work)
@@ -288,6 +333,8 @@ def predict_kept_runs(args, rates: list[str]) -> list[dict]:
     else:
         with netns_hosts.NetnsHosts(2) as hosts:
             links = {rate: calibrate(hosts, rate, args.timeout) for rate in sorted({r for _, r in runs})}
+    for rate, fits in links.items():
+        print(link_line(rate, fits), flush=True)
     results, scratch = [], Path(tempfile.mkdtemp(prefix="llmpy-predict-"))  # predictions out of the runs' folders
     for folder, rate in runs:
         reference = Path(args.reference) if args.reference else folder

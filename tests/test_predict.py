@@ -201,6 +201,39 @@ def test_buckets_become_ready_in_backward_order():
     assert all(a < b for a, b in itertools.pairwise(ready[:-1]))  # the encoder's backward adds no time to speak of
 
 
+# ------------------------------------------------------------------ the network's CPU cost, by hand
+def cpu_cluster(cores=None, gbs=0.5):
+    return Cluster(2, Link("cpu", 8.0, 40.0, cpu_gbs=gbs), reduce_gbytes_s=FREE_SUMS, cores_per_node=cores)
+
+
+def test_bytes_moved_while_computing_stretch_compute_by_bytes_over_the_rate():
+    # a backward and an AdamW so long that every bucket moves while the rank computes (the last two during the
+    # update), no waits: the step grows by rank 0's bytes sent + received / rate. Allreduce on 2 ranks sends n
+    # and receives n per rank (Rabenseifner: n/2 each way twice; recursive doubling: n each way once)
+    long = ComputeProfile(D2, 4, 64, forward_ms=40.0, backward_ms=1e6, update_ms=1e6, other_ms=2.0, call_us=0.0)
+    free = predict_step(long, Target("allreduce", cluster(2), overlap=1.0))
+    charged = predict_step(long, Target("allreduce", cpu_cluster(), overlap=1.0))
+    assert free.components["wait"] == 0.0 and charged.components["wait"] == 0.0
+    nbytes = 2 * 4 * sum(b.size for b in gradient_buckets(D2))
+    assert charged.network_cpu_ms == pytest.approx(1e3 * nbytes / 0.5e9, rel=1e-6)
+    assert charged.step_ms == pytest.approx(free.step_ms + 1e3 * nbytes / 0.5e9, rel=1e-6)
+    assert charged.components["compute"] + charged.components["update"] == pytest.approx(
+        free.components["compute"] + free.components["update"] + charged.network_cpu_ms, rel=1e-6)
+
+
+def test_no_network_cpu_cost_with_a_spare_core_or_for_bytes_moved_during_waits():
+    long = profile(backward_ms=1e6)
+    free = predict_step(long, Target("allreduce", cluster(2), overlap=1.0)).step_ms
+    assert predict_step(long, Target("allreduce", cpu_cluster(cores=2), overlap=1.0)).step_ms == pytest.approx(free)
+    assert predict_step(long, Target("allreduce", cpu_cluster(cores=1), overlap=1.0)).step_ms > free
+    # overlap 0: every byte moves while the rank waits, which costs nothing
+    waits = predict_step(profile(), Target("allreduce", cluster(2), overlap=0.0))
+    charged = predict_step(profile(), Target("allreduce", cpu_cluster(cores=1), overlap=0.0))
+    assert charged.step_ms == pytest.approx(waits.step_ms) and charged.network_cpu_ms == 0.0
+    with pytest.raises(ValueError, match="network_cpu_gbs"):
+        Link("x", 1.0, 1.0, cpu_gbs=0.0)
+
+
 # ------------------------------------------------------------------ real runs
 needs_mpi = pytest.mark.skipif(not MPIEXEC.exists() or available_cores() < 2,
                                reason=f"needs {MPIEXEC} (pip install mpich) and 2 cores for 2 ranks")
@@ -275,6 +308,9 @@ def test_sweep_prints_the_best_strategy_per_host_count(runs, capsys):
     (["--sweep-nodes", "2,x"], "--sweep-nodes"),
     (["--strategy", "ring"], "--strategy"),
     (["--model", "d99"], "--model"),
+    (["--link", "veth", "--ranks", "2", "--network-cpu-gbs", "0"], "--network-cpu-gbs"),
+    (["--bandwidth", "1", "--ranks", "2", "--network-cpu-gbs", "nan"], "--network-cpu-gbs"),
+    (["--link", "veth", "--ranks", "2", "--cores-per-node", "0"], "--cores-per-node"),
 ])
 def test_bad_options_are_refused_in_one_line(runs, capsys, args, flag):
     code, _, err = predict([runs / "one", *args], capsys)

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--ranks", type=int, help="data-parallel ranks in all")
     target.add_argument("--ranks-per-node", type=int, default=1, help="ranks sharing one host and its link")
     target.add_argument("--threads", type=int, help="threads per rank")
+    target.add_argument("--cores-per-node", type=int,
+                        help="cores of a host (default: the measured run's machine's); the network's CPU work "
+                             "(--network-cpu-gbs) slows compute only where the ranks' threads fill them")
     target.add_argument("--strategy", help=f"one of {', '.join(STRATEGY_NAMES)}")
     target.add_argument("--model", help="model preset (d12, d24, ...)")
     target.add_argument("-B", "--batch-size", type=int, help="sequences per rank")
@@ -46,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     network.add_argument("--concurrent-gbit", type=float,
                          help="Gbit/s that several collectives in flight at once get while a rank polls for them "
                               "(MPI progressing only inside MPI calls; default: no cap)")
+    network.add_argument("--network-cpu-gbs", type=float, metavar="GBS",
+                         help="GB/s of bytes a rank sends + receives per second of its CPU (default: the link's, "
+                              "if it has one, else free); bytes moved while the rank computes on a host with no "
+                              "spare core stretch that compute by bytes / GBS")
     network.add_argument("--algorithms", default="mpich", choices=ALGORITHM_CHOICES,
                          help="collective algorithms: the ones MPICH picks (default) or the cheapest")
     network.add_argument("--reduce-gbs", type=float,
@@ -155,13 +162,30 @@ def _profile_on_threads(run_dir: str, measured: MeasuredRun, profile: ComputePro
 def _link(args) -> Link | None:
     if args.link and args.bandwidth is not None:
         raise ValueError("--link and --bandwidth: give one of them")
+    cpu = args.network_cpu_gbs
+    if cpu is not None and not (math.isfinite(cpu) and cpu > 0):
+        raise ValueError(f"--network-cpu-gbs {cpu} must be a positive rate in GB/s")
     if args.link:
-        return link_preset(args.link)
+        link = link_preset(args.link)
+        return link if cpu is None else replace(link, cpu_gbs=cpu)
     if args.bandwidth is not None:
-        return Link("custom", args.bandwidth, 20.0 if args.latency is None else args.latency)
+        return Link("custom", args.bandwidth, 20.0 if args.latency is None else args.latency, cpu)
     if args.latency is not None:
         raise ValueError("--latency goes with --bandwidth")
     return None
+
+
+def _cores_per_node(args, measured: MeasuredRun) -> int:
+    """--cores-per-node, else the cores of the machine the measured run ran on (its metrics, else this one's)."""
+    if args.cores_per_node is not None:
+        if args.cores_per_node < 1:
+            raise ValueError(f"--cores-per-node {args.cores_per_node} must be a positive number of cores")
+        return args.cores_per_node
+    if measured.cores:
+        return measured.cores
+    from llmpy.execution.threads import available_cores
+
+    return available_cores()
 
 
 def _reduce_rate(args, measured: MeasuredRun) -> float:
@@ -181,7 +205,8 @@ def _cluster(args, target: dict, measured: MeasuredRun) -> Cluster:
             raise ValueError(f"--link or --bandwidth: needed to predict {target['ranks']} ranks")
         link = LINK_PRESETS["shm"]
     return Cluster(target["ranks"], link, args.ranks_per_node, reduce_gbytes_s=_reduce_rate(args, measured),
-                   algorithms=args.algorithms, concurrent_gbit=args.concurrent_gbit)
+                   algorithms=args.algorithms, concurrent_gbit=args.concurrent_gbit,
+                   cores_per_node=_cores_per_node(args, measured), threads_per_rank=target["threads"])
 
 
 def _overlap(args, profile: ComputeProfile, target: dict, cluster: Cluster, source: MeasuredRun) -> float:
@@ -205,8 +230,8 @@ def _describe(target: dict, cluster: Cluster, overlap: float, measured: Measured
     link = cluster.link
     capped = f", {cluster.concurrent_gbit:g} Gbit/s for several in flight" if cluster.concurrent_gbit else ""
     network = (f"link {link.name} ({link.bandwidth_gbit:.3g} Gbit/s, {link.latency_us:.3g} us{capped}), "
-               f"{cluster.algorithms} algorithms, overlap {overlap:.2f}" if cluster.ranks > 1 else
-               "one rank, no communication")
+               f"{cluster.algorithms} algorithms, overlap {overlap:.2f}; {_network_cpu(cluster)}"
+               if cluster.ranks > 1 else "one rank, no communication")
     phases = measured.phases_ms
     return (f"predicted: {target['model']}, B={target['B']}, T={target['T']} per rank, {cluster.ranks} "
             f"rank{'s' if cluster.ranks > 1 else ''}{per_node} x {target['threads']} thread"
@@ -215,6 +240,16 @@ def _describe(target: dict, cluster: Cluster, overlap: float, measured: Measured
             f"({measured.ranks} rank{'s' if measured.ranks > 1 else ''} x {measured.threads} thread"
             f"{'s' if measured.threads > 1 else ''}): step {phases['step']:.1f} ms (forward {phases['forward']:.1f}, "
             f"backward {phases['backward']:.1f}, update {phases['update']:.1f})")
+
+
+def _network_cpu(cluster: Cluster) -> str:
+    cores = (f"{cluster.ranks_per_node} x {cluster.threads_per_rank} thread(s) on {cluster.cores_per_node} "
+             f"core{'s' if cluster.cores_per_node != 1 else ''} per host")
+    if cluster.link.cpu_gbs is None:
+        return "network CPU free (no --network-cpu-gbs)"
+    if cluster.spare_core:
+        return f"network CPU {cluster.link.cpu_gbs:.3g} GB/s on a spare core ({cores}): free"
+    return f"network CPU {cluster.link.cpu_gbs:.3g} GB/s taken from compute ({cores})"
 
 
 def _error(predicted: float, measured: float | None) -> str:
@@ -240,6 +275,8 @@ def format_components(prediction: StepPrediction, measured: dict | None, measure
     if not prediction.link_ms:
         return "\n".join(lines)
     hidden = f"hidden gradient bytes {100 * prediction.grad_hidden:.0f}%"
+    if prediction.network_cpu_ms:
+        hidden = f"network CPU stretching compute and update {prediction.network_cpu_ms:.1f} ms; " + hidden
     if prediction.param_hidden is not None:
         hidden += f", parameter bytes {100 * prediction.param_hidden:.0f}%"
     return "\n".join(lines + [hidden])
@@ -252,7 +289,8 @@ def prediction_document(target: dict, cluster: Cluster, overlap: float, predicti
     return {
         "target": {**target, "ranks_per_node": cluster.ranks_per_node, "link": asdict(cluster.link),
                    "algorithms": cluster.algorithms, "overlap": overlap, "reduce_gbytes_s": cluster.reduce_gbytes_s,
-                   "concurrent_gbit": cluster.concurrent_gbit},
+                   "concurrent_gbit": cluster.concurrent_gbit, "cores_per_node": cluster.cores_per_node,
+                   "network_cpu_gbs": cluster.link.cpu_gbs, "network_cpu_charged": cluster.network_cpu_per_byte > 0},
         "step_ms": prediction.step_ms,
         "measured_step_ms": measured_step,
         "components": [{"name": name, "predicted_ms": value,
@@ -261,6 +299,7 @@ def prediction_document(target: dict, cluster: Cluster, overlap: float, predicti
         "link_ms": prediction.link_ms,
         "grad_hidden": prediction.grad_hidden,
         "param_hidden": prediction.param_hidden,
+        "network_cpu_ms": prediction.network_cpu_ms,
     }
 
 

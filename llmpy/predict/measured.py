@@ -47,6 +47,7 @@ class MeasuredRun:
     kernels_gbytes: dict = field(default_factory=dict)  # kernel -> GB/s by its cost model
     events_path: str | None = None
     warmup_steps: int = 1
+    cores: int | None = None  # the machine's cores, where the metrics record them
 
     @property
     def step_ms(self) -> float:
@@ -93,7 +94,8 @@ def read_run(directory: str) -> MeasuredRun:
             kernel_calls={k["name"]: float(k["calls_per_step"]) for k in kernels},
             per_rank=list(summary.get("per_rank", [])),
             kernels_gbytes={k["name"]: float(k.get("gbytes", 0.0)) for k in kernels},
-            events_path=_events(directory), warmup_steps=int(summary.get("warmup_steps", 1)))
+            events_path=_events(directory), warmup_steps=int(summary.get("warmup_steps", 1)),
+            cores=_cores(summary))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not JSON ({error})") from None
     except (KeyError, TypeError) as error:
@@ -120,6 +122,15 @@ def _config(summary: dict, path: str) -> GPT2Config:
             return GPT2Config(max_seq_len=max_seq_len, vocab_size=vocab, padded_vocab_size=vocab, num_layers=L,
                               num_heads=1, channels=C)
     raise ValueError(f"{path}: cannot tell the model's shape from {count} parameters, {L} layers, {C} channels")
+
+
+def _cores(summary: dict) -> int | None:
+    """The machine's cores from the metrics (`cores` or `cpu_count`, top level or under `machine`), if any."""
+    for where in (summary, summary.get("machine") or {}):
+        for key in ("cores", "cpu_count"):
+            if isinstance(where.get(key), int) and where[key] > 0:
+                return where[key]
+    return None
 
 
 def _events(directory: str) -> str | None:

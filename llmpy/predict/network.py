@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from llmpy.core.errors import OptionError
@@ -61,6 +61,7 @@ class Link:
     name: str
     bandwidth_gbit: float
     latency_us: float
+    cpu_gbs: float | None = None  # GB/s of bytes sent + received per second of a rank's CPU (None: free)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.bandwidth_gbit, (int, float)) and math.isfinite(self.bandwidth_gbit)
@@ -68,6 +69,9 @@ class Link:
             raise OptionError("bandwidth", self.bandwidth_gbit, "must be a positive number of Gbit/s")
         if not (isinstance(self.latency_us, (int, float)) and math.isfinite(self.latency_us) and self.latency_us >= 0):
             raise OptionError("latency", self.latency_us, "must be a number of microseconds >= 0")
+        if self.cpu_gbs is not None and not (isinstance(self.cpu_gbs, (int, float)) and math.isfinite(self.cpu_gbs)
+                                             and self.cpu_gbs > 0):
+            raise OptionError("network_cpu_gbs", self.cpu_gbs, "must be a positive rate in GB/s")
 
     @property
     def alpha(self) -> float:
@@ -81,14 +85,16 @@ class Link:
 # Named links. veth: this machine's veth link between two network-namespace hosts (tests/netns_hosts.py), MPICH
 # over UCX's TCP transport, from Sendrecv exchanges of 8 B - 16 MiB: 3.6-6.5 Gbit/s and 38-41 us on the shared
 # 2-core development machine (bench/predict_validation.py measures it again on every run). Several collectives
-# in flight, polled as llmpy waits, got ~0.35 Gbit/s there on any link (Cluster.concurrent_gbit).
+# in flight, polled as llmpy waits, got ~0.35 Gbit/s there on any link (Cluster.concurrent_gbit). Moving data
+# cost a rank ~0.7 GB/s of bytes sent + received per CPU second there (0.64-0.71 from 8 Iallreduces of 1-16 MiB
+# polled, unshaped and at 2 and 1 Gbit/s, process CPU time: MPI's tests and the kernel's TCP work).
 LINK_PRESETS: dict[str, Link] = {
     "1gbe": Link("1gbe", 1.0, 50.0),
     "10gbe": Link("10gbe", 10.0, 20.0),
     "25gbe": Link("25gbe", 25.0, 10.0),
     "ib100": Link("ib100", 100.0, 2.0),
     "ib200": Link("ib200", 200.0, 1.5),
-    "veth": Link("veth", 5.0, 40.0),
+    "veth": Link("veth", 5.0, 40.0, cpu_gbs=0.7),
     "shm": Link("shm", 80.0, 0.5),  # ranks on one host: a copy through shared memory
 }
 
@@ -116,6 +122,8 @@ class Cluster:
     reduce_gbytes_s: float = 4.0
     algorithms: str = "mpich"
     concurrent_gbit: float | None = None  # what several collectives in flight at once get (see concurrent_seconds)
+    cores_per_node: int | None = None  # None: no spare core for the network's CPU work (see network_cpu_per_byte)
+    threads_per_rank: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.ranks, int) or self.ranks < 1:
@@ -130,6 +138,8 @@ class Cluster:
             raise OptionError("algorithms", self.algorithms, f"is not one of {', '.join(ALGORITHM_CHOICES)}")
         if self.concurrent_gbit is not None and not (math.isfinite(self.concurrent_gbit) and self.concurrent_gbit > 0):
             raise OptionError("concurrent_gbit", self.concurrent_gbit, "must be a positive number of Gbit/s")
+        if self.cores_per_node is not None and (not isinstance(self.cores_per_node, int) or self.cores_per_node < 1):
+            raise OptionError("cores_per_node", self.cores_per_node, "must be a positive number of cores")
 
     @property
     def nodes(self) -> int:
@@ -139,8 +149,22 @@ class Cluster:
     def gamma(self) -> float:
         return 0.0 if math.isinf(self.reduce_gbytes_s) else 1.0 / (1e9 * self.reduce_gbytes_s)
 
+    @property
+    def spare_core(self) -> bool:
+        """Whether a host has a core beyond its ranks' threads for the network's CPU work (the progress thread's
+        tests, the kernel's TCP stack)."""
+        return self.cores_per_node is not None and self.ranks_per_node * self.threads_per_rank < self.cores_per_node
+
+    @property
+    def network_cpu_per_byte(self) -> float:
+        """Seconds of a rank's compute lost per byte it sends or receives off its host while it computes: the
+        link's CPU cost where the host has no spare core, else 0."""
+        if self.link.cpu_gbs is None or self.spare_core or self.ranks == 1:
+            return 0.0
+        return 1.0 / (1e9 * self.link.cpu_gbs)
+
     def subgroup(self, ranks: int, per_node: int, link: Link) -> Cluster:
-        return Cluster(ranks, link, per_node, self.intra, self.reduce_gbytes_s, self.algorithms, self.concurrent_gbit)
+        return replace(self, ranks=ranks, ranks_per_node=per_node, link=link)
 
 
 # ---------------------------------------------------------------------------------------------- schedules
@@ -333,11 +357,12 @@ def mpich_algorithm(kind: str, nbytes: float, p: int) -> str:
 @dataclass(frozen=True)
 class Cost:
     """A schedule's time on a cluster, the alphas on its path (`latency`), and the bytes it puts on each host's
-    link per direction, through each rank's shared-memory copies, and into each rank's sums (`loads`)."""
+    link per direction, through each rank's shared-memory copies, into each rank's sums, and each rank's bytes
+    sent and received off its host (`loads`)."""
 
     seconds: float
     latency: float
-    loads: dict  # ("link", host, "out"|"in") / ("shm", rank) / ("sum", rank) -> bytes
+    loads: dict  # ("link", host, "out"|"in") / ("shm", rank) / ("sum", rank) / ("net", rank): sent + received -> bytes
 
 
 def _round_seconds(messages: tuple, cluster: Cluster, loads: dict) -> tuple[float, float]:
@@ -350,6 +375,8 @@ def _round_seconds(messages: tuple, cluster: Cluster, loads: dict) -> tuple[floa
         if source // k != destination // k:
             link[(source // k, "out")] = link.get((source // k, "out"), 0.0) + nbytes
             link[(destination // k, "in")] = link.get((destination // k, "in"), 0.0) + nbytes
+            for rank in (source, destination):
+                loads[("net", rank)] = loads.get(("net", rank), 0.0) + nbytes
         else:
             shm[source] = shm.get(source, 0.0) + nbytes
         if reduce:
@@ -480,3 +507,14 @@ def concurrent_seconds(items: list[tuple[str, float, int]], cluster: Cluster) ->
     return max(alone, latency + transfer + busiest["sum"] * cluster.gamma)
 
 
+
+
+def network_bytes(items: list[tuple[str, float, int]], cluster: Cluster, rank: int = 0) -> float:
+    """The bytes `rank` sends and receives off its host in the collectives `items` (kind, bytes, root)."""
+    if cluster.ranks == 1:
+        return 0.0
+    total = 0.0
+    for kind, nbytes, root in items:
+        loads = _rotated(collective_cost(kind, nbytes, cluster).loads, root or 0, cluster)
+        total += loads.get(("net", rank), 0.0)
+    return total

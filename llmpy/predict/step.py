@@ -15,7 +15,11 @@ together, llmpy.predict.network.concurrent_seconds). While the rank computes, th
 could (1: the structural limit, every bucket hides behind the backward of the layers still to run and the updates
 of the buckets before it; 0: MPI moves data only inside the waits, which is what MPICH over TCP does with no
 progress thread: the hidden shares measured here are ~0%); while the rank waits it moves everything it can.
-`calibrate_overlap` finds the value that reproduces a measured run's hidden gradient bytes. Parameters are
+`calibrate_overlap` finds the value that reproduces a measured run's hidden gradient bytes. Moving data costs
+the rank CPU (the progress thread's tests, the kernel's TCP stack: the link's `cpu_gbs`, GB/s of bytes sent +
+received per CPU second); where its host has no spare core (`Cluster.network_cpu_per_byte`), each byte moved
+while the rank computes stretches that compute by 1 / cpu_gbs, the link moving on meanwhile, while bytes moved
+during a wait cost nothing (the rank is idle then). Parameters are
 waited for before the step ends: no strategy lets the next forward start on blocks whose parameters arrived
 (`params_behind_forward` is that what-if, ignoring that forward needs the encoder's parameters, updated last).
 
@@ -34,7 +38,7 @@ from llmpy.core.errors import OptionError
 from llmpy.execution.mpi.strategies import gradient_buckets, owner_blocks, split_evenly
 from llmpy.predict.measured import (GRADIENT_STARTS, NORM_LABEL, PARAMETER_STARTS, MeasuredRun, gradient_label,
                                     parameter_label)
-from llmpy.predict.network import Cluster, collective_seconds, concurrent_seconds
+from llmpy.predict.network import Cluster, collective_seconds, concurrent_seconds, network_bytes
 
 STRATEGY_NAMES = ("allreduce", "zero1", "server", "owners")
 GRADIENT_KIND = {"allreduce": "MPI_Iallreduce", "zero1": "MPI_Ireduce_scatter", "server": "MPI_Ireduce",
@@ -178,6 +182,7 @@ class _Job:
     kind: str
     seconds: float  # left to move, at the link's full rate
     released: float
+    bytes_per_second: float = 0.0  # the rank's bytes sent + received per second of the job on the link
 
 
 class _Link:
@@ -186,23 +191,40 @@ class _Link:
     def __init__(self) -> None:
         self.jobs: list[_Job] = []
 
-    def start(self, kind: str, seconds: float, now: float) -> _Job:
-        job = _Job(kind, seconds, now)
+    def start(self, kind: str, seconds: float, now: float, nbytes: float = 0.0) -> _Job:
+        job = _Job(kind, seconds, now, nbytes / seconds if seconds > 0 else 0.0)
         self.jobs.append(job)
         return job
 
-    def advance(self, start: float, end: float, rate: float) -> None:
-        """Move what `rate` of the link moves between `start` and `end`."""
-        cursor = start
+    def advance(self, start: float, end: float, rate: float) -> float:
+        """Move what `rate` of the link moves between `start` and `end`; the rank's bytes moved."""
+        cursor, moved_bytes = start, 0.0
         for job in self.jobs:
             if job.seconds <= 0:
                 continue
             begin = max(cursor, job.released)
             if rate <= 0 or begin >= end:
-                return
+                break
             moved = min(job.seconds, (end - begin) * rate)
             job.seconds -= moved
+            moved_bytes += moved * job.bytes_per_second
             cursor = begin + moved / rate
+        return moved_bytes
+
+    def compute(self, start: float, seconds: float, rate: float, cpu_per_byte: float) -> float:
+        """The seconds the network's CPU work adds to `seconds` of compute from `start`, the link moving `rate`
+        of what it can: each byte the rank sends or receives meanwhile takes `cpu_per_byte` of its core, which
+        stretches the compute, and the link moves on during the stretch too (bytes moved during waits cost
+        nothing: the rank is idle)."""
+        end = start + seconds
+        moved, added = self.advance(start, end, rate), 0.0
+        for _ in range(10_000):  # ends when the link runs out of data or the stretch is negligible
+            if cpu_per_byte <= 0 or moved * cpu_per_byte < 1e-9:
+                break
+            stretch = moved * cpu_per_byte
+            moved = self.advance(end, end + stretch, rate)
+            end, added = end + stretch, added + stretch
+        return added
 
     def wait(self, job: _Job, now: float) -> float:
         """When `job` is done if the rank waits for it from `now` (the jobs before it finish first)."""
@@ -226,6 +248,7 @@ class StepPrediction:
     grad_hidden: float
     param_hidden: float | None
     link_ms: dict
+    network_cpu_ms: float = 0.0  # compute (backward, update) stretched by the network's CPU work
 
 
 def predict_step(profile: ComputeProfile, target: Target) -> StepPrediction:
@@ -233,21 +256,23 @@ def predict_step(profile: ComputeProfile, target: Target) -> StepPrediction:
     cluster, rate = target.cluster, target.overlap
     plan = strategy_plan(target.strategy, profile.config, cluster.ranks)
     call = profile.call_us * 1e-6 if cluster.ranks > 1 else 0.0
-    link, state = _Link(), {"t": 1e-3 * profile.forward_ms, "calls": 0}
+    link, state = _Link(), {"t": 1e-3 * profile.forward_ms, "calls": 0, "cpu": 0.0}
+    cpu_per_byte = cluster.network_cpu_per_byte
     waits = {plan.gradient_kind: 0.0, **({plan.parameter_kind: 0.0} if plan.parameter_kind else {}),
              **({"MPI_Allreduce": 0.0} if plan.norm_allreduce and profile.clips else {})}
     link_ms = {kind: 0.0 for kind in waits}
 
     def compute(seconds: float) -> None:
-        link.advance(state["t"], state["t"] + seconds, rate)
-        state["t"] += seconds
+        added = link.compute(state["t"], seconds, rate, cpu_per_byte)
+        state["cpu"] += added
+        state["t"] += seconds + added
 
     def start(kind: str, items: list) -> _Job:
         compute(call * (len(items) + 1))  # the starts and a test
         state["calls"] += len(items) + 1
         seconds = concurrent_seconds(items, cluster)
         link_ms[kind] += 1e3 * seconds
-        return link.start(kind, seconds, state["t"])
+        return link.start(kind, seconds, state["t"], network_bytes(items, cluster) if cpu_per_byte else 0.0)
 
     def wait(job: _Job) -> None:
         done = link.wait(job, state["t"])
@@ -255,6 +280,7 @@ def predict_step(profile: ComputeProfile, target: Target) -> StepPrediction:
         state["t"] = done
 
     grad_jobs = _backward(profile, plan, compute, start)
+    backward_cpu = state["cpu"]
     total_bytes = sum(plan.bucket_bytes)
     grad_hidden = sum(b for job, b in zip(grad_jobs, plan.bucket_bytes) if job.seconds <= 0) / total_bytes
     update_start = state["t"]
@@ -278,14 +304,14 @@ def predict_step(profile: ComputeProfile, target: Target) -> StepPrediction:
     update_ms = 1e3 * (state["t"] - update_start) - wait_ms - 1e3 * call * _calls_in_update(plan)
     labels = {plan.gradient_kind: gradient_label(plan.gradient_kind), "MPI_Allreduce": NORM_LABEL,
               plan.parameter_kind: parameter_label(plan.parameter_kind or "")}
-    components = {"compute": profile.forward_ms + profile.backward_ms, "update": update_ms,
+    components = {"compute": profile.forward_ms + profile.backward_ms + 1e3 * backward_cpu, "update": update_ms,
                   **{labels[kind]: ms for kind, ms in waits.items()}, "wait": wait_ms,
                   "communication": wait_ms + 1e3 * call * state["calls"], "other": profile.other_ms}
     step = 1e3 * state["t"] + profile.other_ms
     if cluster.ranks == 1:  # nothing to communicate: no collective rows, nothing hidden
         components = {k: v for k, v in components.items() if k.split(" ")[0] not in link_ms}
         return StepPrediction(step, components, 0.0, None, {})
-    return StepPrediction(step, components, grad_hidden, param_hidden, link_ms)
+    return StepPrediction(step, components, grad_hidden, param_hidden, link_ms, 1e3 * state["cpu"])
 
 
 def _backward(profile: ComputeProfile, plan: StrategyPlan, compute, start) -> list:
