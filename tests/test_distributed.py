@@ -237,10 +237,29 @@ def test_tasks_inside_each_rank_match_one_process_with_twice_the_batch(strategy,
 
 
 @needs_mpi
-def test_overlap_steps_is_refused_with_mpi(data_dir):
-    result = llmpy_train([*COMMON, "--mode", "mpi", "--rank-mode", "tasks", "--overlap-steps", "-B", B],
-                         data_dir, ranks=2, check=False)
-    assert result.returncode != 0 and "--overlap-steps" in result.stderr and "Traceback" not in result.stderr
+@pytest.mark.parametrize("strategy, rank_mode", [("server", "sequential"), ("zero1", "tasks")])
+def test_overlap_steps_leaves_parameter_collectives_to_the_next_forward_with_the_same_results(strategy, rank_mode,
+                                                                                            data_dir, references):
+    runs = {}
+    for overlap in (False, True):
+        out = f"overlap-{strategy}-{rank_mode}-{overlap}"
+        result = llmpy_train([*COMMON, *PLAIN, "--mode", "mpi", "--strategy", strategy, "--rank-mode", rank_mode,
+                              "-B", B, "--output", f"{out}/model.bin", "--trace", f"{out}/trace",
+                              *(["--overlap-steps"] if overlap else [])], data_dir, ranks=2)
+        runs[overlap] = (train_losses(result.stdout), read_model(data_dir / out / "model.bin")[1], out)
+    ref_losses, ref_params = references["plain"]
+    np.testing.assert_allclose(runs[True][0], ref_losses, rtol=1e-5)
+    np.testing.assert_allclose(runs[True][1], ref_params, rtol=0, atol=1e-4)
+    assert runs[True][0] == runs[False][0] and np.array_equal(runs[True][1], runs[False][1])  # same arithmetic
+    for overlap, (_, _, out) in runs.items():  # where the parameter collectives were waited for
+        events = json.loads((data_dir / out / "trace" / "events.json").read_text())
+        fields = events["event_fields"]
+        waited_in_forward = {dict(zip(fields, e))["step"] for e in events["events"]
+                             if dict(zip(fields, e))["phase"] == "forward"
+                             and dict(zip(fields, e))["name"] in ("MPI_Waitall", "MPI_Wait_params")}
+        # (a task rank's graph is headed by its wait tasks from step 1 on; there is nothing to wait for yet)
+        expected = set(range(2 if rank_mode == "sequential" else 1, STEPS + 1)) if overlap else set()
+        assert waited_in_forward == expected, (overlap, waited_in_forward)
 
 
 # ------------------------------------------------------------------------------------ ranks that disagree or stop

@@ -76,7 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--runtime", choices=RUNTIMES,
                      help="tasks: llmpy's own scheduler (native, default) or Dask's threaded scheduler")
     run.add_argument("--overlap-steps", action="store_true",
-                     help="tasks: let a step's forward start while the previous step's updates run")
+                     help="tasks: let a step's forward start while the previous step's updates run; mpi: "
+                          "leave the parameter collectives (zero1, server, owners) in flight for the next "
+                          "forward, which waits for each bucket where it first reads it")
     run.add_argument("--gemm-split", choices=GEMM_SPLITS,
                      help="tasks: cut the forward and input-gradient GEMMs per token block (rows, default), or per "
                           "block of output columns over all tokens for the lm_head only (lm_head) or every GEMM "
@@ -294,7 +296,7 @@ def _agreement_fields(args, config: GPT2Config) -> dict:
     names = ("batch_size", "seq_len", "steps", "grad_accum", "strategy", "rank_mode", "lr", "beta1", "beta2", "eps",
              "weight_decay", "decay_matrices_only", "grad_clip", "lr_schedule", "warmup_steps", "final_lr_fraction",
              "seed", "shuffle", "val_every", "val_batches", "checkpoint_every", "block_tokens", "gemm_split", "mpi_progress",
-             "comm_overlap")
+             "comm_overlap", "overlap_steps")
     fields = {f"--{name.replace('_', '-')}": getattr(args, name) for name in names}
     fields["model"] = _model_shape(config)
     return fields
@@ -354,7 +356,8 @@ def execution_options(args, threads: int) -> tuple:
     """(threads, threading layer, TaskOptions | MpiOptions | None) for make_execution_model, from the flags;
     refuses flags that do not apply to --mode."""
     task_flags = {"--workers": args.workers is not None, "--block-tokens": args.block_tokens is not None,
-                  "--runtime": args.runtime is not None, "--overlap-steps": args.overlap_steps,
+                  "--runtime": args.runtime is not None,
+                  "--overlap-steps": args.overlap_steps and args.mode != "mpi",  # mpi: the strategy's (below)
                   "--gemm-split": args.gemm_split is not None}
     tasks_inside_ranks = args.mode == "mpi" and args.rank_mode == "tasks"
     given = [flag for flag, set_ in task_flags.items() if set_]
@@ -367,21 +370,21 @@ def execution_options(args, threads: int) -> tuple:
     if args.mode != "mpi" and mpi_flags:
         raise ValueError(f"{', '.join(mpi_flags)} apply to --mode mpi only")
     if args.mode == "mpi":  # threads per rank; None: the node's cores shared by its ranks
-        if args.overlap_steps:
-            raise ValueError("--overlap-steps does not combine with --mode mpi: the strategy runs the update")
         rank_threads = args.workers if tasks_inside_ranks and args.workers is not None else args.threads
         timeout = {} if args.mpi_timeout is None else {"timeout_s": args.mpi_timeout}
         return rank_threads, args.threading_layer, MpiOptions(args.strategy or "allreduce", args.rank_mode,
-                                                              _task_options(args), **timeout,
+                                                              _task_options(args, overlap_steps=False), **timeout,
                                                               progress=args.mpi_progress or "thread",
-                                                              overlap=args.comm_overlap)
+                                                              overlap=args.comm_overlap,
+                                                              overlap_steps=args.overlap_steps)
     if args.mode == "tasks":
         return args.workers or threads, args.threading_layer, _task_options(args)
     return threads, args.threading_layer, None
 
 
-def _task_options(args) -> TaskOptions:
-    options = TaskOptions(args.block_tokens, args.runtime or "native", args.overlap_steps, args.gemm_split or "rows")
+def _task_options(args, overlap_steps: bool | None = None) -> TaskOptions:
+    overlap_steps = args.overlap_steps if overlap_steps is None else overlap_steps
+    options = TaskOptions(args.block_tokens, args.runtime or "native", overlap_steps, args.gemm_split or "rows")
     options.tokens_per_block(args.seq_len)
     return options
 

@@ -68,6 +68,7 @@ class MpiOptions:
     timeout_s: float = 600.0  # how long a rank waits for the others before it aborts the run, naming them
     progress: str = "thread"  # who drives MPI's progress: a sleeping thread of its own, or tests between kernels
     overlap: bool = True  # False: every collective starts in the update, after backward (the baseline to compare)
+    overlap_steps: bool = False  # the parameter collectives complete behind the next forward (zero1, server, owners)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
@@ -80,6 +81,6 @@ class MpiOptions:
         if self.progress not in MPI_PROGRESS:
             raise OptionError("mpi_progress", self.progress, f"is not a way to drive MPI's progress; choose one of "
                                                              f"{', '.join(MPI_PROGRESS)}")
-        if self.rank_mode == "tasks" and self.tasks.overlap_steps:
-            raise OptionError("overlap_steps", True, "needs the AdamW tasks in the graph; the strategy runs the "
-                                                     "update in mpi mode")
+        if self.tasks.overlap_steps:
+            raise OptionError("overlap_steps", True, "of the task graph needs its AdamW tasks; in mpi mode the "
+                                                     "strategy's update overlaps (MpiOptions.overlap_steps)")

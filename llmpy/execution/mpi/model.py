@@ -209,6 +209,8 @@ class DataParallel(ExecutionModel):
     def synchronize(self) -> None:
         if self.inner is not None:
             self.inner.synchronize()
+        for strategy in self._strategies:  # --overlap-steps: the last update's parameters all in
+            strategy.finish_parameters()
 
     def save_checkpoint(self, directory: str, config, params, state, keep: int) -> None:
         """A sharded checkpoint (llmpy.io.checkpoints): rank 0 writes the model, every rank its moments, and
@@ -226,7 +228,7 @@ class DataParallel(ExecutionModel):
     def make_optimizer(self, model, config: AdamWConfig, micro_steps: int = 1) -> DataParallelStrategy:
         strategy = STRATEGY_CLASSES[self.strategy](model, config, self.kernels, self.group.comm, micro_steps,
                                                    self.group.watchdog, self.options.progress,
-                                                   self.options.overlap)
+                                                   self.options.overlap, self.options.overlap_steps)
         self._strategies.append(strategy)
         return strategy
 

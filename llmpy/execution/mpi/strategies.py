@@ -34,7 +34,9 @@ them, and its cost estimate puts it and them ahead of ordinary tasks), one threa
 and, with `--mpi-progress tests`, each worker tests what is in flight after every task (`progress`).
 The update then takes the buckets in the order they were started, waits only for that bucket's
 collectives, updates it, and starts that bucket's parameter collective (zero1, server, owners) while the
-next bucket is updated.
+next bucket is updated. With `overlap_steps` it takes them in the order the next forward reads them and
+leaves the parameter collectives in flight: the next forward waits for each bucket where it first reads it
+(`_parameter_observer` on the model's kernel calls, or the wait tasks heading a task rank's graph).
 
 Equivalence with one process. Gradients are summed over ranks and scaled by 1/P inside AdamW's gradient scale
 (as gradient accumulation scales by 1/micro-steps), weight decay follows each tensor's kind as `AdamW` does
@@ -229,7 +231,7 @@ class DataParallelStrategy(AdamWRule):
     updates_outside_task_graph = True
 
     def __init__(self, model, config: AdamWConfig, kernels, comm, micro_steps: int = 1, watchdog=None,
-                 progress: str = "tests", overlap: bool = True):
+                 progress: str = "tests", overlap: bool = True, overlap_steps: bool = False):
         super().__init__(config, kernels)
         self.watchdog = watchdog  # waits without spinning, and not forever (None: MPI's own blocking waits)
         self.MPI = _mpi()
@@ -262,6 +264,9 @@ class DataParallelStrategy(AdamWRule):
         # "thread": a sleeping thread tests what is in flight; "tests": a test after every kernel or task
         self._progress_thread = ProgressThread(self.MPI, self._lock) if progress == "thread" else None
         self.overlap = overlap  # False: no collective starts before the update
+        self.overlap_steps = overlap_steps  # the parameter collectives complete behind the next forward
+        self._params_pending: list[BucketState] = []  # overlap_steps: buckets whose parameters are still in flight
+        self._waits_as_tasks = False  # a task rank's graph waits for them (parameter_wait_tasks), not an observer
         self._traffic: dict[str, list[int]] = {}  # this step: MPI call -> [bytes sent, bytes received]
         self._comm_start: float | None = None  # when this step's first collective started
         model.gradients_ready = self._gradients_ready
@@ -403,6 +408,7 @@ class DataParallelStrategy(AdamWRule):
 
     def update(self, params, grads, learning_rate: float, grad_scale: float = 1.0) -> None:
         """One AdamW step on the gradient summed over ranks times grad_scale / P (AdamW.update's contract)."""
+        self.finish_parameters()  # a bucket the forward did not read (none in GPT-2): its collective done first
         self.scalars = self.next_step(learning_rate, grad_scale / self.world_size)
         if self._fail_step == self.step:
             if self._fail_kill:
@@ -419,8 +425,37 @@ class DataParallelStrategy(AdamWRule):
                 self._wait(state.bucket.part, state.grad_requests)
             self.grad_norm_sq[0] = self._global_sum_of_squares()
             self.last_grad_norm = self.grad_norm(self.scalars)
+        # overlap_steps: the buckets in the order the next forward reads them, their parameter collectives left in
+        # flight for it (`wait_parameters`); else in the order their gradients arrive, all waited here
+        states = self.states[::-1] if self.overlap_steps else self.states
+        in_flight = self._update_buckets(states)
+        params_done = sum(4 * s.bucket.size for s in states if s.param_requests
+                          and self._test(s.bucket.part, s.param_requests))
+        params_total = sum(4 * s.bucket.size for s in states if s.param_requests)
+        if self.overlap_steps:
+            self._params_pending = [s for s in states if s.param_requests]
+            self._params_done_when_read, params_done = 0, None  # known once the next forward read them
+        else:
+            self._wait(-1, in_flight)
+            for state in self.states:
+                state.param_requests = []
+        span = time.perf_counter() - self._comm_start if self._comm_start is not None else 0.0
+        self.step_overlap.append({"grad_hidden": grads_done / total_bytes,
+                                  "param_hidden": params_done / params_total if params_total and
+                                  params_done is not None else None,
+                                  "traffic": self._traffic, "span_s": span})
+        self._params_total = params_total
+        self._traffic, self._comm_start = {}, None
+        self._started.clear()
+        self._backwards = 0
+        if self._params_pending and not self._waits_as_tasks:
+            self._install_parameter_observer()
+
+    def _update_buckets(self, states: list[BucketState]) -> list:
+        """Per bucket: wait for its gradient collectives, AdamW on what this rank owns, start its parameter
+        collectives (testing what is in flight). Returns the parameter requests."""
         in_flight: list = []
-        for state in self.states:
+        for state in states:
             self._wait(state.bucket.part, state.grad_requests)
             state.grad_requests = []
             for owned in state.owned:
@@ -430,22 +465,63 @@ class DataParallelStrategy(AdamWRule):
                 self._progress_thread.watch(state.param_requests)
             in_flight += state.param_requests
             self._test(state.bucket.part, in_flight)
-        params_done = sum(4 * s.bucket.size for s in self.states if s.param_requests
-                          and self._test(s.bucket.part, s.param_requests))
-        params_total = sum(4 * s.bucket.size for s in self.states if s.param_requests)
-        self._wait(-1, in_flight)
-        for state in self.states:
+        return in_flight
+
+    # ---- overlap_steps: the parameter collectives of a step complete behind the next step's forward
+    def parameter_wait_tasks(self) -> list[tuple]:
+        """(name, fn, args, parameter views) of the tasks that head a task rank's graph: each waits for one
+        bucket's parameter collectives and 'writes' its parameters, so the forward tasks reading them wait for it."""
+        self._waits_as_tasks = True
+        return [(f"MPI_Wait_params l{s.bucket.part}", self._wait_parameters_task, (s.bucket.part,),
+                 [self.params.flat[g.start:g.stop] for g in s.bucket.segments]) for s in self.states[::-1]]
+
+    def _wait_parameters_task(self, part: int) -> None:
+        with self._lock, self._unobserved():  # from a task worker: the task is recorded as itself
+            self.wait_parameters(part)
+
+    def wait_parameters(self, part: int) -> None:
+        """Wait for the parameter collectives of bucket `part` still in flight from the last update, if any."""
+        with self._lock:
+            state = self._by_part[part]
+            if state not in self._params_pending:
+                return
+            if self._test(part, state.param_requests):
+                self._params_done_when_read += 4 * state.bucket.size
+            self._wait(part, state.param_requests)
             state.param_requests = []
-        span = time.perf_counter() - self._comm_start if self._comm_start is not None else 0.0
-        self.step_overlap.append({"grad_hidden": grads_done / total_bytes,
-                                  "param_hidden": params_done / params_total if params_total else None,
-                                  "traffic": self._traffic, "span_s": span})
-        self._traffic, self._comm_start = {}, None
-        self._started.clear()
-        self._backwards = 0
+            self._params_pending.remove(state)
+            if not self._params_pending:  # the last step's parameters are all in: its share hidden is known
+                self.step_overlap[-1]["param_hidden"] = self._params_done_when_read / self._params_total
+                if self.model.observer == self._parameter_observer:
+                    self.model.observer = self._observer_before_parameters
+
+    def finish_parameters(self) -> None:
+        """Every parameter collective still in flight done (before anything outside a step reads parameters)."""
+        for state in list(self._params_pending):
+            self.wait_parameters(state.bucket.part)
+
+    def _install_parameter_observer(self) -> None:
+        self._observer_before_parameters, self.model.observer = self.model.observer, self._parameter_observer
+        base = self.params.flat.__array_interface__["data"][0]
+        self._param_ranges = {s.bucket.part: [(base + 4 * g.start, base + 4 * g.stop) for g in s.bucket.segments]
+                              for s in self._params_pending}
+
+    def _parameter_observer(self, name: str, layer: int, kernel, args):
+        """The model's observer while parameters are in flight: before a kernel that reads a bucket still in
+        flight, wait for that bucket (the ranges of its parameters against each argument's memory)."""
+        for arg in args:
+            if isinstance(arg, np.ndarray) and self._params_pending:
+                start = arg.__array_interface__["data"][0]
+                stop = start + arg.nbytes
+                for part in [s.bucket.part for s in self._params_pending]:
+                    if any(lo < stop and start < hi for lo, hi in self._param_ranges[part]):
+                        self.wait_parameters(part)
+        observer = self._observer_before_parameters
+        return kernel(*args) if observer is None else observer(name, layer, kernel, args)
 
     def close(self) -> None:
-        """Stop the progress thread (every request is complete after `update`)."""
+        """Stop the progress thread (after the parameter collectives still in flight, if any)."""
+        self.finish_parameters()
         if self._progress_thread is not None:
             self._progress_thread.close()
             self._progress_thread = None
@@ -554,9 +630,10 @@ class OwnerBlocksStrategy(ParameterServerStrategy):
 
     name = "owners"
 
-    def __init__(self, model, config, kernels, comm, micro_steps=1, watchdog=None, progress="tests", overlap=True):
+    def __init__(self, model, config, kernels, comm, micro_steps=1, watchdog=None, progress="tests", overlap=True,
+                 overlap_steps=False):
         self.blocks = owner_blocks(gradient_buckets(model.config), comm.Get_size())
-        super().__init__(model, config, kernels, comm, micro_steps, watchdog, progress, overlap)
+        super().__init__(model, config, kernels, comm, micro_steps, watchdog, progress, overlap, overlap_steps)
 
     def owned_slices(self, segment):
         return [(start, stop) for start, stop, owner in self.blocks[segment] if owner == self.rank]

@@ -71,6 +71,12 @@ class GraphBuilder:
         reads = tuple(region for view in views for region in self.tensors.regions(view))
         return self.graph.add(Task(name, name.split(" ")[0], fn, args, reads, (), part, (), "backward", seconds))
 
+    def add_parameter_wait(self, name: str, fn, args: tuple, views) -> Task:
+        """A task that 'writes' the parameters in `views` (the tasks reading them wait for it) and waits for the
+        collectives bringing them in."""
+        writes = tuple(region for view in views for region in self.tensors.regions(view))
+        return self.graph.add(Task(name, name.split(" ")[0], fn, args, (), writes, -1, (), "forward"))
+
     def _add(self, call: KernelCall, label: str, layer: int, suffix: str, block: tuple, args: tuple,
              owner: bool) -> Task:
         reads, writes = [], []

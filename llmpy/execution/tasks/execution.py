@@ -55,14 +55,16 @@ def tensor_registry(model, optimizer=None) -> TensorRegistry:
 def build_step_graph(model, optimizer=None, block_tokens: int | None = None, accumulate: bool = False,
                      with_update: bool = True, leading_update: bool = False, grad_norm_at_end: bool = False,
                      gemm_split: str = "rows", gemm_channel_block: int | None = None,
-                     options: TaskOptions | None = None, communication=None) -> StepGraph:
+                     options: TaskOptions | None = None, communication=None, parameter_waits=()) -> StepGraph:
     """The task graph of one micro-step of `model` (a GPT2 with buffers for B x T tokens): forward with loss,
     backward (gradients written, or added to when `accumulate`), and when `with_update` the AdamW step of
     `optimizer`. With `leading_update` the graph starts with the previous step's AdamW tasks (its gradients are
     graph inputs), so the forward tasks of layer l wait only for the update of what they read (RAW) and the
     backward's gradient writes for the update's reads (WAR). `grad_norm_at_end` adds the gradient-norm task
     (clipping) without the update, which then runs in the next step's graph. `communication`: see GraphBuilder
-    (a data-parallel strategy's collectives as tasks of the backward)."""
+    (a data-parallel strategy's collectives as tasks of the backward); `parameter_waits`: (name, fn, args,
+    parameter views) of tasks that head the graph and 'write' those parameters, so the forward tasks reading
+    them wait for them (a strategy's parameter collectives still in flight from the last update)."""
     if options is None:
         extra = {} if gemm_channel_block is None else {"gemm_channel_block": gemm_channel_block}
         options = TaskOptions(block_tokens=block_tokens, gemm_split=gemm_split, **extra)
@@ -75,6 +77,8 @@ def build_step_graph(model, optimizer=None, block_tokens: int | None = None, acc
     graph, builder = _graph_builder(model, optimizer, options, K, kinds, communication)
     if leading_update:
         builder.add_calls(optimizer.update_calls(model.params, model.grads))
+    for wait in parameter_waits:
+        builder.add_parameter_wait(*wait)
     serial = KernelSet(parallel=False)  # workers run serial kernels, whatever the model's own variant
     builder.add_calls(model.forward_calls(B, T, kernels=serial))
     builder.add_calls(model.backward_calls(B, T, accumulate, kernels=serial))
@@ -139,10 +143,15 @@ class TaskExecution:
                    communication: bool = False) -> StepGraph:
         key = (id(model), id(optimizer), accumulate, with_update, leading_update, grad_norm_at_end, communication)
         if key not in self._graphs:
+            # a strategy that leaves its parameter collectives in flight (overlap_steps): the first micro-step's
+            # forward waits for them bucket by bucket
+            waits = optimizer.parameter_wait_tasks() if (communication and not accumulate and
+                                                         getattr(optimizer, "overlap_steps", False)) else ()
             self._graphs[key] = build_step_graph(model, optimizer, accumulate=accumulate, with_update=with_update,
                                                  leading_update=leading_update, grad_norm_at_end=grad_norm_at_end,
                                                  options=self.options,
-                                                 communication=optimizer.communication_task if communication else None)
+                                                 communication=optimizer.communication_task if communication else None,
+                                                 parameter_waits=waits)
         return self._graphs[key]
 
     def synchronize(self) -> None:
