@@ -31,7 +31,8 @@ from llmpy.execution.options import STRATEGIES  # noqa: E402
 RATES = {"unshaped": None, "2gbit": "2gbit", "1gbit": "1gbit"}
 # --progress: how the collectives' data moves while kernels run; off: every collective starts in the update
 PROGRESS_FLAGS = {"thread": ("--mpi-progress", "thread"), "tests": ("--mpi-progress", "tests"),
-                  "off": ("--mpi-progress", "thread", "--no-comm-overlap")}
+                  "off": ("--mpi-progress", "thread", "--no-comm-overlap"),
+                  "steps": ("--mpi-progress", "thread", "--overlap-steps")}  # parameters behind the next forward
 LINK_GBITS = {"unshaped": None, "2gbit": 2.0, "1gbit": 1.0}
 
 
@@ -99,8 +100,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rates", default=",".join(RATES), help="unshaped,2gbit,1gbit")
     parser.add_argument("--rank-mode", default="sequential", choices=("sequential", "tasks"))
     parser.add_argument("--progress", default="thread",
-                        help="comma list of thread, tests (--mpi-progress) and off (--no-comm-overlap: no "
-                             "overlap, the baseline), each run beside the others")
+                        help="comma list of thread, tests (--mpi-progress), off (--no-comm-overlap: no "
+                             "overlap, the baseline) and steps (thread with --overlap-steps), each run beside the others")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--train-data", help="glob of training shards (overrides --data-dir)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run before it is killed")
