@@ -36,6 +36,18 @@ PROGRESS_FLAGS = {"thread": ("--mpi-progress", "thread"), "tests": ("--mpi-progr
 LINK_GBITS = {"unshaped": None, "2gbit": 2.0, "1gbit": 1.0}
 
 
+def run_shaped(hosts, rate: str, command: list, timeout: float, what: str) -> list[int]:
+    """One mpiexec of `command`, one rank per host, over links shaped to `rate`; the bytes each host sent."""
+    hosts.shape(RATES[rate])
+    try:
+        result, sent = hosts.mpiexec(1, command, timeout)
+    finally:
+        hosts.shape(None)
+    if result.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
+    return sent
+
+
 def run_one(hosts, strategy: str, rate: str, args, work: Path, round_index: int) -> dict:
     progress = getattr(args, "mpi_progress", "thread")
     out = work / f"{strategy}-{rate}-{progress}-{round_index}"
@@ -44,13 +56,7 @@ def run_one(hosts, strategy: str, rate: str, args, work: Path, round_index: int)
                "--output", "", "--metrics-dir", out, "--mode", "mpi", "--threads", "1", "--strategy", strategy,
                "--rank-mode", args.rank_mode, *PROGRESS_FLAGS[progress], *(["--train-data", args.train_data] if args.train_data else
                                                  ["--data-dir", args.data_dir])]
-    hosts.shape(RATES[rate])
-    try:
-        result, sent = hosts.mpiexec(1, command, args.timeout)
-    finally:
-        hosts.shape(None)
-    if result.returncode != 0:
-        raise RuntimeError(f"{strategy} over {rate} failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
+    sent = run_shaped(hosts, rate, command, args.timeout, f"{strategy} over {rate}")
     metrics = json.loads((out / "metrics.json").read_text())
     ranks = metrics["summary"]["per_rank"]
     steps = metrics["steps"][1:] or metrics["steps"]

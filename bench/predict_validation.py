@@ -176,13 +176,7 @@ def measured_run(hosts, strategy: str, rate: str, args, work: Path) -> Path:
     out = work / f"{strategy}-{rate}"
     command = train_command(args, out, ["--mode", "mpi", "--strategy", strategy, "--rank-mode", args.rank_mode,
                                         "--trace", out])
-    hosts.shape(multihost.RATES[rate])
-    try:
-        result, _ = hosts.mpiexec(1, command, args.timeout)
-    finally:
-        hosts.shape(None)
-    if result.returncode != 0:
-        raise RuntimeError(f"{strategy} over {rate} failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
+    multihost.run_shaped(hosts, rate, command, args.timeout, f"{strategy} over {rate}")
     return out
 
 
