@@ -520,8 +520,8 @@ class DataParallelStrategy(AdamWRule):
         return kernel(*args) if observer is None else observer(name, layer, kernel, args)
 
     def close(self) -> None:
-        """Stop the progress thread (after the parameter collectives still in flight, if any)."""
-        self.finish_parameters()
+        """Stop the progress thread. (A normal run has waited for every collective by now: `synchronize` before
+        the end; after a failure nothing is waited for, so a dead peer cannot hold the exit up.)"""
         if self._progress_thread is not None:
             self._progress_thread.close()
             self._progress_thread = None
