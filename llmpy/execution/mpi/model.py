@@ -24,6 +24,9 @@ from llmpy.execution.threads import ExecutionError
 from llmpy.observe.trace import Trace
 
 
+ABORT_GRACE_S = 0.2  # see MpiRanks.fail
+
+
 class MpiRanks:
     """Where the ranks of MPI_COMM_WORLD meet: setup agreements, failures, averages, traces, per-rank reports."""
 
@@ -77,6 +80,9 @@ class MpiRanks:
         sys.stderr.write(f"llmpy train: rank {self.rank} of {self.world_size} (pid {os.getpid()}) {what}; "
                          f"aborting all ranks\n")
         sys.stderr.flush()
+        # mpiexec forwards a rank's stderr through a pipe; MPI_Abort tears the ranks (and that pipe) down at
+        # once, and with another thread of ours in MPI (the progress thread) the line was lost 1 time in 8
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(1)
 
     def average(self, value: float) -> float:
