@@ -95,22 +95,27 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_run_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
+    """The options of a matrix of runs between the namespace hosts (this bench's and predict_validation.py's)."""
     parser.add_argument("--model", default="d12")
     parser.add_argument("-T", "--seq-len", type=int, default=64)
     parser.add_argument("-B", "--batch-size", type=int, default=4, help="sequences per rank (default 4)")
-    parser.add_argument("--steps", type=int, default=5, help="measured steps per run (plus one warm-up)")
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=steps, help="measured steps per run (plus one warm-up)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--rates", default=",".join(RATES), help="unshaped,2gbit,1gbit")
     parser.add_argument("--rank-mode", default="sequential", choices=("sequential", "tasks"))
-    parser.add_argument("--progress", default="thread",
-                        help="comma list of thread, tests (--mpi-progress), off (--no-comm-overlap: no "
-                             "overlap, the baseline) and steps (thread with --overlap-steps), each run beside the others")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--train-data", help="glob of training shards (overrides --data-dir)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run before it is killed")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_arguments(parser, steps=5)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--progress", default="thread",
+                        help="comma list of thread, tests (--mpi-progress), off (--no-comm-overlap: no "
+                             "overlap, the baseline) and steps (thread with --overlap-steps), each run beside the others")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--keep", metavar="DIR", help="keep every run's metrics folder in DIR "
                                                       "(STRATEGY-LINK-PROGRESS-ROUND), e.g. for `llmpy predict --validate`")

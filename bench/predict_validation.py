@@ -252,16 +252,7 @@ def main(argv=None) -> None:
     if argv is None and sys.argv[1:] == ["--exchange-worker"]:
         return exchange_worker()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="d12")
-    parser.add_argument("-T", "--seq-len", type=int, default=64)
-    parser.add_argument("-B", "--batch-size", type=int, default=4, help="sequences per rank (default 4)")
-    parser.add_argument("--steps", type=int, default=3, help="measured steps per run (plus one warm-up)")
-    parser.add_argument("--strategies", default="allreduce,zero1,server,owners")
-    parser.add_argument("--rates", default=",".join(multihost.RATES), help="unshaped,2gbit,1gbit")
-    parser.add_argument("--rank-mode", default="sequential", choices=("sequential", "tasks"))
-    parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--train-data", help="glob of training shards (overrides --data-dir)")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds per run before it is killed")
+    multihost.add_run_arguments(parser, steps=3)
     parser.add_argument("--runs", help="check the runs kept in this folder instead of measuring new ones")
     parser.add_argument("--overlap", default="1", help="--overlap of the predictions (default 1; 'measured' fits "
                                                        "it to each validated run, not a prediction)")

@@ -359,15 +359,14 @@ class DataParallelStrategy(AdamWRule):
 
     def _wait(self, layer: int, requests: list) -> None:
         with self._lock:
-            self._wait_locked(layer, [r for r in requests if r])
-
-    def _wait_locked(self, layer: int, pending: list) -> None:
-        if not pending:
-            return
-        if self.watchdog is None:
-            self._run("MPI_Waitall", layer, self.MPI.Request.Waitall, pending)
-        else:
-            self._run("MPI_Waitall", layer, self.watchdog.wait_all, self.MPI, pending, f"the collectives of part {layer}")
+            pending = [r for r in requests if r]
+            if not pending:
+                return
+            if self.watchdog is None:
+                self._run("MPI_Waitall", layer, self.MPI.Request.Waitall, pending)
+            else:
+                self._run("MPI_Waitall", layer, self.watchdog.wait_all, self.MPI, pending,
+                          f"the collectives of part {layer}")
 
     def _gradients_ready(self, part: int) -> None:
         last_backward = self._backwards == self.micro_steps - 1
