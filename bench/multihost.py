@@ -36,11 +36,11 @@ PROGRESS_FLAGS = {"thread": ("--mpi-progress", "thread"), "tests": ("--mpi-progr
 LINK_GBITS = {"unshaped": None, "2gbit": 2.0, "1gbit": 1.0}
 
 
-def run_shaped(hosts, rate: str, command: list, timeout: float, what: str) -> list[int]:
+def run_shaped(hosts, rate: str, command: list, timeout: float, what: str, env: dict | None = None) -> list[int]:
     """One mpiexec of `command`, one rank per host, over links shaped to `rate`; the bytes each host sent."""
     hosts.shape(RATES[rate])
     try:
-        result, sent = hosts.mpiexec(1, command, timeout)
+        result, sent = hosts.mpiexec(1, command, timeout, env=env)
     finally:
         hosts.shape(None)
     if result.returncode != 0:
@@ -50,13 +50,15 @@ def run_shaped(hosts, rate: str, command: list, timeout: float, what: str) -> li
 
 def run_one(hosts, strategy: str, rate: str, args, work: Path, round_index: int) -> dict:
     progress = getattr(args, "mpi_progress", "thread")
-    out = work / f"{strategy}-{rate}-{progress}-{round_index}"
+    revision, source = getattr(args, "revision", ("", None))
+    out = work / f"{strategy}-{rate}-{progress}{'-' + revision if revision else ''}-{round_index}"
     command = [sys.executable, "-m", "llmpy", "train", "--model", args.model, "-T", args.seq_len, "-B",
                args.batch_size, "--steps", args.steps + 1, "--val-every", "0", "--sample-every", "0", "--no-progress",
                "--output", "", "--metrics-dir", out, "--mode", "mpi", "--threads", "1", "--strategy", strategy,
                "--rank-mode", args.rank_mode, *PROGRESS_FLAGS[progress], *(["--train-data", args.train_data] if args.train_data else
                                                  ["--data-dir", args.data_dir])]
-    sent = run_shaped(hosts, rate, command, args.timeout, f"{strategy} over {rate}")
+    sent = run_shaped(hosts, rate, command, args.timeout, f"{strategy} over {rate}",
+                      {"PYTHONPATH": source} if source else None)
     metrics = json.loads((out / "metrics.json").read_text())
     ranks = metrics["summary"]["per_rank"]
     steps = metrics["steps"][1:] or metrics["steps"]
@@ -84,12 +86,12 @@ def format_table(results: dict) -> str:
     def pct(x):
         return f"{100 * x:5.0f}%" if x is not None else "     -"
 
-    lines = [f"{'strategy':10s} {'link':9s} {'progress':8s} {'ms/step':>8s} {'comm':>6s} {'wait':>6s} {'grads':>6s} {'params':>6s} "
+    lines = [f"{'strategy':10s} {'link':9s} {'progress':14s} {'ms/step':>8s} {'comm':>6s} {'wait':>6s} {'grads':>6s} {'params':>6s} "
              f"{'MB/step':>8s} {'Gbit/s':>7s} {'veth MB':>8s} {'link use':>8s}",
-             f"{'':10s} {'':9s} {'':8s} {'':>8s} {'':>6s} {'':>6s} {'hidden':>6s} {'hidden':>6s} {'(coll.)':>8s} "
+             f"{'':10s} {'':9s} {'':14s} {'':>8s} {'':>6s} {'':>6s} {'hidden':>6s} {'hidden':>6s} {'(coll.)':>8s} "
              f"{'(span)':>7s} {'/step':>8s} {'(step)':>8s}"]
     for (strategy, rate, progress), r in results.items():
-        lines.append(f"{strategy:10s} {rate:9s} {progress:8s} {r['step_ms']:8.1f} {pct(r['comm_share'])} {pct(r['wait_share'])} "
+        lines.append(f"{strategy:10s} {rate:9s} {progress:14s} {r['step_ms']:8.1f} {pct(r['comm_share'])} {pct(r['wait_share'])} "
                      f"{pct(r['grads_hidden'])} {pct(r['params_hidden'])} {r['collective_mb']:8.2f} "
                      f"{r['achieved_gbits']:7.2f} {r['veth_mb_per_step']:8.2f} {pct(r['link_use']):>8s}")
     return "\n".join(lines)
@@ -119,7 +121,13 @@ def main(argv=None) -> None:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--keep", metavar="DIR", help="keep every run's metrics folder in DIR "
                                                       "(STRATEGY-LINK-PROGRESS-ROUND), e.g. for `llmpy predict --validate`")
+    parser.add_argument("--revisions", default="", metavar="NAME=DIR,...",
+                        help="run every configuration once per checkout DIR (its llmpy first on PYTHONPATH), "
+                             "alternately, e.g. before=/tmp/before,after=.")
     args = parser.parse_args(argv)
+    revisions = [tuple(r.split("=", 1)) for r in args.revisions.split(",") if r] or [("", None)]
+    if any(len(r) != 2 or (r[1] is not None and not Path(r[1], "llmpy").is_dir()) for r in revisions):
+        parser.error(f"--revisions: expected NAME=DIR with DIR/llmpy, got {args.revisions!r}")
     reason = netns_hosts.skip_reason()
     if reason:
         parser.exit(2, f"bench/multihost.py: {reason}\n")
@@ -134,11 +142,14 @@ def main(argv=None) -> None:
             for strategy in strategies:
                 for rate in rates:
                     for progress in args.progress.split(","):
-                        args.mpi_progress = progress
-                        found = run_one(hosts, strategy, rate, args, Path(work), round_index)
-                        samples.setdefault((strategy, rate, progress), []).append(found)
-                        print(f"round {round_index + 1}: {strategy} over {rate}, progress {progress}: "
-                              f"{found['step_ms']:.1f} ms/step", flush=True)
+                        for revision in revisions:
+                            args.mpi_progress, args.revision = progress, (revision[0], str(Path(revision[1]).resolve())
+                                                                          if revision[1] else None)
+                            found = run_one(hosts, strategy, rate, args, Path(work), round_index)
+                            label = f"{progress} {revision[0]}".strip()
+                            samples.setdefault((strategy, rate, label), []).append(found)
+                            print(f"round {round_index + 1}: {strategy} over {rate}, {label}: "
+                                  f"{found['step_ms']:.1f} ms/step", flush=True)
     results = {key: {k: _median([r[k] for r in runs]) for k in runs[0]} for key, runs in samples.items()}
     print(format_table(results))
     if args.json:

@@ -213,27 +213,39 @@ def test_bad_arguments_are_refused_before_any_work_in_one_line(args, message, da
 
 
 @needs_mpi
-@pytest.mark.parametrize("strategy, flags", [("zero1", []), ("owners", ["--mpi-progress", "tests"]),
-                                             ("allreduce", ["--no-comm-overlap"])])
-def test_tasks_inside_each_rank_match_one_process_with_twice_the_batch(strategy, flags, data_dir, references):
+@pytest.mark.parametrize("strategy, flags, options", [
+    ("zero1", [], "plain"), ("server", [], "options"), ("owners", ["--mpi-progress", "tests"], "plain"),
+    ("allreduce", ["--no-comm-overlap"], "plain")])
+def test_tasks_inside_each_rank_match_one_process_with_twice_the_batch(strategy, flags, options, data_dir, references):
     out = f"tasks-{strategy}"
-    result = llmpy_train([*COMMON, *PLAIN, "--mode", "mpi", "--strategy", strategy, "--rank-mode", "tasks",
-                          "--block-tokens", "8", "-B", B, "--output", f"{out}/model.bin", "--metrics-dir", out,
-                          *flags], data_dir, ranks=2)
+    result = llmpy_train([*COMMON, *(PLAIN if options == "plain" else OPTIONS), "--mode", "mpi", "--strategy",
+                          strategy, "--rank-mode", "tasks", "--block-tokens", "8", "-B", B, "--output",
+                          f"{out}/model.bin", "--metrics-dir", out, "--trace", f"{out}/trace", *flags],
+                         data_dir, ranks=2)
     assert "tasks, 1 worker" in result.stdout
-    ref_losses, ref_params = references["plain"]
+    ref_losses, ref_params = references[options]
     np.testing.assert_allclose(train_losses(result.stdout), ref_losses, rtol=1e-5)
     np.testing.assert_allclose(read_model(data_dir / out / "model.bin")[1], ref_params, rtol=0, atol=1e-4)
     per_rank = json.loads((data_dir / out / "metrics.json").read_text())["summary"]["per_rank"]
     held = [r["moment_elements"] for r in per_rank]  # the strategy's update ran, sharded where it shards
     assert held == [ref_params.size] * 2 if strategy == "allreduce" else sum(held) == ref_params.size
-    # each bucket's collectives started from a task of the rank's graph (one per bucket and step)
-    assert all("MPI_Istart_bucket" in r["communication_by_call_ms"] for r in per_rank)
-    # rank 0's span from its first collective to the end of its update (the phases are rank 0's): inside the
-    # update when nothing may overlap
+    overlap = "--no-comm-overlap" not in flags
+    # with overlap each bucket's collectives start from a task of the rank's graph, and its update is a task too
+    # (one per bucket and step, on a worker row, after the backward's first tasks); without, both follow the graph
+    events = json.loads((data_dir / out / "trace" / "events.json").read_text())
+    events = [dict(zip(events["event_fields"], e)) for e in events["events"]]
+    starts = [e for e in events if e["name"] == "MPI_Istart_bucket"]
+    updates = [e for e in events if e["name"] == "adamw_update"]
+    parts = [b.part for b in gradient_buckets(PRESETS["tiny"])]
+    assert len(starts) == (2 * STEPS * len(parts) if overlap else 0)
+    update_tasks = [e["task"] for e in updates]
+    if overlap:
+        assert sorted(update_tasks) == sorted(f"adamw_update bucket l{p}" for p in parts for _ in range(2 * STEPS))
+    else:
+        assert update_tasks and not any(update_tasks)  # the strategy's AdamW calls, after the graph
     update_ms = json.loads((data_dir / out / "metrics.json").read_text())["summary"]["phases_ms"]["update"]
     started_in_update = per_rank[0]["communication_span_ms"] <= update_ms * 1.001
-    assert started_in_update == ("--no-comm-overlap" in flags), (per_rank[0], update_ms)
+    assert started_in_update == (not overlap), (per_rank[0], update_ms)
 
 
 @needs_mpi

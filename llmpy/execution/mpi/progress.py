@@ -15,24 +15,37 @@ from __future__ import annotations
 import threading
 import time
 
+from llmpy.execution.threads import ExecutionError
+
 INTERVAL_S = 5e-4  # at ~1.4 MB per test, 2,000 tests/s keep up with a 20 Gbit/s link
 
 
 class ProgressThread:
-    """Tests the requests handed to `watch` until they complete; `close` stops it."""
+    """Tests the requests handed to `watch` until they complete; `close` stops it. A `Completion` watched with a
+    group of requests completes when they all have, or with an error after `timeout_s` (`silent()` names the
+    peers that stopped answering), so a task waiting for it never waits forever."""
 
-    def __init__(self, MPI, lock, interval_s: float = INTERVAL_S):
+    def __init__(self, MPI, lock, interval_s: float = INTERVAL_S, timeout_s: float | None = None,
+                 silent=lambda: "a peer stopped answering"):
         self._MPI, self._lock, self._interval = MPI, lock, interval_s
+        self._timeout_s, self._silent = timeout_s, silent
         self._requests: list = []
+        self._groups: list[tuple[list, object, float, str]] = []  # (requests, completion, since, what)
         self._changed = threading.Condition()
         self._closed = False
         self.tests = 0
         self._thread = threading.Thread(target=self._loop, name="mpi-progress", daemon=True)
         self._thread.start()
 
-    def watch(self, requests: list) -> None:
+    def watch(self, requests: list, completion=None, what: str = "collectives") -> None:
+        live = [r for r in requests if r]
+        if completion is not None and not live:
+            completion.complete()
+            return
         with self._changed:
-            self._requests += [r for r in requests if r]
+            self._requests += live
+            if completion is not None:
+                self._groups.append((live, completion, time.monotonic(), what))
             self._changed.notify()
 
     def _loop(self) -> None:
@@ -49,7 +62,25 @@ class ProgressThread:
                     self.tests += 1
             with self._changed:
                 self._requests = [r for r in self._requests if r]
+                ended = self._ended_groups()
+            for completion, error in ended:  # outside every lock: it releases tasks of the runtime
+                completion.complete(error)
             time.sleep(self._interval)
+
+    def _ended_groups(self) -> list[tuple]:
+        """(completion, error or None) of the groups whose requests all completed or that waited too long."""
+        now, ended, kept = time.monotonic(), [], []
+        for group in self._groups:
+            requests, completion, since, what = group
+            if not any(requests):
+                ended.append((completion, None))
+            elif self._timeout_s is not None and now - since > self._timeout_s:
+                ended.append((completion, ExecutionError(f"{what}: no answer for {self._timeout_s:g} s; "
+                                                         f"{self._silent()}")))
+            else:
+                kept.append(group)
+        self._groups = kept
+        return ended
 
     def close(self) -> None:
         with self._changed:

@@ -11,7 +11,9 @@ from llmpy.observe.trace import is_communication
 
 
 UPDATE_KERNELS = ("adamw_update", "sum_of_squares")
-WAIT_CALLS = ("MPI_Waitall", "MPI_Allreduce")  # the calls where a rank waits for the others
+# the calls where a rank waits for the others (MPI_Wait_idle: a task rank's workers idle while only collectives
+# in flight hold its graph up, llmpy.execution.tasks.execution)
+WAIT_CALLS = ("MPI_Waitall", "MPI_Allreduce", "MPI_Wait_idle")
 
 
 def rank_summary(recorder, optimizer, skip: int) -> dict:

@@ -28,11 +28,18 @@ thread`) a thread of the rank's own (llmpy.execution.mpi.progress) tests what is
 sleeps between tests, and waits on a condition when nothing is in flight (MPI_THREAD_MULTIPLE); with `tests`
 the strategy calls MPI_Testall after each kernel of the rest of backward instead, which leaves the large
 buckets half sent when the update needs them (about 1.4 MB moves per test over TCP here).
-With tasks inside a rank (`--rank-mode tasks`, one micro-step), the collectives of each bucket start from a task
-of the rank's graph (`communication_task`: it reads the bucket's gradients, so it waits for the tasks writing
-them, and its cost estimate puts it and them ahead of ordinary tasks), one thread in MPI at a time (a lock),
-and, with `--mpi-progress tests`, each worker tests what is in flight after every task (`progress`).
-The update then takes the buckets in the order they were started, waits only for that bucket's
+With tasks inside a rank (`--rank-mode tasks`, one micro-step, overlap on) the strategy's whole step is tasks of
+the rank's graph (`bucket_tasks`, `closing_tasks`), as OmpSs-2 with TAMPI runs it: per bucket a task starting its
+gradient collectives (it reads the bucket's gradients, so it waits for the tasks writing them, and its cost
+estimate puts it and them ahead of ordinary tasks), a task that ends when those collectives have (it returns a
+`Completion` that the progress thread completes; its worker goes on meanwhile), the bucket's AdamW with the start
+of its parameter collectives, and a task that ends when those have. The starts of each kind are chained in program
+order (tokens in `graph_tensors`), since MPI matches a communicator's collectives by their order; gradients and
+parameters use two communicators. With clipping the updates follow a task computing the global norm. With
+`--mpi-progress tests` nothing completes by itself: each worker tests what is in flight after every task
+(`progress`) and the update tasks wait, after ordinary tasks. Without those tasks (sequential and forkjoin ranks,
+gradient accumulation, `--no-comm-overlap`) `update` runs after backward:
+it takes the buckets in the order they were started, waits only for that bucket's
 collectives, updates it, and starts that bucket's parameter collective (zero1, server, owners) while the
 next bucket is updated. With `overlap_steps` it takes them in the order the next forward reads them and
 leaves the parameter collectives in flight: the next forward waits for each bucket where it first reads it
@@ -61,6 +68,7 @@ rank 0 prints the pid of every rank at startup.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -74,9 +82,11 @@ from llmpy.core.config import GPT2Config
 from llmpy.execution.threads import ExecutionError
 from llmpy.core.layout import PARAMETER_NAMES, parameter_shapes
 from llmpy.core.optim import AdamWConfig, AdamWRule
+from llmpy.execution.deferred import Completion, GraphWork
 from llmpy.execution.mpi.progress import ProgressThread
 
-COMMUNICATION_PRIORITY_S = 1e3  # see communication_task
+COMMUNICATION_PRIORITY_S = 1e3  # see bucket_tasks
+EST_UPDATE_S = 1e-3  # an update task's estimate where it goes after ordinary tasks (see _update_work)
 BLOCK_ELEMENTS = 1 << 20  # owners: largest parameter block (4 MiB of float32)
 # Failure-handling tests: "RANK:STEP" makes that rank raise at that step's update, "RANK:STEP:kill" kills it (SIGKILL),
 # "RANK:STEP:kill-checkpoint" kills it in the checkpoint of that step, after its shard is written.
@@ -227,7 +237,8 @@ class DataParallelStrategy(AdamWRule):
 
     name = "base"
     shard_grads = False  # the reduced gradient lands in a shard buffer (zero1), not in model.grads
-    # Task mode inside a rank leaves the update out of its graph and calls update() after it (llmpy.execution.tasks.step).
+    # Task mode inside a rank leaves AdamW's own tasks out of its graph: the strategy's (bucket_tasks), or update()
+    # after the graph (llmpy.execution.tasks.execution).
     updates_outside_task_graph = True
 
     def __init__(self, model, config: AdamWConfig, kernels, comm, micro_steps: int = 1, watchdog=None,
@@ -236,6 +247,9 @@ class DataParallelStrategy(AdamWRule):
         self.watchdog = watchdog  # waits without spinning, and not forever (None: MPI's own blocking waits)
         self.MPI = _mpi()
         self.comm = comm
+        # the parameter collectives on a communicator of their own: a task rank starts them from its update tasks
+        # while gradient collectives still start, each kind in one order on every rank (graph_tensors)
+        self.param_comm = comm.Dup()
         self.rank, self.world_size = comm.Get_rank(), comm.Get_size()
         self.micro_steps = micro_steps
         self.params, self.grads = model.params, model.grads
@@ -262,12 +276,19 @@ class DataParallelStrategy(AdamWRule):
         self._grads_in_flight: list = []
         self._lock = threading.RLock()  # one thread at a time starts, tests or waits (task workers, progress thread)
         # "thread": a sleeping thread tests what is in flight; "tests": a test after every kernel or task
-        self._progress_thread = ProgressThread(self.MPI, self._lock) if progress == "thread" else None
+        self._progress_thread = None if progress != "thread" else ProgressThread(
+            self.MPI, self._lock, timeout_s=watchdog.timeout_s if watchdog else None,
+            silent=watchdog.silent_ranks if watchdog else lambda: "a peer stopped answering")
         self.overlap = overlap  # False: no collective starts before the update
         self.overlap_steps = overlap_steps  # the parameter collectives complete behind the next forward
         self._params_pending: list[BucketState] = []  # overlap_steps: buckets whose parameters are still in flight
         self._waits_as_tasks = False  # a task rank's graph waits for them (parameter_wait_tasks), not an observer
         self._traffic: dict[str, list[int]] = {}  # this step: MPI call -> [bytes sent, bytes received]
+        # the update as tasks of a task rank's graph (bucket_tasks): tokens that order the collectives' starts, and
+        # the Completions of each bucket's collectives in flight
+        self._gradient_order, self._parameter_order = np.zeros(1, np.float32), np.zeros(1, np.float32)
+        self._grad_completions: dict[int, Completion] = {}
+        self._param_completions: dict[int, Completion] = {}
         self._comm_start: float | None = None  # when this step's first collective started
         model.gradients_ready = self._gradients_ready
 
@@ -291,24 +312,139 @@ class DataParallelStrategy(AdamWRule):
     def moment_ranges(self):
         return [(o.start, o.stop) for state in self.states for o in state.owned]
 
-    # ---- communication as tasks of a rank's task graph (llmpy.execution.tasks.builder.GraphBuilder)
-    def communication_task(self, part: int):
-        """(name, fn, args, gradient views, estimated seconds) of the task that starts part `part`'s gradient
-        collectives as soon as the tasks writing those gradients are done."""
-        views = [self.grads.flat[s.start:s.stop] for s in self._by_part[part].bucket.segments]
+    # ---- communication and update as tasks of a rank's task graph (llmpy.execution.tasks.builder.GraphBuilder)
+    def graph_tensors(self) -> dict[str, np.ndarray]:
+        """Tokens for a task rank's graph: the tasks starting collectives on one communicator all write its token,
+        which keeps them in program order (MPI matches a communicator's collectives by the order of their calls,
+        and the ranks' workers must not start them in different orders)."""
+        return {"order.gradients": self._gradient_order, "order.parameters": self._parameter_order}
+
+    def bucket_tasks(self, part: int) -> list[GraphWork]:
+        """The tasks of bucket `part` where backward has finished its gradients: the start of its gradient
+        collectives (it reads the gradients, so it follows every task writing them), a task that 'writes' them
+        and ends when the collectives have (with the progress thread; else at once), and, without clipping, the
+        bucket's update (_update_works)."""
+        state = self._by_part[part]
+        grads = self._views(self.grads, state)
         # An estimate far above any chain of kernels puts the bucket and the tasks finishing it ahead of ordinary
         # tasks; it falls with the bucket's place in backward so the earliest bucket goes first. (The transfer's
         # own estimate made the encoder's large bucket the longest path: every weight gradient then waited for
         # the input-gradient chain, and every collective started at the end of backward.)
-        place = [s.bucket.part for s in self.states].index(part)
-        seconds = COMMUNICATION_PRIORITY_S * (len(self.states) - place)
-        return f"MPI_Istart_bucket l{part}", self.start_bucket, (part,), views, seconds
+        seconds = COMMUNICATION_PRIORITY_S * (len(self.states) - self.states.index(state))
+        works = [GraphWork(f"MPI_Istart_bucket l{part}", "MPI_Istart_bucket", self.start_bucket, (part,), grads,
+                           (self._gradient_order,), seconds, "backward", part),
+                 GraphWork(f"MPI_Wait_bucket l{part}", "MPI_Wait_bucket", self._grad_completions.get, (part,), (),
+                           grads, seconds, "backward", part)]
+        return works if self.clips else works + self._update_works(state, seconds)
+
+    def closing_tasks(self) -> list[GraphWork]:
+        """After the backward, with clipping: the global gradient norm (it reads every gradient, so it follows
+        every bucket's collectives) and then each bucket's update, which reads it."""
+        if not self.clips:
+            return []
+        grads = tuple(view for state in self.states for view in self._views(self.grads, state))
+        norm = GraphWork("sum_of_squares grads", "sum_of_squares", self._norm_task, (), grads, (self.grad_norm_sq,),
+                         EST_UPDATE_S, "update")
+        return [norm] + [work for state in self.states for work in self._update_works(state, EST_UPDATE_S)]
+
+    def _update_works(self, state: BucketState, seconds: float) -> list[GraphWork]:
+        """AdamW on what this rank owns of the bucket, then the start of its parameter collectives: it reads the
+        gradients (with the progress thread they have arrived by then, so it never waits; testing instead, it
+        would wait, and goes after ordinary tasks) and writes the parameters (after every task reading them).
+        With the progress thread, a task after it ends when the parameter collectives have (unless the next
+        forward waits for them: overlap_steps)."""
+        params, part = self._views(self.params, state), state.bucket.part
+        reads = self._views(self.grads, state) + ((self.grad_norm_sq,) if self.clips else ())
+        seconds = seconds if self._progress_thread is not None else EST_UPDATE_S
+        works = [GraphWork(f"adamw_update bucket l{part}", "adamw_update", self._update_bucket_task, (part,), reads,
+                           params + (self._parameter_order,), seconds, "update", part)]
+        if self._progress_thread is not None and not self.overlap_steps:
+            works.append(GraphWork(f"MPI_Wait_params_bucket l{part}", "MPI_Wait_params_bucket",
+                                   self._param_completions.get, (part,), (), params, EST_UPDATE_S, "update", part))
+        return works
+
+    @staticmethod
+    def _views(buffer, state: BucketState) -> tuple:
+        return tuple(buffer.flat[s.start:s.stop] for s in state.bucket.segments)
+
+    def begin_update(self, learning_rate: float, grad_scale: float = 1.0) -> None:
+        """Before a task rank's graph that holds the update: the step's scalars (and an injected failure)."""
+        self.scalars = self.next_step(learning_rate, grad_scale / self.world_size)
+        self._injected_failure()
+        self._done_at: dict[int, float] = {}  # bucket -> when its gradient collectives were seen complete
+        self._grad_completions.clear()
+        self._param_completions.clear()
+        self._backward_end = self._updates_end = 0.0
 
     def start_bucket(self, part: int) -> None:
         """GPT2.gradients_ready(part) from a task worker: one thread in MPI at a time, and no recorder (the
-        worker's task is recorded as itself; the bytes are counted as ever)."""
+        worker's task is recorded as itself; the bytes are counted as ever). With the progress thread, the
+        collectives' Completion ends the bucket's wait task."""
+        completion = Completion() if self._progress_thread is not None else None
+        if completion is not None:
+            self._grad_completions[part] = completion
         with self._lock, self._unobserved():
-            self._gradients_ready(part)
+            self._gradients_ready(part, completion)
+        if part == self.states[-1].bucket.part:
+            self._backward_end = time.perf_counter()
+
+    def _norm_task(self) -> None:
+        with self._lock, self._unobserved():
+            for state in self.states:
+                self._wait_gradients(state)
+            self.grad_norm_sq[0] = self._global_sum_of_squares()
+        self.last_grad_norm = self.grad_norm(self.scalars)
+
+    def _update_bucket_task(self, part: int) -> None:
+        state = self._by_part[part]
+        with self._lock, self._unobserved():
+            self._wait_gradients(state)
+        for owned in state.owned:
+            self._adamw(owned, observed=False)
+        self._updates_end = max(self._updates_end, time.perf_counter())
+        with self._lock, self._unobserved():
+            self.start_parameter_collectives(state)
+        if self._progress_thread is not None:
+            completion = None if self.overlap_steps else Completion()
+            if completion is not None:
+                self._param_completions[part] = completion
+            self._progress_thread.watch(state.param_requests, completion, f"the parameter collectives of part {part}")
+
+    def _wait_gradients(self, state: BucketState) -> None:
+        """(Under the lock.) The bucket's gradient collectives done, and when that was seen first."""
+        part, completion = state.bucket.part, self._grad_completions.get(state.bucket.part)
+        if completion is not None and completion.completed_at is not None:
+            self._done_at.setdefault(part, completion.completed_at)
+        elif part not in self._done_at and self._test(part, state.grad_requests):
+            self._done_at[part] = time.perf_counter()
+        self._wait(part, state.grad_requests)
+        self._done_at.setdefault(part, time.perf_counter())
+        state.grad_requests = []
+
+    def _params_done_by(self, state: BucketState, moment: float) -> bool:
+        completion = self._param_completions.get(state.bucket.part)
+        if completion is None:  # not watched in the graph: test them now
+            return self._test(state.bucket.part, state.param_requests)
+        return completion.completed_at is not None and completion.completed_at <= moment
+
+    def end_update(self) -> None:
+        """After a task rank's graph that held the update: its parameter collectives done (unless the next
+        forward waits for them, overlap_steps), and the share of bytes that completed behind compute: gradients
+        complete when the backward's last bucket started, parameters when the last bucket's AdamW ended."""
+        gradient = lambda s: 4 * s.bucket.size
+        grads_done = sum(gradient(s) for s in self.states if self._done_at.get(s.bucket.part, math.inf)
+                         <= self._backward_end)
+        with_params = [s for s in self.states if s.param_requests]
+        params_done = sum(gradient(s) for s in with_params if self._params_done_by(s, self._updates_end))
+        if self.overlap_steps:
+            self._params_pending = with_params[::-1]
+            self._params_done_when_read, params_done = 0, None
+        else:
+            with self._lock:
+                for state in with_params:
+                    self._wait(state.bucket.part, state.param_requests)
+                    state.param_requests = []
+        self._close_step(grads_done, params_done, sum(gradient(s) for s in with_params))
 
     def progress(self) -> None:
         """A test of the collectives in flight, from a task worker after each task (none with a progress thread)."""
@@ -368,7 +504,9 @@ class DataParallelStrategy(AdamWRule):
                 self._run("MPI_Waitall", layer, self.watchdog.wait_all, self.MPI, pending,
                           f"the collectives of part {layer}")
 
-    def _gradients_ready(self, part: int) -> None:
+    def _gradients_ready(self, part: int, completion: Completion | None = None) -> None:
+        """GPT2.gradients_ready: the gradients of `part` are final; start their collectives (the last backward of
+        the step, with overlap). `completion` (a task's, with the progress thread) completes when they have."""
         last_backward = self._backwards == self.micro_steps - 1
         if part == -1:
             self._backwards += 1
@@ -376,12 +514,14 @@ class DataParallelStrategy(AdamWRule):
             raise RuntimeError(f"gradients of part {part} changed after their collective started (more backward "
                                f"passes in this step than the {self.micro_steps} micro-steps announced)")
         if not last_backward or not self.overlap:
+            if completion is not None:
+                completion.complete()
             return
         state = self._by_part[part]
         self._started.add(part)
         self.start_gradient_collectives(state)
         if self._progress_thread is not None:
-            self._progress_thread.watch(state.grad_requests)
+            self._progress_thread.watch(state.grad_requests, completion, f"the gradient collectives of part {part}")
             return
         self._grads_in_flight += state.grad_requests
         self._progress(part)
@@ -409,15 +549,11 @@ class DataParallelStrategy(AdamWRule):
         """One AdamW step on the gradient summed over ranks times grad_scale / P (AdamW.update's contract)."""
         self.finish_parameters()  # a bucket the forward did not read (none in GPT-2): its collective done first
         self.scalars = self.next_step(learning_rate, grad_scale / self.world_size)
-        if self._fail_step == self.step:
-            if self._fail_kill:
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"failure injected by {FAIL_ENV} at step {self.step}")
+        self._injected_failure()
         for state in self.states:  # a backward that did not report (fewer micro-steps than announced)
             if state.bucket.part not in self._started:
                 self._started.add(state.bucket.part)
                 self.start_gradient_collectives(state)
-        total_bytes = 4 * sum(s.bucket.size for s in self.states)
         grads_done = sum(4 * s.bucket.size for s in self.states if self._test(s.bucket.part, s.grad_requests))
         if self.clips:
             for state in self.states:
@@ -438,6 +574,17 @@ class DataParallelStrategy(AdamWRule):
             self._wait(-1, in_flight)
             for state in self.states:
                 state.param_requests = []
+        self._close_step(grads_done, params_done, params_total)
+
+    def _injected_failure(self) -> None:
+        if self._fail_step == self.step:
+            if self._fail_kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"failure injected by {FAIL_ENV} at step {self.step}")
+
+    def _close_step(self, grads_done: int, params_done: int | None, params_total: int) -> None:
+        """The step's record (bytes whose collectives completed behind compute, traffic, span) and a fresh start."""
+        total_bytes = 4 * sum(s.bucket.size for s in self.states)
         span = time.perf_counter() - self._comm_start if self._comm_start is not None else 0.0
         self.step_overlap.append({"grad_hidden": grads_done / total_bytes,
                                   "param_hidden": params_done / params_total if params_total and
@@ -525,13 +672,18 @@ class DataParallelStrategy(AdamWRule):
             self._progress_thread.close()
             self._progress_thread = None
 
-    def _adamw(self, owned: OwnedRange) -> None:
+    def _adamw(self, owned: OwnedRange, observed: bool = True) -> None:
+        """AdamW on one owned range; `observed`: through the observer (not from a task worker, whose task is
+        recorded as itself)."""
         n = owned.stop - owned.start
         grad = (self.grad_shard[owned.moment:owned.moment + n] if self.shard_grads
                 else self.grads.flat[owned.start:owned.stop])
-        self._run("adamw_update", -1, self.apply, self.params.flat[owned.start:owned.stop], grad,
-                  self.m[owned.moment:owned.moment + n], self.v[owned.moment:owned.moment + n],
-                  self.weight_decay(owned.segment.name))
+        args = (self.params.flat[owned.start:owned.stop], grad, self.m[owned.moment:owned.moment + n],
+                self.v[owned.moment:owned.moment + n], self.weight_decay(owned.segment.name))
+        if observed:
+            self._run("adamw_update", -1, self.apply, *args)
+        else:
+            self.apply(*args)
 
     def _global_sum_of_squares(self) -> float:
         """The sum of squares of the reduced (summed) gradient, each rank adding what it owns."""
@@ -591,7 +743,7 @@ class Zero1Strategy(DataParallelStrategy):
         for s in state.bucket.segments:
             counts, displacements = split_evenly(s.size, self.world_size)
             state.param_requests.append(self._collective(
-                "MPI_Iallgatherv", state.bucket.part, s.size, None, self.comm.Iallgatherv, MPI.IN_PLACE,
+                "MPI_Iallgatherv", state.bucket.part, s.size, None, self.param_comm.Iallgatherv, MPI.IN_PLACE,
                 [self.params.flat[s.start:s.stop], (counts, displacements), MPI.FLOAT]))
 
 
@@ -617,7 +769,7 @@ class ParameterServerStrategy(DataParallelStrategy):
     def start_parameter_collectives(self, state):
         for s in state.bucket.segments:
             state.param_requests.append(self._collective("MPI_Ibcast", state.bucket.part, s.size, ROOT,
-                                                         self.comm.Ibcast, self.params.flat[s.start:s.stop], ROOT))
+                                                         self.param_comm.Ibcast, self.params.flat[s.start:s.stop], ROOT))
 
     def norm_needs_allreduce(self):
         return False  # only rank 0 updates, and it holds the whole reduced gradient
@@ -646,7 +798,7 @@ class OwnerBlocksStrategy(ParameterServerStrategy):
         for s in state.bucket.segments:
             for start, stop, owner in self.blocks[s]:
                 state.param_requests.append(self._collective("MPI_Ibcast", state.bucket.part, stop - start, owner,
-                                                             self.comm.Ibcast, self.params.flat[start:stop], owner))
+                                                             self.param_comm.Ibcast, self.params.flat[start:stop], owner))
 
     def norm_needs_allreduce(self):
         return True

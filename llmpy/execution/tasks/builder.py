@@ -45,9 +45,9 @@ class GraphBuilder:
 
     def __init__(self, graph: TaskGraph, tensors: TensorRegistry, model, options: TaskOptions, block_tokens: int,
                  communication=None):
-        """communication(part) -> (name, fn, args, gradient views, estimated seconds): the task that starts the
-        collectives of a group of final gradients, added where the step's list marks them GradientsReady
-        (data-parallel ranks; None: markers are left out)."""
+        """communication(part) -> [GraphWork]: the tasks added where the step's list marks a group of gradients
+        final (GradientsReady): a data-parallel strategy's collectives and update of that group (None: markers
+        are left out)."""
         self.graph, self.tensors, self.options, self.block_tokens = graph, tensors, options, block_tokens
         self.communication = communication
         self.B, self.T = model.B, model.T
@@ -57,25 +57,25 @@ class GraphBuilder:
     def add_calls(self, calls) -> None:
         for call in calls:
             if isinstance(call, GradientsReady) and self.communication is not None:
-                self._add_communication(call.part)
+                self.add_works(self.communication(call.part))
                 continue
             for call in kernel_calls([call]):
                 for label, layer, suffix, block, args, owner in self._blocks(call):
                     self._add(call, label, layer, suffix, block, args, owner)
 
-    def _add_communication(self, part: int) -> Task:
-        """A task that reads the gradients of `part` (so it waits for every task writing them) and starts their
-        collectives. Its cost estimate is the transfer's, far above a kernel's, so that it and the tasks that
-        finish its gradients run ahead of ordinary tasks (critical-path priority)."""
-        name, fn, args, views, seconds = self.communication(part)
-        reads = tuple(region for view in views for region in self.tensors.regions(view))
-        return self.graph.add(Task(name, name.split(" ")[0], fn, args, reads, (), part, (), "backward", seconds))
+    def add_works(self, works) -> list[Task]:
+        """A strategy's GraphWork as tasks: edges from the views they read and write, priority from their estimate
+        (llmpy.execution.deferred)."""
+        return [self.graph.add(Task(w.name, w.kernel, w.fn, w.args, self._regions(w.reads), self._regions(w.writes),
+                                    w.layer, (), w.phase, w.seconds)) for w in works]
+
+    def _regions(self, views) -> tuple[Region, ...]:
+        return tuple(region for view in views for region in self.tensors.regions(view))
 
     def add_parameter_wait(self, name: str, fn, args: tuple, views) -> Task:
         """A task that 'writes' the parameters in `views` (the tasks reading them wait for it) and waits for the
         collectives bringing them in."""
-        writes = tuple(region for view in views for region in self.tensors.regions(view))
-        return self.graph.add(Task(name, name.split(" ")[0], fn, args, (), writes, -1, (), "forward"))
+        return self.graph.add(Task(name, name.split(" ")[0], fn, args, (), self._regions(views), -1, (), "forward"))
 
     def _add(self, call: KernelCall, label: str, layer: int, suffix: str, block: tuple, args: tuple,
              owner: bool) -> Task:

@@ -26,6 +26,11 @@ from llmpy.execution.tasks.regions import TensorRegistry
 from llmpy.kernels import KernelSet
 
 
+# a worker's wait in a rank's graph when no task is ready and only collectives in flight (Completions) are
+# pending: recorded as an MPI event (communication, waiting), like the time a sequential rank spends in MPI_Waitall
+IDLE_WAIT = "MPI_Wait_idle"
+
+
 @dataclass
 class StepGraph:
     """A built graph plus the (B, T) token buffers its tasks read (the model's)."""
@@ -46,6 +51,8 @@ def tensor_registry(model, optimizer=None) -> TensorRegistry:
         tensors.add_buffer(kind, buffer)
     if optimizer is not None:
         tensors.add("update.grad_norm", optimizer.grad_norm_sq)
+        for name, array in getattr(optimizer, "graph_tensors", dict)().items():  # a strategy's ordering tokens
+            tensors.add(name, array)
         if isinstance(getattr(optimizer, "m", None), FlatBuffer):  # a data-parallel strategy holds shards
             tensors.add_buffer("m", optimizer.m)
             tensors.add_buffer("v", optimizer.v)
@@ -55,16 +62,18 @@ def tensor_registry(model, optimizer=None) -> TensorRegistry:
 def build_step_graph(model, optimizer=None, block_tokens: int | None = None, accumulate: bool = False,
                      with_update: bool = True, leading_update: bool = False, grad_norm_at_end: bool = False,
                      gemm_split: str = "rows", gemm_channel_block: int | None = None,
-                     options: TaskOptions | None = None, communication=None, parameter_waits=()) -> StepGraph:
+                     options: TaskOptions | None = None, communication=None, parameter_waits=(),
+                     closing=()) -> StepGraph:
     """The task graph of one micro-step of `model` (a GPT2 with buffers for B x T tokens): forward with loss,
     backward (gradients written, or added to when `accumulate`), and when `with_update` the AdamW step of
     `optimizer`. With `leading_update` the graph starts with the previous step's AdamW tasks (its gradients are
     graph inputs), so the forward tasks of layer l wait only for the update of what they read (RAW) and the
     backward's gradient writes for the update's reads (WAR). `grad_norm_at_end` adds the gradient-norm task
     (clipping) without the update, which then runs in the next step's graph. `communication`: see GraphBuilder
-    (a data-parallel strategy's collectives as tasks of the backward); `parameter_waits`: (name, fn, args,
-    parameter views) of tasks that head the graph and 'write' those parameters, so the forward tasks reading
-    them wait for them (a strategy's parameter collectives still in flight from the last update)."""
+    (a data-parallel strategy's collectives and update as tasks of the backward); `closing`: the strategy's
+    GraphWork after the backward (the gradient norm and the updates when it clips); `parameter_waits`: (name, fn,
+    args, parameter views) of tasks that head the graph and 'write' those parameters, so the forward tasks
+    reading them wait for them (a strategy's parameter collectives still in flight from the last update)."""
     if options is None:
         extra = {} if gemm_channel_block is None else {"gemm_channel_block": gemm_channel_block}
         options = TaskOptions(block_tokens=block_tokens, gemm_split=gemm_split, **extra)
@@ -82,6 +91,7 @@ def build_step_graph(model, optimizer=None, block_tokens: int | None = None, acc
     serial = KernelSet(parallel=False)  # workers run serial kernels, whatever the model's own variant
     builder.add_calls(model.forward_calls(B, T, kernels=serial))
     builder.add_calls(model.backward_calls(B, T, accumulate, kernels=serial))
+    builder.add_works(closing)
     norm = [optimizer.grad_norm_call(model.grads.flat)] if optimizer is not None and optimizer.clips else []
     if with_update:
         builder.add_calls(norm + optimizer.update_calls(model.params, model.grads))
@@ -150,8 +160,9 @@ class TaskExecution:
             self._graphs[key] = build_step_graph(model, optimizer, accumulate=accumulate, with_update=with_update,
                                                  leading_update=leading_update, grad_norm_at_end=grad_norm_at_end,
                                                  options=self.options,
-                                                 communication=optimizer.communication_task if communication else None,
-                                                 parameter_waits=waits)
+                                                 communication=optimizer.bucket_tasks if communication else None,
+                                                 parameter_waits=waits,
+                                                 closing=optimizer.closing_tasks() if communication else ())
         return self._graphs[key]
 
     def synchronize(self) -> None:
@@ -179,16 +190,16 @@ class TaskExecution:
         loss = 0.0
         overlap = self.options.overlap_steps
         # a data-parallel strategy (mpi mode, tasks inside ranks) combines the ranks' gradients and runs AdamW
-        # itself: the graph stops after the backward, the strategy's update runs after it
+        # itself: as tasks it adds to the graph (one micro-step, collectives overlapping the backward), else after
+        # the graph
         external_update = getattr(optimizer, "updates_outside_task_graph", False)
+        communicate = external_update and len(batches) == 1 and getattr(optimizer, "overlap", False)
         if external_update and overlap:
             raise ValueError("overlap_steps needs the AdamW tasks in the graph; it does not combine with mpi mode")
         clip = optimizer.clips and not external_update
         scalars = None
         for micro_step, (inputs, targets) in enumerate(batches):
             last = micro_step == len(batches) - 1
-            # the strategy's gradient collectives as tasks of the last micro-step's backward (one micro-step)
-            communicate = external_update and len(batches) == 1 and hasattr(optimizer, "communication_task")
             # overlap: the first micro-step's graph begins with the previous step's update, and this step's update
             # waits for the next step (or synchronize)
             leading = overlap and micro_step == 0 and self._pending is not None
@@ -202,6 +213,8 @@ class TaskExecution:
             if leading:
                 optimizer.scalars = self._pending[2]
                 self._pending = None
+            if communicate:
+                optimizer.begin_update(learning_rate)
             if last and not external_update:
                 scalars = optimizer.next_step(learning_rate, 1.0 / len(batches))  # its update may run next step
                 if not overlap:
@@ -210,7 +223,8 @@ class TaskExecution:
             on_done = None if recorder is None else log.append_entry
             if communicate:  # MPI moves data only inside MPI calls: a test of what is in flight after each task
                 on_done = _progressing(on_done, optimizer.progress)
-            self.runtime.run(graph.graph, on_done)
+            on_idle = log.append_entry if recorder is not None and communicate else None
+            self.runtime.run(graph.graph, on_done, on_idle)
             if recorder is not None:
                 self._record(recorder, graph.graph, log, phases)
             loss += model.read_loss() / len(batches)
@@ -219,12 +233,7 @@ class TaskExecution:
                     if isinstance(marker, GradientsReady):
                         model.gradients_ready(marker.part)
         if external_update:
-            if recorder is not None:
-                recorder.set_phase("update")  # the strategy's AdamW and MPI calls go through recorder as observer
-            update_start = time.perf_counter()
-            optimizer.update(model.params, model.grads, learning_rate, grad_scale=1.0 / len(batches))
-            if recorder is not None:
-                phases["update"] = (update_start - recorder.origin, time.perf_counter() - recorder.origin)
+            self._external_update(optimizer, communicate, model, learning_rate, len(batches), recorder, phases)
         if overlap:
             self._pending = (model, optimizer, scalars)
         if clip:
@@ -234,16 +243,40 @@ class TaskExecution:
         return loss
 
     @staticmethod
+    def _external_update(optimizer, in_graph: bool, model, learning_rate: float, micro_steps: int, recorder,
+                         phases: dict) -> None:
+        """A data-parallel strategy's update after the graph (or what is left of it when its tasks were in the
+        graph: waits for parameter collectives, the step's overlap record)."""
+        if recorder is not None:
+            recorder.set_phase("update")  # the strategy's AdamW and MPI calls go through recorder as observer
+        update_start = time.perf_counter()
+        if in_graph:
+            optimizer.end_update()
+        else:
+            optimizer.update(model.params, model.grads, learning_rate, grad_scale=1.0 / micro_steps)
+        if recorder is not None:
+            start, end = update_start - recorder.origin, time.perf_counter() - recorder.origin
+            lo, _ = phases.get("update", (start, end))  # the update tasks' span, if any
+            phases["update"] = (min(lo, start), end)
+
+    @staticmethod
     def _record(recorder, graph: TaskGraph, log, phases: dict[str, tuple[float, float]]) -> None:
         """Every task into the recorder (worker row, kernel, layer, task name); phase spans = first start to
         last end of the phase's tasks (they overlap in task mode)."""
         origin = recorder.origin
         for index, worker, start, end in log:
+            if index < 0:
+                continue
             task = graph.tasks[index]
             recorder.record_task(task.kernel, task.phase, task.layer, worker, start, end, task.flops, task.bytes,
                                  task.name)
             lo, hi = phases.get(task.phase, (math.inf, -math.inf))
             phases[task.phase] = (min(lo, start - origin), max(hi, end - origin))
+        backward_end = phases.get("backward", (0.0, 0.0))[1] + origin
+        for index, worker, start, end in log:  # a worker idle while only collectives in flight held the graph up
+            if index < 0:
+                phase = "backward" if end <= backward_end else "update"
+                recorder.record_task(IDLE_WAIT, phase, -1, worker, start, end, 0.0, 0.0, IDLE_WAIT)
 
     def close(self) -> None:
         self.runtime.close()

@@ -6,6 +6,8 @@
   threads pop the heap, run the task (a nogil numba kernel or a 1-thread BLAS call, so workers run in
   parallel), then count down the successors under one lock, take the next task in the same critical
   section, and wake idle workers when more than one task became ready.
+  A task whose function returns a `Completion` (llmpy.execution.deferred: MPI collectives it started) releases
+  its successors when that completes, not when the function returns; its worker goes on with other tasks.
 - `DaskRuntime`: the same graph as a Dask task graph run by `dask.threaded.get` with N workers (Dask orders
   tasks by its own heuristic, `dask.order`).
 
@@ -20,6 +22,7 @@ import threading
 from collections.abc import Callable
 from time import perf_counter
 
+from llmpy.execution.deferred import Completion
 from llmpy.execution.options import RUNTIMES
 from llmpy.execution.tasks.graph import TaskGraph
 
@@ -48,14 +51,19 @@ class NativeRuntime:
         self._finished = threading.Event()
         self._error: BaseException | None = None
         self._on_done: TaskLog | None = None
+        self._on_idle: TaskLog | None = None
+        self._deferred = 0  # tasks whose Completion is pending
+        self._idle_since: dict[int, float] = {}  # worker -> since when it waits with only Completions pending
         self._shutdown = False
         self._threads = [threading.Thread(target=self._work, args=(w,), name=f"llmpy-task-worker-{w}", daemon=True)
                          for w in range(workers)]
         for thread in self._threads:
             thread.start()
 
-    def run(self, graph: TaskGraph, on_done: TaskLog | None = None) -> None:
-        """Run every task of `graph` (validated: priorities set) and return when all have finished."""
+    def run(self, graph: TaskGraph, on_done: TaskLog | None = None, on_idle: TaskLog | None = None) -> None:
+        """Run every task of `graph` (validated: priorities set) and return when all have finished.
+        on_idle(-1, worker, start, end): a span a worker waited with no task ready while a Completion was
+        pending (waiting for communication, not for other workers)."""
         tasks = graph.tasks
         if not tasks:
             return
@@ -64,7 +72,8 @@ class NativeRuntime:
             self._remaining = [len(t.preds) for t in tasks]
             self._done = 0
             self._error = None
-            self._on_done = on_done
+            self._on_done, self._on_idle = on_done, on_idle
+            self._deferred = 0
             self._finished.clear()
             self._ready = [(-t.priority, t.index) for t in tasks if not t.preds]
             heapq.heapify(self._ready)
@@ -76,28 +85,52 @@ class NativeRuntime:
         if error is not None:
             raise TaskFailed(f"a task failed: {error!r}") from error
 
+    def _release(self, finished: int) -> None:
+        """Count `finished` done and its successors one predecessor fewer (under the lock)."""
+        graph = self._graph
+        remaining = self._remaining
+        for s in graph.tasks[finished].succs:
+            remaining[s] -= 1
+            if remaining[s] == 0:
+                heapq.heappush(self._ready, (-graph.tasks[s].priority, s))
+        self._done += 1
+        if self._done == len(graph.tasks):
+            self._finished.set()
+
+    def _complete_later(self, index: int, error: BaseException | None) -> None:
+        """A task's Completion fired (from whatever thread saw its work end): release its successors."""
+        with self._cond:
+            if error is not None and self._error is None:
+                self._error = error
+            self._deferred -= 1
+            self._release(index)
+            if self._finished.is_set():  # the graph's last wait is over: close the idle spans in this run
+                for waiting in list(self._idle_since):
+                    self._end_idle(waiting)
+            self._cond.notify(len(self._ready))
+
+    def _end_idle(self, worker: int) -> None:
+        """(Under the lock.) Report the worker's idle span, if one is open."""
+        since = self._idle_since.pop(worker, None)
+        if since is not None:
+            self._on_idle(-1, worker, since, perf_counter())
+
     def _work(self, worker: int) -> None:
         cond = self._cond
-        ready = self._ready
         finished = None  # the task this worker just ran
         while True:
             with cond:
                 if finished is not None:
-                    graph = self._graph
-                    remaining = self._remaining
-                    for s in graph.tasks[finished].succs:
-                        remaining[s] -= 1
-                        if remaining[s] == 0:
-                            heapq.heappush(self._ready, (-graph.tasks[s].priority, s))
-                    self._done += 1
-                    if self._done == len(graph.tasks):
-                        self._finished.set()
+                    self._release(finished)
                     finished = None
                 ready = self._ready
                 while not ready:
                     if self._shutdown:
                         return
+                    if self._deferred and self._on_idle is not None:
+                        self._idle_since[worker] = perf_counter()
                     cond.wait()
+                    self._end_idle(worker)
                     ready = self._ready
                 _, index = heapq.heappop(ready)
                 if ready:
@@ -105,15 +138,21 @@ class NativeRuntime:
                 task = self._graph.tasks[index]
                 on_done = self._on_done
             start = perf_counter()
+            result = None
             try:
                 if self._error is None:
-                    task.fn(*task.args)
+                    result = task.fn(*task.args)
             except BaseException as error:  # noqa: BLE001  (handed to the caller of run)
                 self._error = error
             end = perf_counter()
             if on_done is not None:
                 on_done(index, worker, start, end)
-            finished = index
+            if isinstance(result, Completion):  # its successors wait for its work to end, this worker does not
+                with cond:
+                    self._deferred += 1
+                result.on_complete(lambda error, index=index: self._complete_later(index, error))
+            else:
+                finished = index
 
     def close(self) -> None:
         with self._cond:
@@ -127,7 +166,9 @@ def _dask_task(runtime: DaskRuntime, index: int, *_predecessors) -> int:
     task = runtime.graph.tasks[index]
     worker = runtime.worker_row()
     start = perf_counter()
-    task.fn(*task.args)
+    result = task.fn(*task.args)
+    if isinstance(result, Completion):  # Dask releases successors only when the function returns
+        result.wait()
     end = perf_counter()
     if runtime.on_done is not None:
         runtime.on_done(index, worker, start, end)
@@ -166,8 +207,8 @@ class DaskRuntime:
             self._dsk_for = (id(graph), dsk, keys)
         return self._dsk_for[1], self._dsk_for[2]
 
-    def run(self, graph: TaskGraph, on_done: TaskLog | None = None) -> None:
-        from dask.threaded import get
+    def run(self, graph: TaskGraph, on_done: TaskLog | None = None, on_idle: TaskLog | None = None) -> None:
+        from dask.threaded import get  # (its workers block in a Completion's wait: no idle spans to report)
 
         self.graph, self.on_done = graph, on_done
         dsk, keys = self._dask_graph(graph)
