@@ -92,6 +92,19 @@ def test_execution_models_give_the_same_losses(text_dataset):
         np.testing.assert_allclose(train_losses(runs[layer].stdout), reference, atol=1e-5, rtol=0)
 
 
+def test_classifier_rows_chunk_the_classifier_with_the_same_losses(text_dataset):
+    common = ["train", "--model", "d2", "--steps", "3", "-B", "2", "-T", "16", "--lr", "1e-3", "--val-every", "2",
+              "--sample-every", "0", "--no-progress", "--output", "", "--mode", "sequential"]
+    whole, chunked = (llmpy(*common, *extra, cwd=text_dataset).stdout for extra in ([], ["--classifier-rows", "6"]))
+    assert "matmul_forward_chunk" in chunked and "matmul_forward_chunk" not in whole  # 32 rows: 1 chunk by default
+    np.testing.assert_allclose(train_losses(chunked), train_losses(whole), atol=1e-5, rtol=0)
+    val = [[float(x) for x in re.findall(r"val loss ([0-9.]+)", run)] for run in (whole, chunked)]
+    assert len(val[0]) == 3 and val[1] == pytest.approx(val[0], abs=1e-5)  # steps 0, 2 and the last
+    bad = llmpy("train", "--classifier-rows", "0", cwd=text_dataset, check=False)
+    assert bad.returncode == 2 and "--classifier-rows 0 must be a positive" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
 def test_train_builds_the_offline_corpus_when_nothing_is_prepared(tmp_path):
     result = llmpy("train", "--model", "d2", "--steps", "2", "--val-every", "0", "--sample-every", "0",
                    "--no-progress", cwd=tmp_path)

@@ -269,6 +269,24 @@ def test_matmul_backward_weight_scratch_matches_no_scratch(parallel):
     np.testing.assert_array_equal(results[0][1], results[1][1])
 
 
+@pytest.mark.parametrize("scratch", [False, True])
+def test_matmul_backward_weight_adds_by_blocks_of_output_channels(monkeypatch, scratch):
+    """Adding goes through a product of ACCUMULATE_CHANNELS output channels at a time (here 64, so channels
+    [10, 190) take 3 blocks, the last one shorter): the same sums, and nothing outside [o0, o1) touched."""
+    monkeypatch.setattr(matmul, "ACCUMULATE_CHANNELS", 64)
+    rng = np.random.default_rng(9)
+    x, dout, dw0, db0 = rand(rng, N, C), rand(rng, N, CW), rand(rng, CW, C), rand(rng, CW)
+    dw, db = dw0.copy(), db0.copy()
+    buffer = np.full(64 * C, np.nan, np.float32) if scratch else None  # one block's worth is enough
+    matmul.matmul_backward_weight(dw, db, dout, x, True, o0=10, o1=190, scratch=buffer)
+    gw, gb = matmul_weight_grads_torch(x, rand(rng, CW, C), rand(rng, CW), dout)
+    close(dw[10:190], t64(dw0[10:190]) + gw[10:190])
+    close(db[10:190], t64(db0[10:190]) + gb[10:190])
+    for got, before in ((dw, dw0), (db, db0)):
+        np.testing.assert_array_equal(got[:10], before[:10])
+        np.testing.assert_array_equal(got[190:], before[190:])
+
+
 # ------------------------------------------------------------------------------------------- attention
 
 

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from llmpy.core.config import ActivationOptions, GPT2Config
+from llmpy.core.errors import OptionError
+from llmpy.core.layout import activation_shapes, classifier_chunks
 from llmpy.execution.factory import make_execution_model
 from llmpy.kernels import KernelSet
 from llmpy.core.model import GPT2
@@ -182,3 +184,89 @@ def test_bad_inputs_are_refused(bad, message):
 def test_sequence_longer_than_max_seq_len_is_refused():
     with pytest.raises(ValueError, match="max_seq_len"):
         GPT2(CONFIG, 1, CONFIG.max_seq_len + 1)
+
+
+# ------------------------------------------------------------------ the training classifier in chunks of rows
+# (B, T, rows per chunk): pieces of each sequence, with a shorter last piece (32 = 24 + 8) or not (32 = 2 x 16); runs
+# of whole sequences with a shorter last run (3 sequences of 8 in runs of 2); the 7 rows of one sequence in 3 + 3 + 1
+CHUNKED = [(2, 32, 24), (2, 32, 16), (3, 8, 20), (1, 7, 3)]
+
+
+def chunked_model(b, t, rows, seed=7, activations="flash"):
+    options = ActivationOptions(ACTIVATIONS[activations].attention, ACTIVATIONS[activations].recompute, rows)
+    m = GPT2(CONFIG, b, t, activations=options)
+    m.init_random(seed=seed)
+    return m
+
+
+@pytest.mark.parametrize("b, t, rows", [(8, 1024, 256), (4, 64, 256), (5, 64, 256), (3, 100, 256), (2, 7, 3), (1, 1, 5)])
+def test_chunks_cover_the_rows_in_order_as_boxes_of_at_most_rows(b, t, rows):
+    chunks = classifier_chunks(b, t, ActivationOptions(classifier_rows=rows))
+    assert [r0 for r0, _ in chunks] == [0] + [r1 for _, r1 in chunks[:-1]] and chunks[-1][1] == b * t
+    for r0, r1 in chunks:
+        assert 0 < r1 - r0 <= rows
+        first, last = divmod(r0, t), divmod(r1 - 1, t)  # (sequence, position) of the first and last row
+        assert first[0] == last[0] or (first[1] == 0 and last[1] == t - 1), (r0, r1)  # a box of (b, t)
+    kept = activation_shapes(CONFIG, b, t, ActivationOptions(classifier_rows=rows))["logits"]
+    assert kept == (max(r1 - r0 for r0, r1 in chunks), CONFIG.padded_vocab_size)
+    assert activation_shapes(CONFIG, b, t, inference=True)["logits"] == (b, t, CONFIG.padded_vocab_size)
+
+
+@pytest.mark.parametrize("rows", [0, -3, 2.5])
+def test_classifier_rows_must_be_a_positive_count(rows):
+    with pytest.raises(OptionError, match="classifier_rows"):
+        ActivationOptions(classifier_rows=rows)
+
+
+@pytest.mark.parametrize("b, t, rows", CHUNKED, ids=lambda v: str(v))
+def test_chunked_classifier_loss_and_gradients_match_torch(b, t, rows):
+    model = chunked_model(b, t, rows)
+    assert model.acts.logits.shape[0] <= rows < b * t  # one chunk of rows is kept, not B*T
+    rng = np.random.default_rng(20)
+    inputs, targets = rng.integers(0, CONFIG.vocab_size, (b, t)), rng.integers(0, CONFIG.vocab_size, (b, t))
+    loss = model.forward(inputs, targets)
+    model.grads.flat.fill(np.nan)  # the first chunk's g.wte must be written, not added to
+    model.backward()
+    ref = TorchGPT2(CONFIG, dict(model.params.items()))
+    ref_loss, _ = ref.loss(inputs, targets)
+    ref_loss.backward()
+    assert abs(loss - ref_loss.item()) < LOGITS_ATOL
+    assert abs(model.read_loss() - ref_loss.item()) < LOGITS_ATOL  # the recomputed chunks rewrote the same losses
+    for name, grad in ref.gradients().items():
+        np.testing.assert_allclose(model.grads[name], grad, atol=GRAD_ATOL, rtol=GRAD_RTOL, err_msg=name)
+
+
+@pytest.mark.parametrize("activations", ["llmc", "recompute-all"])
+def test_chunked_classifier_accumulates_gradients_as_torch(activations):
+    model = chunked_model(2, 32, 24, seed=3, activations=activations)
+    ref = TorchGPT2(CONFIG, dict(model.params.items()))
+    for micro_step, seed in enumerate((10, 11)):
+        inputs, targets = batch(seed)
+        model.forward(inputs, targets)
+        model.backward(accumulate_gradients=micro_step > 0)
+        ref_loss, _ = ref.loss(inputs, targets)
+        ref_loss.backward()
+    for name, grad in ref.gradients().items():
+        np.testing.assert_allclose(model.grads[name], grad, atol=2 * GRAD_ATOL, rtol=GRAD_RTOL, err_msg=name)
+
+
+def test_chunked_model_validation_logits_and_one_backward_per_forward():
+    """A forward with targets alone (validation) runs the loss's GEMM and no gradient GEMM, and gives torch's
+    loss; a forward without targets gives every row's logits; a second backward after one forward is refused."""
+    model = chunked_model(2, 32, 24)
+    inputs, targets = batch(12)
+    kernels = {call.kernel for call in model.forward_calls(2, 32)}
+    assert kernels & {"matmul_forward_chunk", "crossentropy_forward_backward_chunk"}
+    assert not {k for k in kernels if k.startswith(("matmul_backward", "crossentropy_backward"))}
+    ref = TorchGPT2(CONFIG, dict(model.params.items()))
+    ref_loss, ref_logits = ref.loss(inputs, targets)
+    assert abs(model.forward(inputs, targets) - ref_loss.item()) < LOGITS_ATOL
+    model.forward(inputs)
+    np.testing.assert_allclose(model.logits(), ref_logits.detach().numpy()[:, :, :CONFIG.vocab_size],
+                               atol=LOGITS_ATOL, rtol=0)
+    with pytest.raises(RuntimeError, match="with targets"):
+        model.backward()
+    model.forward(inputs, targets)
+    model.backward()
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        model.backward()

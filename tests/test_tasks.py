@@ -510,3 +510,72 @@ def test_tasks_follow_sequential_over_attention_tiles_and_memory_reuse(activatio
     assert results["sequential"][0][-1] < results["sequential"][0][0]  # it trains
     np.testing.assert_allclose(results["tasks"][0], results["sequential"][0], atol=1e-5, rtol=0)
     np.testing.assert_allclose(results["tasks"][1], results["sequential"][1], atol=5e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ the training classifier in chunks of rows
+# (B, T, rows per chunk): pieces of each sequence with a shorter last one (16 = 6 + 6 + 4), runs of two whole sequences
+# with a shorter last run (5 sequences of 8: 2 + 2 + 1)
+CHUNKS = {"pieces": (2, 16, 6), "sequences": (5, 8, 20)}
+
+
+def chunked_run(mode, workers, shape, activations=ActivationOptions(), micro=1, **options):
+    B, T, rows = shape
+    execution = make_execution_model(mode, workers, **options)
+    try:
+        model = GPT2(PRESETS["tiny"], B, T, execution.kernels,
+                     activations=ActivationOptions(activations.attention, activations.recompute, rows))
+        model.init_random(3)
+        optimizer = execution.make_optimizer(model, AdamWConfig())
+        losses = run_steps(model, optimizer, execution.step_function, steps=3, B=B, T=T, micro=micro)
+    finally:
+        execution.close()
+    return losses, model.params.flat.copy()
+
+
+@pytest.mark.parametrize("shape, split, activations, micro", [
+    ("pieces", "rows", ActivationOptions(), 1), ("pieces", "lm_head", ActivationOptions(), 2),
+    ("sequences", "channels", ActivationOptions("llmc"), 1), ("sequences", "rows", ActivationOptions(recompute=2), 2)],
+    ids=["pieces-rows", "pieces-lm_head-accumulate", "sequences-channels-llmc", "sequences-rows-recompute-accumulate"])
+def test_chunked_classifier_gives_sequential_results_in_every_execution_model(shape, split, activations, micro):
+    """The chunks' calls reach forkjoin and the task graph unchanged: the same losses and parameters as sequential
+    (within float tolerance: OpenBLAS on several threads, and the task graph's GEMMs cut into blocks, may sum
+    in another order). Sequential against torch: tests/test_model_vs_torch.py."""
+    reference = chunked_run("sequential", 1, CHUNKS[shape], activations, micro)
+    for mode, options in (("forkjoin", {}), ("tasks", dict(block_tokens=4, gemm_split=split, gemm_channel_block=64))):
+        losses, params = chunked_run(mode, WORKERS[-1], CHUNKS[shape], activations, micro, **options)
+        np.testing.assert_allclose(losses, reference[0], atol=1e-5, rtol=0, err_msg=mode)
+        np.testing.assert_allclose(params, reference[1], atol=5e-5, rtol=0, err_msg=mode)
+
+
+def test_chunks_share_one_buffer_in_order_and_are_cut_by_columns_only():
+    model = GPT2(PRESETS["tiny"], 2, 16, activations=ActivationOptions(classifier_rows=6))
+    graph = build_step_graph(model, AdamW(model.params), block_tokens=4, gemm_split="lm_head",
+                             gemm_channel_block=64).graph
+
+    def index(name):
+        return graph.task(name).index
+
+    def preds(name):
+        return graph.task(name).preds
+
+    # rows [0, 32) in pieces 0, 6, 12 | 16, 22, 28 of each sequence; no classifier task is cut by token blocks
+    assert not any(t.name.startswith(("matmul_forward_chunk", "crossentropy_forward_backward_chunk")) and " b" in t.name
+                   for t in graph.tasks)
+    assert {t.name for t in graph.tasks if t.kernel == "crossentropy_forward_backward_chunk"} == {
+        f"crossentropy_forward_backward_chunk.logits{kind} r{r0}" for r0 in (0, 6, 12, 16, 22, 28)
+        for kind in ("", "_recomputed") if not (kind and r0 == 28)}  # the last chunk's gradient is not recomputed
+    # a chunk's logits wait for the previous chunk's cross-entropy to be done with the buffer (WAR)
+    assert index("crossentropy_forward_backward_chunk.logits r0") in preds("matmul_forward_chunk.logits r6 c64")
+    assert index("layernorm_forward.lnf b0 j1") in preds("matmul_forward_chunk.logits r6 c0")  # rows 4..7
+    # the backward starts from the last chunk's gradient; the recomputed chunk before it waits for both its GEMMs
+    last = "crossentropy_forward_backward_chunk.logits r28"
+    assert index(last) in preds("matmul_backward_input_chunk.logits r28 c0")
+    assert index(last) in preds("matmul_backward_weight.logits r28 l-1 c0")
+    for name in ("matmul_backward_input_chunk.logits r28 c0", "matmul_backward_weight.logits r28 l-1 c0"):
+        assert index(name) in preds("matmul_forward_chunk.logits_recomputed r22 c0")
+    # g.wte: written by the last chunk, then added to by each earlier chunk in turn (RAW on the same rows)
+    assert graph.task("matmul_backward_weight.logits r28 l-1 c0").args[4] is False
+    assert index("matmul_backward_weight.logits r28 l-1 c0") in preds("matmul_backward_weight.logits r22 l-1 c0")
+    assert graph.task("matmul_backward_weight.logits r22 l-1 c0").args[4] is True
+    # the final layernorm's backward of a token block waits for the chunk that wrote its rows of d(lnf)
+    assert index("matmul_backward_input_chunk.logits r0 c0") in preds("layernorm_backward_input.lnf b0 j1")

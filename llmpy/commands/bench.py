@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from llmpy.core.config import ATTENTION_KINDS, PRESETS, RECOMPUTE_LEVELS, ActivationOptions
+from llmpy.core.config import ATTENTION_KINDS, CLASSIFIER_ROWS, PRESETS, RECOMPUTE_LEVELS, ActivationOptions
 from llmpy.execution.factory import MODES
 from llmpy.execution.threads import THREADING_LAYERS, available_cores
 from llmpy.execution.options import RUNTIMES as TASK_RUNTIMES, TaskOptions
@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", default="flash", choices=ATTENTION_KINDS, help="llmpy's attention (default flash)")
     parser.add_argument("--recompute", type=int, default=0, choices=RECOMPUTE_LEVELS,
                         help="llmpy: recompute GELU (1) or GELU and layernorm (2) outputs in backward (default 0)")
+    parser.add_argument("--classifier-rows", type=int, default=CLASSIFIER_ROWS, metavar="R",
+                        help=f"llmpy: token rows per classifier chunk (default {CLASSIFIER_ROWS}; see train "
+                             "--classifier-rows)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: RUNTIME:MODE:THREADS,... in this process
 
@@ -112,6 +115,7 @@ def _configurations(args) -> dict[str, list[Config]]:
         raise ValueError(f"--threads must be between 1 and the {cores} cores available, got {args.threads!r}")
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.seq_len < 1:
         raise ValueError("--steps, -B and -T must be positive and --warmup >= 0")
+    ActivationOptions(args.attention, args.recompute, args.classifier_rows)  # refused here, before any worker starts
     groups: dict[str, list[Config]] = {runtime: [] for runtime in runtimes}
     if "sequential" in modes:
         groups[runtimes[0]].append(("sequential", 1, 0, "-"))
@@ -167,7 +171,7 @@ def _run_worker(args) -> None:
     configs = [_parse_config(item) for item in spec.split(",")]
     config = preset(args.model)
     B, T = args.batch_size, args.seq_len
-    model = GPT2(config, B, T, activations=ActivationOptions(args.attention, args.recompute))
+    model = GPT2(config, B, T, activations=ActivationOptions(args.attention, args.recompute, args.classifier_rows))
     model.init_random(args.seed)
     optimizer = AdamW(model.params)
     inputs, targets = _batch(config, B, T, args.seed)
@@ -213,6 +217,7 @@ def _run_worker(args) -> None:
         median = float(np.median(ms))
         result = {
             "model": args.model, "mode": mode, "attention": args.attention, "recompute": args.recompute,
+            "classifier_rows": args.classifier_rows,
             "runtime": threading_layer if mode == "forkjoin" else f"{task_runtime} K{block_tokens}" if mode == "tasks" else "-",
             "threads": threads, "ranks": 1, "cores": threads, "B": B, "T": T, "steps": len(measured),
             "ms_per_step_median": median, "ms_per_step_min": float(ms.min()), "ms_per_step_max": float(ms.max()),
@@ -304,7 +309,7 @@ def _worker_command(args, worker: str) -> list[str]:
     command = [sys.executable, "-m", "llmpy", "bench", "--model", args.model, "-B", str(args.batch_size),
                "-T", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--seed", str(args.seed), "--attention", args.attention, "--recompute", str(args.recompute),
-               "--worker", worker]
+               "--classifier-rows", str(args.classifier_rows), "--worker", worker]
     if args.peak_gflops:
         command += ["--peak-gflops", str(args.peak_gflops)]
     if args.trace:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmpy.core.config import ATTENTION_KINDS, PRESETS, RECOMPUTE_LEVELS, ActivationOptions, GPT2Config, preset
+from llmpy.core.config import (ATTENTION_KINDS, CLASSIFIER_ROWS, PRESETS, RECOMPUTE_LEVELS, ActivationOptions, GPT2Config,
+                               preset)
 from llmpy.execution.base import ExecutionModel
 from llmpy.execution.factory import MODES, make_execution_model
 from llmpy.execution.threads import THREADING_LAYERS, available_cores
@@ -58,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--recompute", type=int, default=0, choices=RECOMPUTE_LEVELS,
                        help="recompute in backward instead of keeping: 1 the GELU outputs, 2 also the layernorm "
                             "outputs (as llm.c's -r; default 0)")
+    model.add_argument("--classifier-rows", type=int, default=CLASSIFIER_ROWS, metavar="R",
+                       help=f"token rows per chunk of the classifier (lm_head, cross-entropy and their gradients on "
+                            f"one R x Vp buffer instead of B*T x Vp; default {CLASSIFIER_ROWS}); backward recomputes "
+                            "the logits of every chunk but the last, so R >= B*T keeps them all and recomputes none")
 
     run = parser.add_argument_group("run")
     run.add_argument("-B", "--batch-size", type=int, default=4, help="sequences per micro-batch (default 4)")
@@ -204,7 +209,7 @@ def build_model(args, execution: ExecutionModel, B: int, T: int, say) -> tuple[G
         config, params = load_model_source(args.init_from)
     else:
         config, params = preset(args.model), None
-    activations = ActivationOptions(args.attention, args.recompute)
+    activations = ActivationOptions(args.attention, args.recompute, args.classifier_rows)
     _check_memory(config, B, T, args.grad_accum, activations)
     model = GPT2(config, B, T, execution.kernels, activations=activations)
     if params is None:

@@ -69,6 +69,7 @@ class GPT2Config:
 
 ATTENTION_KINDS = ("flash", "llmc")
 RECOMPUTE_LEVELS = (0, 1, 2)
+CLASSIFIER_ROWS = 256  # token rows per classifier chunk in training: a (256, Vp) buffer is 51 MB for GPT-2
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,14 @@ class ActivationOptions:
     """How a step computes attention and what it keeps for backward (llmpy.core.layout).
 
     attention: "flash" (tiled, stores each row's log-sum-exp) or "llmc" (llm.c's stored (T, T) scores);
-    recompute: 0 keeps everything, 1 recomputes GELU outputs in backward, 2 also the layernorm outputs."""
+    recompute: 0 keeps everything, 1 recomputes GELU outputs in backward, 2 also the layernorm outputs;
+    classifier_rows: token rows per chunk of the training classifier (lm_head, cross-entropy and their gradients
+    on one buffer of that many rows, llmpy.core.layout.classifier_chunks); backward recomputes the logits of every
+    chunk but the last, so at least B*T rows (one chunk) keeps all the logits and recomputes none."""
 
     attention: str = "flash"
     recompute: int = 0
+    classifier_rows: int = CLASSIFIER_ROWS
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KINDS:
@@ -88,6 +93,8 @@ class ActivationOptions:
         if self.recompute not in RECOMPUTE_LEVELS:
             raise OptionError("recompute", self.recompute, "must be 0 (keep all), 1 (recompute GELU) or 2 "
                                                           "(GELU and layernorm)")
+        if not isinstance(self.classifier_rows, int) or self.classifier_rows < 1:
+            raise OptionError("classifier_rows", self.classifier_rows, "must be a positive number of token rows")
 
 
 def _gpt2(layers: int, heads: int, channels: int) -> GPT2Config:

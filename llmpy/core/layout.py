@@ -12,12 +12,14 @@ does, only what the backward pass reads is stored per layer:
     attention: att_lse (L, B, NH, T) (tiled attention), or llm.c's preatt, att (L, B, NH, T, T) (`llmc`)
     attproj (B, T, C)  residual2 (L, B, T, C)  ln2 (L, B, T, C)  ln2_mean, ln2_rstd (L, B, T)
     fch (L, B, T, 4C)  fch_gelu (L, B, T, 4C)  fcproj (B, T, C)  residual3 (L, B, T, C)
-    lnf (B, T, C)  lnf_mean, lnf_rstd (B, T)  logits (B, T, Vp)  losses (B, T)
+    lnf (B, T, C)  lnf_mean, lnf_rstd (B, T)  logits (R, Vp)  losses (B, T)
 attproj and fcproj only feed the residual adds, so one (B, T, C) buffer each serves every layer. With
 recomputation, fch_gelu (recompute >= 1) and ln1, ln2 (recompute = 2) keep one layer (leading dimension 1)
 and are recomputed in backward, as llm.c's `-r 1` and `-r 2`. A model for inference only (no backward) keeps
 one layer of every activation. The logits buffer holds the logits, then (after the fused cross-entropy) their
-gradient, in place: no separate probabilities or dlogits.
+gradient, in place: no separate probabilities or dlogits. Training keeps one chunk of R token rows of them
+(`classifier_chunks`: at most `classifier_rows`, whole sequences or a part of one), reused by every chunk; a
+model for inference keeps all of them, logits (B, T, Vp).
 
 Activation gradients are needed for one layer at a time, so one layer's worth is reused by every layer:
     dresidual (B, T, C) (the residual stream's gradient, added to in place; d(encoded) at the end)
@@ -75,6 +77,7 @@ def activation_shapes(config: GPT2Config, B: int, T: int, options: ActivationOpt
     kept = lambda level: 1 if options.recompute >= level else L  # layers kept of a tensor recomputed at that level
     scores = {"att_lse": (L, B, NH, T)} if options.attention == "flash" else {"preatt": (L, B, NH, T, T),
                                                                       "att": (L, B, NH, T, T)}
+    logits = (B, T, Vp) if inference else (max(r1 - r0 for r0, r1 in classifier_chunks(B, T, options)), Vp)
     return {
         "encoded": (B, T, C),
         "ln1": (kept(2), B, T, C),
@@ -95,9 +98,21 @@ def activation_shapes(config: GPT2Config, B: int, T: int, options: ActivationOpt
         "lnf": (B, T, C),
         "lnf_mean": (B, T),
         "lnf_rstd": (B, T),
-        "logits": (B, T, Vp),
+        "logits": logits,
         "losses": (B, T),
     }
+
+
+def classifier_chunks(B: int, T: int, options: ActivationOptions = ActivationOptions()) -> list[tuple[int, int]]:
+    """The token rows [r0, r1) of each chunk of the training classifier, in order: pieces of at most
+    `classifier_rows` rows of each sequence, or runs of as many whole sequences as fit in that many. So a chunk's
+    rows of any (B, T, ...) activation are a box of it (a view the task graph can place), and the last chunk of a
+    sequence or of the batch may be shorter."""
+    R, N = options.classifier_rows, B * T
+    if T >= R:
+        return [(s * T + j, s * T + min(j + R, T)) for s in range(B) for j in range(0, T, R)]
+    rows = (R // T) * T
+    return [(r0, min(r0 + rows, N)) for r0 in range(0, N, rows)]
 
 
 def activation_gradient_shapes(config: GPT2Config, B: int, T: int,

@@ -3,6 +3,14 @@
 `forward_calls` and `backward_calls` are the one description of the step: `forward`/`backward` run them in
 order (sequential, fork-join), the task model splits them into a dataflow graph, data-parallel ranks start
 their collectives at the `GradientsReady` points of the backward list.
+
+The classifier of a training step (lm_head, softmax, cross-entropy) runs chunk by chunk on one buffer of token
+rows (llmpy.core.layout.classifier_chunks), so no B*T x Vp array is kept: the forward computes each chunk's
+logits and loss, the fused cross-entropy leaving their gradient in place; the backward takes the last chunk's
+gradient from the buffer, recomputes every other chunk's (last to first), and from each one writes its rows of
+d(lnf) and its part of g.wte (the first chunk writes or, accumulating, adds; the others add). A forward with
+targets and no backward (validation) runs no gradient GEMM. With a single chunk (B*T <= classifier_rows) the
+calls are llm.c's: the lm_head and the fused cross-entropy over every row, nothing recomputed.
 """
 
 from __future__ import annotations
@@ -16,9 +24,10 @@ import numpy as np
 
 from llmpy.core.config import ActivationOptions, GPT2Config
 from llmpy.core.layout import (FlatBuffer, activation_buffer, activation_gradient_buffer, activation_gradient_shapes,
-                               activation_shapes, layer_view, parameter_buffer)
+                               activation_shapes, classifier_chunks, layer_view, parameter_buffer)
 from llmpy.core.step import GradientsReady, KernelCall, KernelObserver, run_calls
 from llmpy.kernels import KernelSet
+from llmpy.kernels.specs import on_chunk
 
 # gradients_ready(part) is called inside backward at each GradientsReady point of the backward list (see
 # llmpy.core.step); data-parallel execution starts that group's collective there. It must not write the gradients.
@@ -90,6 +99,9 @@ class GPT2:
         self.has_targets = False
         self.mean_loss: float | None = None
         self._calls: dict[tuple, list] = {}
+        # a training model's (B*T*Vp) logits, allocated by its first forward without targets (the step keeps a chunk)
+        self._all_logits: np.ndarray | None = None
+        self._gradient_pending = False  # a forward with targets ran since the last backward (the chunk it left)
 
     @property
     def num_parameters(self) -> int:
@@ -207,15 +219,74 @@ class GPT2:
                 call("residual_forward", "residual3", l, flat(at(a.residual3, l)), flat(at(a.residual2, l)),
                      flat(a.fcproj)),
             ]
-        calls += [
-            call("layernorm_forward", "lnf", -1, rows(a.lnf), flat(a.lnf_mean), flat(a.lnf_rstd),
-                 rows(at(a.residual3, L - 1)), p.lnfw, p.lnfb),
-            call("matmul_forward", "logits", -1, rows(a.logits), rows(a.lnf), p.wte, None),
-        ]
-        if with_loss:  # losses, and the logits' gradient in their place (llm.c's fused classifier)
-            calls.append(call("crossentropy_forward_backward", "", -1, rows(a.logits), flat(a.losses),
-                              self.targets[:N], 1.0 / N, cfg.vocab_size))
+        calls.append(call("layernorm_forward", "lnf", -1, rows(a.lnf), flat(a.lnf_mean), flat(a.lnf_rstd),
+                          rows(at(a.residual3, L - 1)), p.lnfw, p.lnfb))
+        return calls + self._classifier_forward(kernels, a, b, t, with_loss)
+
+    # ------------------------------------------------------------------ the classifier
+    def _classifier_forward(self, kernels: KernelSet, a: FlatBuffer, b: int, t: int,
+                            with_loss: bool) -> list[KernelCall]:
+        """logits = lnf @ wte.T and, with the loss, the fused cross-entropy. Training with the loss: chunk by
+        chunk on the one (R, Vp) buffer (the last chunk's gradient stays there for backward); otherwise all rows
+        into the full (b, t, Vp) logits."""
+        if self.training and with_loss:
+            chunks = classifier_chunks(b, t, self.options)
+            return [call for r0, r1 in chunks
+                    for call in self._chunk_logits(kernels, a, a.logits[:r1 - r0], r0, r1, len(chunks) == 1)]
+        N = b * t
+        calls = self._chunk_logits(kernels, a, self._logits_for(b, t).reshape(N, -1), 0, N, True)
+        return calls if with_loss else calls[:1]
+
+    def _chunk_logits(self, kernels: KernelSet, a: FlatBuffer, logits: np.ndarray, r0: int, r1: int, whole: bool,
+                      recomputed: bool = False) -> list[KernelCall]:
+        """The logits (r1-r0, Vp) of rows [r0, r1) = lnf[r0:r1] @ wte.T, then the fused cross-entropy on them (llm.c's
+        fused classifier): losses[r0:r1], and the logits' gradient in their place. `recomputed`: in backward."""
+        N, C = a.losses.size, self.config.channels
+        label = "logits_recomputed" if recomputed else "logits"
+        call = partial(self._classifier_call, kernels, r0=r0, whole=whole, phase="backward" if recomputed else "forward")
+        return [call("matmul_forward", label, (logits, a.lnf.reshape(N, C)[r0:r1], self.params.wte, None)),
+                call("crossentropy_forward_backward", "" if whole else label,  # the only one when whole
+                     (logits, a.losses.reshape(-1)[r0:r1], self.targets[r0:r1], 1.0 / N, self.config.vocab_size))]
+
+    def _classifier_backward(self, kernels: KernelSet, a: FlatBuffer, d: FlatBuffer, b: int, t: int,
+                             accumulate: bool) -> list[KernelCall]:
+        """d(lnf) into d.dln and the classifier's part of g.wte (written, or added to when `accumulate`), chunk
+        by chunk from the last: its gradient is the one the forward left in the buffer; each earlier chunk's
+        logits and gradient are recomputed first (the same kernels on the same inputs: the same values, its
+        losses rewritten unchanged). After the first chunk g.wte is added to, in this order in every
+        execution model."""
+        chunks = classifier_chunks(b, t, self.options)
+        N, C, Vp = b * t, self.config.channels, self.config.padded_vocab_size
+        whole = len(chunks) == 1
+        calls = []
+        for i, (r0, r1) in enumerate(reversed(chunks)):
+            dlogits = a.logits[:r1 - r0]
+            if i > 0:
+                calls += self._chunk_logits(kernels, a, dlogits, r0, r1, whole, recomputed=True)
+            call = partial(self._classifier_call, kernels, r0=r0, whole=whole, phase="backward")
+            calls += [call("matmul_backward_input", "logits", (d.dln.reshape(N, C)[r0:r1], dlogits, self.params.wte)),
+                      call("matmul_backward_weight", "logits", (self.grads.wte, None, dlogits,
+                                                                a.lnf.reshape(N, C)[r0:r1], accumulate or i > 0, 0, Vp))]
         return calls
+
+    @staticmethod
+    def _classifier_call(kernels: KernelSet, kernel: str, label: str, args: tuple, r0: int, whole: bool,
+                         phase: str) -> KernelCall:
+        """A classifier call on rows from r0: on the whole batch an ordinary call (the task graph cuts it by rows);
+        on a chunk of it the kernel's `_chunk` name (llmpy.kernels.specs.on_chunk), labelled with its first row."""
+        if whole:
+            return KernelCall(kernel, label, -1, getattr(kernels, kernel), args, phase)
+        return KernelCall(on_chunk(kernel), f"{label} r{r0}", -1, getattr(kernels, kernel), args, phase)
+
+    def _logits_for(self, b: int, t: int) -> np.ndarray:
+        """The (b, t, Vp) logits of a forward over every row (no targets, or a model for inference): the
+        activations' for inference; a training model allocates them on its first such forward."""
+        if not self.training:
+            return self._buffers_for(b, t)[0].logits
+        Vp = self.config.padded_vocab_size
+        if self._all_logits is None:
+            self._all_logits = np.zeros(self.B * self.T * Vp, dtype=np.float32)
+        return self._all_logits[:b * t * Vp].reshape(b, t, Vp)
 
     def _encoder_calls(self, kernels: KernelSet, a: FlatBuffer, b: int, t: int, cache: KVCache | None) -> list:
         """Token and position embeddings: positions 0..t-1 of each sequence, or with a cache the positions after the
@@ -251,7 +322,7 @@ class GPT2:
         cfg = self.config
         acts, grad_acts = self._buffers_for(b, t)
         p, g, a, d = self.params, self.grads, acts, grad_acts
-        L, C, Vp = cfg.num_layers, cfg.channels, cfg.padded_vocab_size
+        L, C = cfg.num_layers, cfg.channels
         N = b * t
         acc = accumulate
         rows = lambda x: x.reshape(N, -1)
@@ -272,8 +343,7 @@ class GPT2:
                     call("layernorm_backward_params", label, l, dweight, dbias, rows(dout), rows(inp), flat(mean),
                          flat(rstd), 0, C, acc)]
 
-        # the forward's fused cross-entropy left the logits' gradient in a.logits
-        calls = linear("logits", -1, d.dln, a.logits, a.lnf, p.wte, g.wte, None, Vp)
+        calls = self._classifier_backward(kernels, a, d, b, t, acc)
         calls += layernorm("lnf", -1, d.dln, a.residual3[L - 1], p.lnfw, g.lnfw, g.lnfb, a.lnf_mean, a.lnf_rstd, False)
         calls.append(GradientsReady(L))
         for l in reversed(range(L)):
@@ -317,6 +387,7 @@ class GPT2:
         loss when targets are given (logits only otherwise, in `self.logits()`)."""
         b, t = self.load_batch(inputs, targets)
         run_calls(self.forward_calls(b, t, with_loss=targets is not None), self.observer)
+        self._gradient_pending = targets is not None
         if targets is None:
             self.mean_loss = None
             return None
@@ -355,8 +426,7 @@ class GPT2:
             raise RuntimeError("logits() needs a forward pass first")
         if self.has_targets:
             raise RuntimeError("logits() needs a forward without targets (with targets the buffer holds their gradient)")
-        acts, _ = self._buffers_for(*self.batch_shape)
-        return acts.logits[:, :, : self.config.vocab_size]
+        return self._logits_for(*self.batch_shape)[:, :, : self.config.vocab_size]
 
     # ------------------------------------------------------------------ backward
     def zero_grad(self) -> None:
@@ -366,7 +436,8 @@ class GPT2:
             self.grads.flat.fill(0.0)
 
     def backward(self, accumulate_gradients: bool = False) -> None:
-        """Gradients of the mean loss of the last forward (which must have had targets).
+        """Gradients of the mean loss of the last forward (which must have had targets), once per forward: the
+        training classifier's buffer holds another chunk after it.
 
         With `accumulate_gradients=False` every parameter gradient is written, so no zero_grad pass is
         needed; with True they are added to (gradient accumulation micro-steps). Activation gradients
@@ -375,4 +446,7 @@ class GPT2:
             raise RuntimeError("backward() on a model built with training=False")
         if self.batch_shape is None or not self.has_targets:
             raise RuntimeError("backward() needs a forward pass with targets first")
+        if not self._gradient_pending:  # the classifier's buffer holds another chunk's gradient now
+            raise RuntimeError("backward() needs its own forward pass with targets (one backward per forward)")
+        self._gradient_pending = False
         run_calls(self.backward_calls(*self.batch_shape, accumulate_gradients), self.observer, self.gradients_ready)

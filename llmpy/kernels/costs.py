@@ -156,6 +156,10 @@ KERNEL_COSTS: dict[str, Callable[..., tuple[int, int]]] = {
     "residual_forward": _residual_forward,
     "residual_backward": _residual_backward,
     "crossentropy_forward_backward": _crossentropy_forward_backward,
+    # the same kernels on a chunk of the batch's rows (llmpy.kernels.specs.on_chunk)
+    "matmul_forward_chunk": _matmul_forward,
+    "matmul_backward_input_chunk": _matmul_backward_input,
+    "crossentropy_forward_backward_chunk": _crossentropy_forward_backward,
     "adamw_update": _adamw_update,
     "sum_of_squares": _sum_of_squares,
 }

@@ -10,6 +10,7 @@ from numba import prange
 from llmpy.kernels.compile import kernel
 
 CHANNEL_BLOCK = 64
+ACCUMULATE_CHANNELS = 4096  # output channels per product a weight-gradient add goes through (12.6 MB at C = 768)
 
 
 @kernel
@@ -60,20 +61,30 @@ def matmul_backward_input(dinp, dout, weight):
 def matmul_backward_weight(dweight, dbias, dout, inp, accumulate, o0=0, o1=None, scratch=None, parallel=False):
     """Weight and bias gradients for output channels [o0, o1):
     dweight (OC, C)[o0:o1] (+)= dout[:, o0:o1].T @ inp (N, C); dbias (OC,)[o0:o1] (+)= dout[:, o0:o1] summed
-    over rows (skipped when dbias is None). Writes unless `accumulate` (gradient accumulation), which adds
-    through `scratch` (a float32 buffer of at least (o1-o0)*C elements; allocated if None).
+    over rows (skipped when dbias is None). Writes unless `accumulate` (gradient accumulation, the classifier's
+    later chunks), which adds the product ACCUMULATE_CHANNELS output channels at a time through `scratch` (a
+    float32 buffer of at least min(o1-o0, ACCUMULATE_CHANNELS)*C elements; allocated if None).
     """
     if o1 is None:
         o1 = dweight.shape[0]
-    target = dweight[o0:o1]
     if accumulate:
-        if scratch is None:
-            product = dout[:, o0:o1].T @ inp
-        else:
-            product = scratch[: target.size].reshape(target.shape)
-            np.matmul(dout[:, o0:o1].T, inp, out=product)
-        target += product
+        _add_weight_product(dweight, dout, inp, o0, o1, scratch)
     else:
-        np.matmul(dout[:, o0:o1].T, inp, out=target)
+        np.matmul(dout[:, o0:o1].T, inp, out=dweight[o0:o1])
     if dbias is not None:
         bias_backward.variant(parallel)(dbias, dout, o0, o1, accumulate)
+
+
+def _add_weight_product(dweight, dout, inp, o0, o1, scratch):
+    """dweight[o0:o1] += dout[:, o0:o1].T @ inp, by blocks of output channels: the whole product of the
+    classifier's weight gradient is the size of wte (154 MB for GPT-2), a fresh allocation (and its page faults)
+    for every chunk."""
+    C = inp.shape[1]
+    width = max(1, min(o1 - o0, ACCUMULATE_CHANNELS))
+    if scratch is None:
+        scratch = np.empty(width * C, dtype=np.float32)
+    for b0 in range(o0, o1, width):
+        b1 = min(o1, b0 + width)
+        product = scratch[: (b1 - b0) * C].reshape(b1 - b0, C)
+        np.matmul(dout[:, b0:b1].T, inp, out=product)
+        dweight[b0:b1] += product

@@ -14,6 +14,11 @@ Rules (the block parameters are chosen by the caller):
   channels(args, c0, c1)        output channels [c0, c1) owned by the call (weight-gradient reductions);
   columns(args, c0, c1)         output columns [c0, c1) of a GEMM, over all token rows (forward and dinp GEMMs);
   elements(args, lo, hi)        elements [lo, hi) of the arrays an elementwise kernel maps (AdamW).
+
+A call on a chunk of the batch's token rows that is not the whole batch (the training classifier's, see
+llmpy.core.layout.classifier_chunks) carries its kernel's `_chunk` name where the kernel has a rows rule
+(`on_chunk`): the same kernel, accesses and costs, without that rule, since a rows rule cuts the whole batch's
+N rows and a chunk's arrays hold some of them; its GEMMs still split by output columns.
 """
 
 from __future__ import annotations
@@ -225,9 +230,18 @@ SPECS: dict[str, KernelSpec] = {spec.name: spec for spec in (
     KernelSpec("residual_forward", _residual_forward, {"rows": rows_rule((0, 1, 2))}),
     KernelSpec("residual_backward", _residual_backward, {"rows": rows_rule((0, 1, 2))}),
     KernelSpec("crossentropy_forward_backward", _crossentropy_forward_backward, {"rows": rows_rule((0, 1, 2))}),
+    KernelSpec("matmul_forward_chunk", _matmul_forward, {"columns": _matmul_forward_columns}),
+    KernelSpec("matmul_backward_input_chunk", _matmul_backward_input, {"columns": _matmul_backward_input_columns}),
+    KernelSpec("crossentropy_forward_backward_chunk", _crossentropy_forward_backward),
     KernelSpec("adamw_update", _adamw_update, {"elements": elements_rule(4)}),
     KernelSpec("sum_of_squares", _sum_of_squares),
 )}
+
+
+def on_chunk(kernel: str) -> str:
+    """The name a call of `kernel` carries on a chunk of the batch's token rows (see the module docstring)."""
+    chunk = f"{kernel}_chunk"
+    return chunk if chunk in SPECS else kernel
 
 
 def kernel_spec(name: str) -> KernelSpec:
