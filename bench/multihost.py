@@ -40,7 +40,8 @@ def run_shaped(hosts, rate: str, command: list, timeout: float, what: str, env: 
     """One mpiexec of `command`, one rank per host, over links shaped to `rate`; the bytes each host sent."""
     hosts.shape(RATES[rate])
     try:
-        result, sent = hosts.mpiexec(1, command, timeout, env=env)
+        # from a folder without an llmpy of its own: `python -m` puts the working directory first on sys.path
+        result, sent = hosts.mpiexec(1, command, timeout, cwd=tempfile.gettempdir(), env=env)
     finally:
         hosts.shape(None)
     if result.returncode != 0:

@@ -237,6 +237,7 @@ class DataParallelStrategy(AdamWRule):
 
     name = "base"
     shard_grads = False  # the reduced gradient lands in a shard buffer (zero1), not in model.grads
+    parameter_collectives = True  # the update starts collectives bringing the parameters to every rank
     # Task mode inside a rank leaves AdamW's own tasks out of its graph: the strategy's (bucket_tasks), or update()
     # after the graph (llmpy.execution.tasks.execution).
     updates_outside_task_graph = True
@@ -355,7 +356,10 @@ class DataParallelStrategy(AdamWRule):
         forward waits for them: overlap_steps)."""
         params, part = self._views(self.params, state), state.bucket.part
         reads = self._views(self.grads, state) + ((self.grad_norm_sq,) if self.clips else ())
-        seconds = seconds if self._progress_thread is not None else EST_UPDATE_S
+        # ahead of ordinary tasks only to start parameter collectives early (allreduce has none: its AdamW fills
+        # the wait for the last buckets instead of delaying backward)
+        if self._progress_thread is None or not self.parameter_collectives:
+            seconds = EST_UPDATE_S
         works = [GraphWork(f"adamw_update bucket l{part}", "adamw_update", self._update_bucket_task, (part,), reads,
                            params + (self._parameter_order,), seconds, "update", part)]
         if self._progress_thread is not None and not self.overlap_steps:
@@ -702,6 +706,7 @@ class AllreduceStrategy(DataParallelStrategy):
     """Allreduce of the gradients; every rank runs AdamW on all parameters (m, v replicated)."""
 
     name = "allreduce"
+    parameter_collectives = False
 
     def owned_slices(self, segment):
         return [(segment.start, segment.stop)]
