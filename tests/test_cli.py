@@ -100,8 +100,8 @@ def test_classifier_rows_chunk_the_classifier_with_the_same_losses(text_dataset)
     np.testing.assert_allclose(train_losses(chunked), train_losses(whole), atol=1e-5, rtol=0)
     val = [[float(x) for x in re.findall(r"val loss ([0-9.]+)", run)] for run in (whole, chunked)]
     assert len(val[0]) == 3 and val[1] == pytest.approx(val[0], abs=1e-5)  # steps 0, 2 and the last
-    bad = llmpy("train", "--classifier-rows", "0", cwd=text_dataset, check=False)
-    assert bad.returncode == 2 and "--classifier-rows 0 must be a positive" in bad.stderr
+    bad = llmpy("train", "--classifier-rows", "-1", cwd=text_dataset, check=False)
+    assert bad.returncode == 2 and "--classifier-rows -1 must be a number of token rows" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 

@@ -212,8 +212,8 @@ def test_chunks_cover_the_rows_in_order_as_boxes_of_at_most_rows(b, t, rows):
     assert activation_shapes(CONFIG, b, t, inference=True)["logits"] == (b, t, CONFIG.padded_vocab_size)
 
 
-@pytest.mark.parametrize("rows", [0, -3, 2.5])
-def test_classifier_rows_must_be_a_positive_count(rows):
+@pytest.mark.parametrize("rows", [-1, -3, 2.5])
+def test_classifier_rows_must_be_a_count_of_rows(rows):
     with pytest.raises(OptionError, match="classifier_rows"):
         ActivationOptions(classifier_rows=rows)
 

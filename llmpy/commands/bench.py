@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recompute", type=int, default=0, choices=RECOMPUTE_LEVELS,
                         help="llmpy: recompute GELU (1) or GELU and layernorm (2) outputs in backward (default 0)")
     parser.add_argument("--classifier-rows", type=int, default=CLASSIFIER_ROWS, metavar="R",
-                        help=f"llmpy: token rows per classifier chunk (default {CLASSIFIER_ROWS}; see train "
+                        help="llmpy: token rows per classifier chunk (default 0: the whole batch; see train "
                              "--classifier-rows)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: RUNTIME:MODE:THREADS,... in this process

@@ -60,9 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="recompute in backward instead of keeping: 1 the GELU outputs, 2 also the layernorm "
                             "outputs (as llm.c's -r; default 0)")
     model.add_argument("--classifier-rows", type=int, default=CLASSIFIER_ROWS, metavar="R",
-                       help=f"token rows per chunk of the classifier (lm_head, cross-entropy and their gradients on "
-                            f"one R x Vp buffer instead of B*T x Vp; default {CLASSIFIER_ROWS}); backward recomputes "
-                            "the logits of every chunk but the last, so R >= B*T keeps them all and recomputes none")
+                       help="token rows per chunk of the classifier (lm_head, cross-entropy and their gradients on "
+                            "one R x Vp buffer instead of B*T x Vp, to save memory; default 0: the whole batch); "
+                            "backward recomputes the logits of every chunk but the last (slower, see bench/README.md)")
 
     run = parser.add_argument_group("run")
     run.add_argument("-B", "--batch-size", type=int, default=4, help="sequences per micro-batch (default 4)")

@@ -69,7 +69,9 @@ class GPT2Config:
 
 ATTENTION_KINDS = ("flash", "llmc")
 RECOMPUTE_LEVELS = (0, 1, 2)
-CLASSIFIER_ROWS = 256  # token rows per classifier chunk in training: a (256, Vp) buffer is 51 MB for GPT-2
+# token rows per classifier chunk in training; 0: the whole batch, one chunk (the fastest: chunks of 256 rows made
+# d12's step 8-22% slower at 4x256 and 1x1024, bench/README.md; a (256, Vp) chunk is 51 MB against B*T*Vp*4 bytes)
+CLASSIFIER_ROWS = 0
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,8 @@ class ActivationOptions:
     recompute: 0 keeps everything, 1 recomputes GELU outputs in backward, 2 also the layernorm outputs;
     classifier_rows: token rows per chunk of the training classifier (lm_head, cross-entropy and their gradients
     on one buffer of that many rows, llmpy.core.layout.classifier_chunks); backward recomputes the logits of every
-    chunk but the last, so at least B*T rows (one chunk) keeps all the logits and recomputes none."""
+    chunk but the last, so 0 (the default) or at least B*T rows (one chunk) keeps all the logits and recomputes
+    none."""
 
     attention: str = "flash"
     recompute: int = 0
@@ -93,8 +96,9 @@ class ActivationOptions:
         if self.recompute not in RECOMPUTE_LEVELS:
             raise OptionError("recompute", self.recompute, "must be 0 (keep all), 1 (recompute GELU) or 2 "
                                                           "(GELU and layernorm)")
-        if not isinstance(self.classifier_rows, int) or self.classifier_rows < 1:
-            raise OptionError("classifier_rows", self.classifier_rows, "must be a positive number of token rows")
+        if not isinstance(self.classifier_rows, int) or self.classifier_rows < 0:
+            raise OptionError("classifier_rows", self.classifier_rows,
+                              "must be a number of token rows >= 1, or 0 for the whole batch")
 
 
 def _gpt2(layers: int, heads: int, channels: int) -> GPT2Config:

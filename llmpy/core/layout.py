@@ -107,8 +107,10 @@ def classifier_chunks(B: int, T: int, options: ActivationOptions = ActivationOpt
     """The token rows [r0, r1) of each chunk of the training classifier, in order: pieces of at most
     `classifier_rows` rows of each sequence, or runs of as many whole sequences as fit in that many. So a chunk's
     rows of any (B, T, ...) activation are a box of it (a view the task graph can place), and the last chunk of a
-    sequence or of the batch may be shorter."""
+    sequence or of the batch may be shorter. classifier_rows 0: one chunk of all the rows."""
     R, N = options.classifier_rows, B * T
+    if R == 0 or R >= N:
+        return [(0, N)]
     if T >= R:
         return [(s * T + j, s * T + min(j + R, T)) for s in range(B) for j in range(0, T, R)]
     rows = (R // T) * T

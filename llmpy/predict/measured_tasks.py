@@ -27,7 +27,9 @@ from threadpoolctl import threadpool_limits
 
 from llmpy.observe.trace import EVENTS_FILE, Trace, is_communication
 
-GEMM_KERNELS = ("matmul_forward", "matmul_backward_input", "matmul_backward_weight")
+# (the `_chunk` names: the training classifier's GEMMs on a chunk of the rows, llmpy.kernels.specs.on_chunk)
+GEMM_KERNELS = ("matmul_forward", "matmul_backward_input", "matmul_backward_weight", "matmul_forward_chunk",
+                "matmul_backward_input_chunk")
 # kernels whose call and blocks run at different rates (timed, see KernelTimer)
 CONVERTED_KERNELS = GEMM_KERNELS + ("attention_forward", "attention_backward")
 
