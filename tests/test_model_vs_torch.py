@@ -81,10 +81,9 @@ def test_every_gradient_matches_torch(model):
     assert not model.grads.wte[CONFIG.vocab_size:].any()
 
 
-@pytest.mark.parametrize("activations", ["flash", "llmc"])
-def test_gradient_accumulation_matches_torch(activations):
-    model = GPT2(CONFIG, B, T, activations=ACTIVATIONS[activations])
-    model.init_random(seed=3)
+def accumulate_two_micro_steps(model) -> dict:
+    """Two micro-steps of gradient accumulation on `model` and on torch from the same parameters; torch's
+    accumulated gradients."""
     ref = TorchGPT2(CONFIG, dict(model.params.items()))
     for micro_step, seed in enumerate((10, 11)):
         inputs, targets = batch(seed)
@@ -92,7 +91,14 @@ def test_gradient_accumulation_matches_torch(activations):
         model.backward(accumulate_gradients=micro_step > 0)
         ref_loss, _ = ref.loss(inputs, targets)
         ref_loss.backward()  # torch accumulates into .grad
-    expected = ref.gradients()
+    return ref.gradients()
+
+
+@pytest.mark.parametrize("activations", ["flash", "llmc"])
+def test_gradient_accumulation_matches_torch(activations):
+    model = GPT2(CONFIG, B, T, activations=ACTIVATIONS[activations])
+    model.init_random(seed=3)
+    expected = accumulate_two_micro_steps(model)
     for name, grad in model.grads.items():
         np.testing.assert_allclose(grad, expected[name], atol=2 * GRAD_ATOL, rtol=GRAD_RTOL, err_msg=name)
 
@@ -239,14 +245,7 @@ def test_chunked_classifier_loss_and_gradients_match_torch(b, t, rows):
 @pytest.mark.parametrize("activations", ["llmc", "recompute-all"])
 def test_chunked_classifier_accumulates_gradients_as_torch(activations):
     model = chunked_model(2, 32, 24, seed=3, activations=activations)
-    ref = TorchGPT2(CONFIG, dict(model.params.items()))
-    for micro_step, seed in enumerate((10, 11)):
-        inputs, targets = batch(seed)
-        model.forward(inputs, targets)
-        model.backward(accumulate_gradients=micro_step > 0)
-        ref_loss, _ = ref.loss(inputs, targets)
-        ref_loss.backward()
-    for name, grad in ref.gradients().items():
+    for name, grad in accumulate_two_micro_steps(model).items():
         np.testing.assert_allclose(model.grads[name], grad, atol=2 * GRAD_ATOL, rtol=GRAD_RTOL, err_msg=name)
 
 
