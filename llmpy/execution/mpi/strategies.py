@@ -29,15 +29,15 @@ sleeps between tests, and waits on a condition when nothing is in flight (MPI_TH
 the strategy calls MPI_Testall after each kernel of the rest of backward instead, which leaves the large
 buckets half sent when the update needs them (about 1.4 MB moves per test over TCP here).
 With tasks inside a rank (`--rank-mode tasks`, one micro-step, overlap on) the strategy's whole step is tasks of
-the rank's graph (llmpy.execution.mpi.graph_tasks: `bucket_tasks`, `closing_tasks`), as OmpSs-2 with TAMPI runs it: per bucket a task starting its
+the rank's graph (llmpy.execution.mpi.graph_tasks), as OmpSs-2 with TAMPI runs it: per bucket a task starting its
 gradient collectives (it reads the bucket's gradients, so it waits for the tasks writing them, and its cost
 estimate puts it and them ahead of ordinary tasks), a task that ends when those collectives have (it returns a
 `Completion` that the progress thread completes; its worker goes on meanwhile), the bucket's AdamW with the start
 of its parameter collectives, and a task that ends when those have. The starts of each kind are chained in program
-order (tokens in `graph_tensors`), since MPI matches a communicator's collectives by their order; gradients and
-parameters use two communicators. With clipping the updates follow a task computing the global norm. With
-`--mpi-progress tests` nothing completes by itself: each worker tests what is in flight after every task
-(`progress`) and the update tasks wait, after ordinary tasks. Without those tasks (sequential and forkjoin ranks,
+order, since MPI matches a communicator's collectives by their order; gradients and parameters use two
+communicators. With clipping the updates follow a task computing the global norm. With `--mpi-progress tests`
+nothing completes by itself: each worker tests what is in flight after every task (`progress`) and the update
+tasks wait, after ordinary tasks. Without those tasks (sequential and forkjoin ranks,
 gradient accumulation, `--no-comm-overlap`) `update` runs after backward:
 it takes the buckets in the order they were started, waits only for that bucket's
 collectives, updates it, and starts that bucket's parameter collective (zero1, server, owners) while the
