@@ -12,7 +12,9 @@ What it does, in order:
    for as llmpy's strategies wait (MPI_Testall with sleeps: `polled`); each rank's CPU seconds in them
    (process_time, getrusage's user and system) give the network's CPU rate, bytes sent + received per CPU
    second, the polled one passed as `--network-cpu-gbs` (the hosts share this machine's cores, so a host has
-   no spare core: `--cores-per-node` cores / 2);
+   no spare core: `--cores-per-node` cores / 2); and 8 Ireduces in flight, roots alternating (owners' pattern),
+   moved by llmpy's progress thread as the runs' collectives are (`progressed`), from whose 16 MiB time the
+   `--concurrent-gbit` cap of the "capped" predictions is fitted in the model's own units (`progressed_cap`);
 3. every strategy over every link, measured as bench/multihost.py measures it (one rank per host, 1 thread, TCP
    forced), with the trace written beside metrics.json so the waits split by collective;
 4. `llmpy predict REFERENCE --bandwidth FIT --latency FIT --validate RUN --overlap 1` for each (what the
@@ -40,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -65,22 +68,36 @@ def exchange_worker() -> None:
     import numpy as np
     from mpi4py import MPI
 
+    from llmpy.execution.deferred import Completion
+    from llmpy.execution.mpi.progress import ProgressThread
     from llmpy.execution.mpi.watchdog import Watchdog
+
+    def _progressed(MPI, comm, progress, parts):
+        """CONCURRENT reduces in flight, roots alternating (owners' pattern), moved by llmpy's progress thread
+        as a run's collectives are, waited for on its Completion."""
+        done = Completion()
+        progress.watch([comm.Ireduce(MPI.IN_PLACE if comm.rank == i % 2 else p, p if comm.rank == i % 2 else None,
+                                     MPI.SUM, i % 2) for i, p in enumerate(parts)], done)
+        done.wait()
 
     comm = MPI.COMM_WORLD
     rank, peer = comm.Get_rank(), 1 - comm.Get_rank()
     watchdog = Watchdog(rank, [0, 0], ["", ""], 600.0)
-    found: dict = {"exchange": {}, "polled": {}, "cpu": {"exchange": {}, "polled": {}}}
+    found: dict = {"exchange": {}, "polled": {}, "progressed": {},
+                   "cpu": {"exchange": {}, "polled": {}, "progressed": {}}}
+    progress = ProgressThread(MPI, threading.RLock())
     for nbytes in EXCHANGE_SIZES:
         send = np.ones(max(1, nbytes // 4), np.float32)
         received = np.empty_like(send)
         pieces = np.array_split(received, CONCURRENT)
         calls = {"exchange": lambda s=send, r=received: comm.Sendrecv(s, peer, 0, r, peer, 0),
                  "polled": lambda parts=pieces: watchdog.wait_all(
-                     MPI, [comm.Iallreduce(MPI.IN_PLACE, p, MPI.SUM) for p in parts], "calibration")}
+                     MPI, [comm.Iallreduce(MPI.IN_PLACE, p, MPI.SUM) for p in parts], "calibration"),
+                 "progressed": lambda parts=pieces: _progressed(MPI, comm, progress, parts)}
         for name, call in calls.items():
             found[name][nbytes], cpu = _median_seconds(comm, call)
             found["cpu"][name][nbytes] = comm.gather(cpu, root=0)
+    progress.close()
     if rank == 0:
         print(json.dumps(found))
 
@@ -113,12 +130,32 @@ def calibrate(hosts, rate: str, timeout: float) -> dict:
     found = json.loads(result.stdout.strip().splitlines()[-1])
     large = [n for n in EXCHANGE_SIZES if n >= 1 << 20]
     fits = {}
-    for name in ("exchange", "polled"):
+    for name in ("exchange", "polled", "progressed"):
         times = {int(k): v for k, v in found[name].items()}
         slope = statistics.linear_regression(large, [times[n] for n in large]).slope
         fits[name] = {"latency_us": 1e6 * times[8], "bandwidth_gbit": 8 / max(slope, 1e-15) / 1e9}
     fits["network_cpu"] = network_cpu_fit(found["cpu"], large)
+    fits["progressed_cap"] = progressed_cap(fits["exchange"], float(found["progressed"][str(large[-1])]),
+                                            large[-1])
     return fits
+
+
+def progressed_cap(network: dict, seconds: float, nbytes: int) -> dict:
+    """The --concurrent-gbit that makes llmpy.predict.network price the `progressed` calibration (CONCURRENT
+    Ireduces of nbytes / CONCURRENT, roots alternating, on the measured network) at the `seconds` it took:
+    what several collectives in flight get when the progress thread moves them, in the model's own units."""
+    from llmpy.predict.network import Cluster, Link, concurrent_seconds
+
+    link = Link("calibrated", network["bandwidth_gbit"], network["latency_us"])
+    items = [("MPI_Ireduce", nbytes / CONCURRENT, i % 2) for i in range(CONCURRENT)]
+    price = lambda cap: concurrent_seconds(items, Cluster(2, link, concurrent_gbit=cap))
+    if price(None) >= seconds:
+        return {"gbit": None, "seconds": seconds}  # no slower than the network itself: no cap
+    low, high = 1e-3, network["bandwidth_gbit"]
+    for _ in range(60):  # the price falls as the cap rises
+        middle = math.sqrt(low * high)
+        low, high = (middle, high) if price(middle) > seconds else (low, middle)
+    return {"gbit": math.sqrt(low * high), "seconds": seconds}
 
 
 def network_cpu_fit(cpu: dict, large: list) -> dict:
@@ -141,7 +178,10 @@ def network_cpu_fit(cpu: dict, large: list) -> dict:
 
 def link_line(rate: str, fits: dict) -> str:
     line = f"link {rate}: " + "; ".join(f"{name} {fits[name]['bandwidth_gbit']:.2f} Gbit/s, alpha "
-                                        f"{fits[name]['latency_us']:.0f} us" for name in ("exchange", "polled"))
+                                        f"{fits[name]['latency_us']:.0f} us" for name in ("exchange", "polled",
+                                                                                           "progressed"))
+    cap = fits.get("progressed_cap", {}).get("gbit")
+    line += f"; cap for several in flight (progress thread) {cap:.2f} Gbit/s" if cap else ""
     cpu = fits.get("network_cpu")
     if cpu:
         line += "; network CPU " + ", ".join(
@@ -182,13 +222,15 @@ def measured_run(hosts, strategy: str, rate: str, args, work: Path) -> Path:
 
 def predict(reference: Path, run: Path, fits: dict, capped: bool = False, out: Path | None = None) -> dict:
     """`llmpy predict` of `run`'s configuration from `reference` on the calibrated link (the network's alpha and
-    bandwidth; `capped`: also the polled rate for several collectives in flight), validated against `run`; the
+    bandwidth; `capped`: also the cap fitted to the progressed calibration for several collectives in flight),
+    validated against `run`; the
     prediction goes to `out` (default: `run`)."""
     from llmpy.commands import cli
     from llmpy.commands import predict as command
 
-    network, polled = fits["exchange"], fits["polled"]
-    cap = ["--concurrent-gbit", f"{polled['bandwidth_gbit']:.6g}"] if capped else []
+    network = fits["exchange"]
+    cap_gbit = fits.get("progressed_cap", {}).get("gbit")
+    cap = ["--concurrent-gbit", f"{cap_gbit:.6g}"] if capped and cap_gbit else []
     cpu = fits.get("network_cpu", {}).get("gbs")  # the hosts share this machine's cores: a share each
     cpu = ["--network-cpu-gbs", f"{cpu:.6g}", "--cores-per-node", str(HOST_CORES)] if cpu else []
     argv = ["predict", str(reference), "--bandwidth", f"{network['bandwidth_gbit']:.6g}", "--latency",
