@@ -102,8 +102,13 @@ class _NoProgressMPI:
 
 def test_the_progress_thread_fails_a_completion_whose_collectives_never_end():
     from llmpy.execution.mpi.progress import ProgressThread
+    from llmpy.execution.mpi.watchdog import Watchdog
 
-    thread = ProgressThread(_NoProgressMPI, threading.RLock(), timeout_s=0.2, silent=lambda: "rank 1 is stopped")
+    class StoppedPeer(Watchdog):
+        def silent_ranks(self):
+            return "rank 1 is stopped"
+
+    thread = ProgressThread(_NoProgressMPI, threading.RLock(), watchdog=StoppedPeer(0, [0, 0], ["", ""], 0.2))
     try:
         completion = Completion()
         start = time.perf_counter()

@@ -146,11 +146,11 @@ class GraphTasks:
         """After a task rank's graph that held the update: its parameter collectives done (unless the next
         forward waits for them, overlap_steps), and the share of bytes that completed behind compute: gradients
         complete when the backward's last bucket started, parameters when the last bucket's AdamW ended."""
-        gradient = lambda s: 4 * s.bucket.size
-        grads_done = sum(gradient(s) for s in self.states if self._done_at.get(s.bucket.part, math.inf)
+        nbytes = lambda s: 4 * s.bucket.size
+        grads_done = sum(nbytes(s) for s in self.states if self._done_at.get(s.bucket.part, math.inf)
                          <= self._backward_end)
         with_params = [s for s in self.states if s.param_requests]
-        params_done = sum(gradient(s) for s in with_params if self._params_done_by(s, self._updates_end))
+        params_done = sum(nbytes(s) for s in with_params if self._params_done_by(s, self._updates_end))
         if self.overlap_steps:
             self._params_pending = with_params[::-1]
             self._params_done_when_read, params_done = 0, None
@@ -159,4 +159,4 @@ class GraphTasks:
                 for state in with_params:
                     self._wait(state.bucket.part, state.param_requests)
                     state.param_requests = []
-        self._close_step(grads_done, params_done, sum(gradient(s) for s in with_params))
+        self._close_step(grads_done, params_done, sum(nbytes(s) for s in with_params))

@@ -15,20 +15,17 @@ from __future__ import annotations
 import threading
 import time
 
-from llmpy.execution.threads import ExecutionError
-
 INTERVAL_S = 5e-4  # at ~1.4 MB per test, 2,000 tests/s keep up with a 20 Gbit/s link
 
 
 class ProgressThread:
     """Tests the requests handed to `watch` until they complete; `close` stops it. A `Completion` watched with a
-    group of requests completes when they all have, or with an error after `timeout_s` (`silent()` names the
-    peers that stopped answering), so a task waiting for it never waits forever."""
+    group of requests completes when they all have, or after `watchdog.timeout_s` with the watchdog's error
+    naming the peers that stopped answering (llmpy.execution.mpi.watchdog), so a task waiting for it never
+    waits forever."""
 
-    def __init__(self, MPI, lock, interval_s: float = INTERVAL_S, timeout_s: float | None = None,
-                 silent=lambda: "a peer stopped answering"):
-        self._MPI, self._lock, self._interval = MPI, lock, interval_s
-        self._timeout_s, self._silent = timeout_s, silent
+    def __init__(self, MPI, lock, interval_s: float = INTERVAL_S, watchdog=None):
+        self._MPI, self._lock, self._interval, self._watchdog = MPI, lock, interval_s, watchdog
         self._requests: list = []
         self._groups: list[tuple[list, object, float, str]] = []  # (requests, completion, since, what)
         self._changed = threading.Condition()
@@ -74,9 +71,8 @@ class ProgressThread:
             requests, completion, since, what = group
             if not any(requests):
                 ended.append((completion, None))
-            elif self._timeout_s is not None and now - since > self._timeout_s:
-                ended.append((completion, ExecutionError(f"{what}: no answer for {self._timeout_s:g} s; "
-                                                         f"{self._silent()}")))
+            elif self._watchdog is not None and now - since > self._watchdog.timeout_s:
+                ended.append((completion, self._watchdog.timeout_error(what)))
             else:
                 kept.append(group)
         self._groups = kept

@@ -275,9 +275,7 @@ class DataParallelStrategy(GraphTasks, AdamWRule):
         self._grads_in_flight: list = []
         self._lock = threading.RLock()  # one thread at a time starts, tests or waits (task workers, progress thread)
         # "thread": a sleeping thread tests what is in flight; "tests": a test after every kernel or task
-        self._progress_thread = None if progress != "thread" else ProgressThread(
-            self.MPI, self._lock, timeout_s=watchdog.timeout_s if watchdog else None,
-            silent=watchdog.silent_ranks if watchdog else lambda: "a peer stopped answering")
+        self._progress_thread = ProgressThread(self.MPI, self._lock, watchdog=watchdog) if progress == "thread" else None
         self.overlap = overlap  # False: no collective starts before the update
         self.overlap_steps = overlap_steps  # the parameter collectives complete behind the next forward
         self._params_pending: list[BucketState] = []  # overlap_steps: buckets whose parameters are still in flight

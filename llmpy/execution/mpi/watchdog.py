@@ -30,9 +30,13 @@ class Watchdog:
         delay = 1e-6
         while not MPI.Request.Testall(requests):
             if time.monotonic() - start > self.timeout_s:
-                raise ExecutionError(f"{what}: no answer for {self.timeout_s:g} s; {self.silent_ranks()}")
+                raise self.timeout_error(what)
             time.sleep(delay)
             delay = min(2 * delay, LONGEST_SLEEP)
+
+    def timeout_error(self, what: str) -> ExecutionError:
+        """The error for `what` left unanswered for timeout_s, naming the silent ranks."""
+        return ExecutionError(f"{what}: no answer for {self.timeout_s:g} s; {self.silent_ranks()}")
 
     def silent_ranks(self) -> str:
         here = self.hosts[self.rank]
