@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import replace
 
 from llmpy.core.config import preset
-from llmpy.predict.network import Cluster, Link, link_preset
+from llmpy.predict.network import Cluster, Link, link_preset, rate_for
 from llmpy.predict.step import STRATEGY_NAMES, ComputeProfile, Target, predict_step
 
 PUBLISHED = {"MPI_Ireduce (gradients)": 500.0, "MPI_Ibcast (parameters)": 115.0, "compute": 100.0, "step": 720.0}
@@ -47,15 +46,11 @@ def seed_table(profile: ComputeProfile, link: Link, overlaps: tuple[float, ...])
 
 def implied_bandwidth(profile: ComputeProfile, reduce_ms: float, latency_us: float) -> float:
     """The link bandwidth (Gbit/s) at which the model's reduce wait of the seed configuration is `reduce_ms`."""
-    low, high = 0.01, 10000.0
-    for _ in range(60):
-        middle = math.sqrt(low * high)
-        waited = predict_step(profile, Target("server", Cluster(9, Link("x", middle, latency_us)), 0.0))
-        if waited.components["MPI_Ireduce (gradients)"] > reduce_ms:
-            low = middle
-        else:
-            high = middle
-    return math.sqrt(low * high)
+    def reduce_wait_ms(gbit: float) -> float:
+        waited = predict_step(profile, Target("server", Cluster(9, Link("x", gbit, latency_us)), 0.0))
+        return waited.components["MPI_Ireduce (gradients)"]
+
+    return rate_for(reduce_wait_ms, reduce_ms, 0.01, 10000.0)
 
 
 def node_sweep(profile: ComputeProfile, overlaps: tuple[float, ...]) -> list[dict]:

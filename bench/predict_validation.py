@@ -144,18 +144,14 @@ def progressed_cap(network: dict, seconds: float, nbytes: int) -> dict:
     """The --concurrent-gbit that makes llmpy.predict.network price the `progressed` calibration (CONCURRENT
     Ireduces of nbytes / CONCURRENT, roots alternating, on the measured network) at the `seconds` it took:
     what several collectives in flight get when the progress thread moves them, in the model's own units."""
-    from llmpy.predict.network import Cluster, Link, concurrent_seconds
+    from llmpy.predict.network import Cluster, Link, concurrent_seconds, rate_for
 
     link = Link("calibrated", network["bandwidth_gbit"], network["latency_us"])
     items = [("MPI_Ireduce", nbytes / CONCURRENT, i % 2) for i in range(CONCURRENT)]
     price = lambda cap: concurrent_seconds(items, Cluster(2, link, concurrent_gbit=cap))
     if price(None) >= seconds:
         return {"gbit": None, "seconds": seconds}  # no slower than the network itself: no cap
-    low, high = 1e-3, network["bandwidth_gbit"]
-    for _ in range(60):  # the price falls as the cap rises
-        middle = math.sqrt(low * high)
-        low, high = (middle, high) if price(middle) > seconds else (low, middle)
-    return {"gbit": math.sqrt(low * high), "seconds": seconds}
+    return {"gbit": rate_for(price, seconds, 1e-3, network["bandwidth_gbit"]), "seconds": seconds}
 
 
 def network_cpu_fit(cpu: dict, large: list) -> dict:

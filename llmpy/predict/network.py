@@ -518,3 +518,12 @@ def network_bytes(items: list[tuple[str, float, int]], cluster: Cluster, rank: i
         loads = _rotated(collective_cost(kind, nbytes, cluster).loads, root or 0, cluster)
         total += loads.get(("net", rank), 0.0)
     return total
+
+
+def rate_for(seconds_at: Callable[[float], float], target: float, low: float, high: float) -> float:
+    """The rate in [low, high] (Gbit/s, say) at which `seconds_at(rate)`, a cost that falls as the rate rises,
+    equals `target`: bisection on a log scale (the rates of interest span orders of magnitude)."""
+    for _ in range(60):
+        middle = math.sqrt(low * high)
+        low, high = (middle, high) if seconds_at(middle) > target else (low, middle)
+    return math.sqrt(low * high)
