@@ -6,14 +6,18 @@ Query row t attends to key rows 0..t only, so a block of query rows [t0, t1) nee
 Positions are cut into tiles on one grid: query tile i holds rows [i*QUERY_TILE, (i+1)*QUERY_TILE), key
 tile j rows [j*KEY_TILE, (j+1)*KEY_TILE), each clipped to the call's query rows and, for keys, to the query
 tile's last row (so keys above the diagonal are never computed, but for the diagonal tile's upper half).
-For each query tile:
-  - forward: for each key tile at or left of the diagonal (tiles above it are skipped), the scores
-    S = q k^T go through OpenBLAS (one GEMM per head); an online softmax keeps each row's running
+  - forward, for each query tile: for each key tile at or left of the diagonal (tiles above it are skipped),
+    the scores S = q k^T go through OpenBLAS (one GEMM per head); an online softmax keeps each row's running
     maximum m and sum l and rescales the unnormalised output o, to which the GEMM P v is added; only the
     log-sum-exp m + log(l) of each row is stored (lse (B, NH, T)), not the (T, T) scores;
-  - backward: each tile's probabilities are recomputed from S and lse; dv += P^T dout, dP = dout v^T,
-    dS = P (dP - D) / sqrt(hs) with D = rowsum(dout * out), dq += dS k, dk += dS^T q (five GEMMs).
-Extra memory: one block of scores per head in flight (scratch reused by each thread), and lse.
+  - backward, for each key tile of BACKWARD_KEY_TILE rows (FlashAttention-2's order): against all the call's
+    query rows that see it (from the tile's first row on), the probabilities are recomputed from S and lse;
+    dv += P^T dout, dP = dout v^T, dS = P (dP - D) / sqrt(hs) with D = rowsum(dout * out), dk += dS^T q,
+    dq += dS k (five GEMMs). dk, dv get one add per key tile and dq one per call (a contiguous accumulator),
+    not one strided add per pair of tiles.
+Sequences and heads go through the tiles in blocks (_over_units): one sequence and a few heads at T = 1024,
+whole batches at short T. Extra memory: one block of scores in flight (at most TILE_BUDGET floats, scratch
+reused by each thread), the dq accumulator, and lse.
 
 Order: the numba parts (scaling, masking, exponentials, row sums) run in a fixed order (vector_math's lanes);
 each GEMM's sums are OpenBLAS's, whose order depends on the shape, the CPU and OpenBLAS's own thread count
@@ -40,7 +44,9 @@ from llmpy.kernels.compile import kernel
 from llmpy.kernels.vector_math import exp_nonpositive, lane_dot, lane_max, lane_sum
 
 QUERY_TILE = 128  # query rows per tile
-KEY_TILE = 256  # key rows per tile (at most: a query tile's last key tile ends at its last row)
+KEY_TILE = 256  # key rows per forward tile (at most: a query tile's last key tile ends at its last row)
+BACKWARD_KEY_TILE = 128  # key rows per backward tile, against all the call's query rows that see them
+TILE_BUDGET = 1 << 18  # floats of one score tile over a block of sequences x heads (1 MiB)
 
 _scratch = threading.local()  # per thread (task workers run attention calls side by side)
 
@@ -68,6 +74,19 @@ def _over_head_groups(work, num_heads: int, parallel: bool) -> None:
         futures = [_pool(threads).submit(work, h0, h1) for h0, h1 in zip(bounds[:-1], bounds[1:])]
         for future in futures:
             future.result()
+
+
+def _over_units(unit, n: int, h0: int, h1: int, tile_floats: int) -> None:
+    """unit(s0, s1, g0, g1) over blocks of sequences [0, n) x heads [h0, h1) whose score tiles (tile_floats
+    per head and sequence) fill at most TILE_BUDGET floats: one sequence and a few heads at a time at long T
+    (the tiles stay in cache), several sequences at short T (fewer, larger calls). Each head's GEMMs have
+    the same shapes however the blocks fall, so the results do not depend on them."""
+    tile_floats = max(1, tile_floats)  # an empty block of query rows
+    heads = max(1, min(h1 - h0, TILE_BUDGET // tile_floats))
+    sequences = max(1, min(n, TILE_BUDGET // (tile_floats * (h1 - h0)))) if heads == h1 - h0 else 1
+    for s0 in range(0, n, sequences):
+        for g0 in range(h0, h1, heads):
+            unit(s0, min(n, s0 + sequences), g0, min(h1, g0 + heads))
 
 
 def _buffer(slot: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -149,24 +168,26 @@ def attention_forward(out, lse, qkv, num_heads, b0, b1, t0, t1, parallel=False):
     scale = np.float32(1.0 / math.sqrt(hs))
     q, k, v = _heads(qkv[b0:b1], num_heads)
 
-    def heads(h0, h1):
-        nh = h1 - h0
+    def unit(s0, s1, h0, h1):
+        shape = (s1 - s0, h1 - h0)
         for r0, r1 in _tiles(t0, t1, QUERY_TILE):
             tq = r1 - r0
-            row_max, row_sum = _buffer("max", (n, nh, tq)), _buffer("sum", (n, nh, tq))
-            out_acc = _buffer("out", (n, nh, tq, hs))
+            row_max, row_sum = _buffer("max", shape + (tq,)), _buffer("sum", shape + (tq,))
+            out_acc = _buffer("out", shape + (tq, hs))
             for c0, c1 in _tiles(0, r1, KEY_TILE):
-                scores = _buffer("scores", (n, nh, tq, c1 - c0))
-                np.matmul(q[:, h0:h1, r0:r1], k[:, h0:h1, c0:c1].swapaxes(2, 3), out=scores)
+                scores = _buffer("scores", shape + (tq, c1 - c0))
+                np.matmul(q[s0:s1, h0:h1, r0:r1], k[s0:s1, h0:h1, c0:c1].swapaxes(2, 3), out=scores)
                 first = c0 == 0
                 online_softmax_tile.serial(scores, row_max, row_sum, out_acc, r0, c0, scale, first)
+                values = v[s0:s1, h0:h1, c0:c1]
                 if first:
-                    np.matmul(scores, v[:, h0:h1, c0:c1], out=out_acc)
+                    np.matmul(scores, values, out=out_acc)
                 else:
-                    out_acc += np.matmul(scores, v[:, h0:h1, c0:c1], out=_buffer("pv", out_acc.shape))
-            attention_tile_finish.serial(out, lse, out_acc, row_max, row_sum, b0, h0, r0)
+                    out_acc += np.matmul(scores, values, out=_buffer("pv", out_acc.shape))
+            attention_tile_finish.serial(out, lse, out_acc, row_max, row_sum, b0 + s0, h0, r0)
 
-    _over_head_groups(heads, num_heads, parallel)
+    tile_floats = min(QUERY_TILE, t1 - t0) * min(KEY_TILE, t1)
+    _over_head_groups(lambda h0, h1: _over_units(unit, n, h0, h1, tile_floats), num_heads, parallel)
 
 
 @kernel
@@ -212,9 +233,9 @@ def attention_backward(dqkv, dout, qkv, out, lse, num_heads, b0, b1, t0, t1, acc
     """Gradients for sequences [b0, b1) and query rows [t0, t1).
 
     dout, out (B, T, C) (the forward's output); qkv (B, T, 3C); lse (B, NH, T). dqkv (B, T, 3C) accumulates:
-    a key/value row gets a share from every later query tile. With `accumulate=False` the call first zeroes
+    a key/value row gets a share from every later query block. With `accumulate=False` the call first zeroes
     all T rows of dqkv for its sequences; when a sequence is split into query blocks, that call must come
-    first, and the blocks must run in order (tiles add to dk, dv in query-tile order).
+    first, and the blocks must run in order (each adds to dk, dv of the rows before it).
     """
     n, hs = b1 - b0, qkv.shape[2] // 3 // num_heads
     scale = np.float32(1.0 / math.sqrt(hs))
@@ -222,30 +243,36 @@ def attention_backward(dqkv, dout, qkv, out, lse, num_heads, b0, b1, t0, t1, acc
         dqkv[b0:b1] = 0.0
     q, k, v = _heads(qkv[b0:b1], num_heads)
     dq, dk, dv = _heads(dqkv[b0:b1], num_heads)
-    per_head = lambda x: x.reshape(x.shape[0], x.shape[1], num_heads, hs).transpose(0, 2, 1, 3)
+    per_head = lambda x: x[b0:b1].reshape(n, x.shape[1], num_heads, hs).transpose(0, 2, 1, 3)
     dout_heads, out_heads = per_head(dout), per_head(out)
+    rows = t1 - t0
 
-    def heads(h0, h1):
-        nh = h1 - h0
-        for r0, r1 in _tiles(t0, t1, QUERY_TILE):
-            tq = r1 - r0
-            dots = _buffer("dots", (n, nh, tq))
-            attention_row_dots.serial(dots, dout_heads, out_heads, b0, h0, r0)
-            g, queries = dout_heads[b0:b1, h0:h1, r0:r1], q[:, h0:h1, r0:r1]
-            for c0, c1 in _tiles(0, r1, KEY_TILE):
-                tile = (n, nh, tq, c1 - c0)
-                probs, dprobs = _buffer("scores", tile), _buffer("dscores", tile)
-                kv_rows = _buffer("kv", (n, nh, c1 - c0, hs))
-                keys, values = k[:, h0:h1, c0:c1], v[:, h0:h1, c0:c1]
-                np.matmul(queries, keys.swapaxes(2, 3), out=probs)
-                softmax_tile_recompute.serial(probs, lse, b0, h0, r0, c0, scale)
-                dv[:, h0:h1, c0:c1] += np.matmul(probs.swapaxes(2, 3), g, out=kv_rows)
-                np.matmul(g, values.swapaxes(2, 3), out=dprobs)
-                softmax_tile_backward.serial(dprobs, probs, dots, scale)
-                dq[:, h0:h1, r0:r1] += np.matmul(dprobs, keys, out=_buffer("q", (n, nh, tq, hs)))
-                dk[:, h0:h1, c0:c1] += np.matmul(dprobs.swapaxes(2, 3), queries, out=kv_rows)
+    def unit(s0, s1, h0, h1):
+        shape = (s1 - s0, h1 - h0)
+        part = lambda x, r0, r1: x[s0:s1, h0:h1, r0:r1]
+        dots = _buffer("dots", shape + (rows,))
+        attention_row_dots.serial(dots, dout_heads, out_heads, s0, h0, t0)
+        dq_rows = _buffer("dq", shape + (rows, hs))
+        for c0, c1 in _tiles(0, t1, BACKWARD_KEY_TILE):
+            r0 = max(t0, c0)  # query rows before c0 do not see these keys
+            tile = shape + (t1 - r0, c1 - c0)
+            probs, dprobs = _buffer("scores", tile), _buffer("dscores", tile)
+            kv_rows = _buffer("kv", shape + (c1 - c0, hs))
+            queries, g, keys, values = part(q, r0, t1), part(dout_heads, r0, t1), part(k, c0, c1), part(v, c0, c1)
+            np.matmul(queries, keys.swapaxes(2, 3), out=probs)
+            softmax_tile_recompute.serial(probs, lse, b0 + s0, h0, r0, c0, scale)
+            part(dv, c0, c1)[...] += np.matmul(probs.swapaxes(2, 3), g, out=kv_rows)
+            np.matmul(g, values.swapaxes(2, 3), out=dprobs)
+            softmax_tile_backward.serial(dprobs, probs, dots[:, :, r0 - t0:], scale)
+            part(dk, c0, c1)[...] += np.matmul(dprobs.swapaxes(2, 3), queries, out=kv_rows)
+            if c0 == 0:  # every query row sees the first key tile
+                np.matmul(dprobs, keys, out=dq_rows)
+            else:
+                dq_rows[:, :, r0 - t0:] += np.matmul(dprobs, keys, out=_buffer("dq_part", tile[:3] + (hs,)))
+        part(dq, t0, t1)[...] += dq_rows
 
-    _over_head_groups(heads, num_heads, parallel)
+    tile_floats = rows * min(BACKWARD_KEY_TILE, t1)
+    _over_head_groups(lambda h0, h1: _over_units(unit, n, h0, h1, tile_floats), num_heads, parallel)
 
 
 def attention_cached_forward(out, cache, lse, qkv, num_heads, t0, parallel=False):
