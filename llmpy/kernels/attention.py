@@ -16,8 +16,9 @@ tile's last row (so keys above the diagonal are never computed, but for the diag
     dq += dS k (five GEMMs). dk, dv get one add per key tile and dq one per call (a contiguous accumulator),
     not one strided add per pair of tiles.
 Sequences and heads go through the tiles in blocks (_over_units): one sequence and a few heads at T = 1024,
-whole batches at short T. Extra memory: one block of scores in flight (at most TILE_BUDGET floats, scratch
-reused by each thread), the dq accumulator, and lse.
+whole batches at short T. Extra memory: one block of scores in flight (TILE_BUDGET floats, or one head's tile
+where that is larger: (t1 - t0) x BACKWARD_KEY_TILE, beyond T = 2048; scratch reused by each thread), the dq
+accumulator, and lse.
 
 Order: the numba parts (scaling, masking, exponentials, row sums) run in a fixed order (vector_math's lanes);
 each GEMM's sums are OpenBLAS's, whose order depends on the shape, the CPU and OpenBLAS's own thread count
