@@ -62,7 +62,7 @@ COMMUNICATION = ("(gradients)", "(parameters)", "(norm)", "wait", "communication
 def exchange_worker() -> None:
     """Run by mpiexec on the two hosts; rank 0 prints, per size, the median seconds of (1) a blocking Sendrecv
     exchange, what the network does, and (2) CONCURRENT Iallreduces of a 1/CONCURRENT share each waited for as
-    llmpy's strategies wait (llmpy.execution.mpi.watchdog: MPI_Testall with sleeps of up to 1 ms), what llmpy
+    llmpy's strategies wait (llmpy.execution.mpi.watchdog: MPI_Testall with sleeps of up to 0.1 ms), what llmpy
     gets of it: MPI moves data only inside MPI calls, so several collectives in flight between sleeps move at a
     rate of their own, whatever the link."""
     import numpy as np

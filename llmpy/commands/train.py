@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "that do not answer (default 600)")
     run.add_argument("--mpi-progress", choices=MPI_PROGRESS,
                      help="mpi: what moves the collectives' data while kernels run: thread (default; a thread "
-                          "that tests them every 0.5 ms and sleeps, needs MPI_THREAD_MULTIPLE) or tests (an "
+                          "that tests them every 0.1 ms and sleeps, needs MPI_THREAD_MULTIPLE) or tests (an "
                           "MPI_Test after each kernel or task)")
     run.add_argument("--no-comm-overlap", dest="comm_overlap", action="store_false",
                      help="mpi: start every collective in the update, after backward (the no-overlap baseline)")

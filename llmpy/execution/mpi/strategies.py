@@ -24,7 +24,7 @@ copied into a staging buffer (one such copy of the whole gradient would cost mor
 collectives themselves move on one node), and no bucket waits for a later block. `wte` is final only after
 the encoder's backward (it is also the output projection), so 31% of d12's gradient cannot overlap the
 backward pass. MPI progresses non-blocking collectives only inside MPI calls. By default (`--mpi-progress
-thread`) a thread of the rank's own (llmpy.execution.mpi.progress) tests what is in flight every 0.5 ms and
+thread`) a thread of the rank's own (llmpy.execution.mpi.progress) tests what is in flight every 0.1 ms and
 sleeps between tests, and waits on a condition when nothing is in flight (MPI_THREAD_MULTIPLE); with `tests`
 the strategy calls MPI_Testall after each kernel of the rest of backward instead, which leaves the large
 buckets half sent when the update needs them (about 1.4 MB moves per test over TCP here).
