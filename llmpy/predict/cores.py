@@ -195,6 +195,8 @@ def forkjoin_call(step: MeasuredStep, call: StepCall, threads: int, machine: Mac
 def predict_forkjoin(step: MeasuredStep, threads: int, machine: Machine) -> dict:
     """The step as its calls in order, each with a barrier: the sum of the calls' times and the glue."""
     glue = step.call_glue_s + (FORK_JOIN_S if threads > 1 else 0.0)
+    if min(threads, machine.cores) > 1:
+        step.timer.time_threads([c for c in step.calls if c.kernel in GEMM_KERNELS], min(threads, machine.cores))
     phases, by_kind, kernels_of = defaultdict(float), defaultdict(float), defaultdict(lambda: defaultdict(float))
     for call in step.calls:
         seconds, kind = forkjoin_call(step, call, threads, machine)
@@ -257,15 +259,22 @@ def predict_tasks(step: MeasuredStep, workers: int, machine: Machine) -> dict:
 
 
 def _side_by_side(step: MeasuredStep, cores: int) -> list[float] | None:
-    """Per task, its slowdown beside `cores` - 1 others (timed for GEMM and attention blocks, 1 for the rest)."""
+    """Per task, its slowdown beside `cores` - 1 others (timed for GEMM and attention blocks, 1 for the rest).
+    The timed slowdown is of warm blocks run in a loop (caches shared by two hot working sets); in the step a
+    block also waits on what the kernels before it evicted (a d12 block of 16 rows takes 2-3 times its warm
+    time there), and that part did not slow down beside another in traced 2-worker runs. So the slowdown
+    applies to the block's warm share of its measured time."""
     if cores < 2:
         return None
     beside = [1.0] * len(step.graph.tasks)
+    step.timer.time_side_by_side([c for c in step.calls if c.kernel in CONVERTED_KERNELS], step.graph.tasks, cores)
     for call in step.calls:
         if call.kernel in CONVERTED_KERNELS:
             factor = step.timer.side_by_side_over_alone(call, step.graph.tasks, cores)
+            warm, measured = step.timer.warm_block_seconds(call, cores), step.task_s[call.tasks[0]]
+            share = min(1.0, warm / measured) if warm and measured > 0 else 1.0
             for i in call.tasks:
-                beside[i] = factor
+                beside[i] = 1.0 + (factor - 1.0) * share
     return beside
 
 

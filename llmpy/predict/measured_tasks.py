@@ -17,6 +17,7 @@ call's scaling over OpenBLAS threads and how much slower blocks run side by side
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from collections import defaultdict
@@ -32,6 +33,8 @@ GEMM_KERNELS = ("matmul_forward", "matmul_backward_input", "matmul_backward_weig
                 "matmul_backward_input_chunk")
 # kernels whose call and blocks run at different rates (timed, see KernelTimer)
 CONVERTED_KERNELS = GEMM_KERNELS + ("attention_forward", "attention_backward")
+SIDE_LOOP_S = 0.05  # each loop of blocks side by side, alone and together
+LOOP_S = 0.02  # each side of a timed ratio: a loop of calls at least this long (a few ms calls vary by 10%)
 
 
 @dataclass
@@ -281,6 +284,8 @@ class KernelTimer:
     sides are timed in turn, a few rounds, so that what else runs on the machine slows both alike."""
 
     ROUNDS = 5  # at most: long calls stop after budget_s (see _ratio)
+    THREAD_ROUNDS = 9
+    SIDE_ROUNDS = 9
 
     def __init__(self) -> None:
         self._ratios: dict[tuple, float] = {}
@@ -294,60 +299,103 @@ class KernelTimer:
         return self._ratios[key]
 
     def threads_over_one(self, call: "StepCall", threads: int) -> float:
-        key = ("threads", call.kernel, call.flops, call.bytes, threads)
-        if key not in self._ratios:
-            run = lambda: call.fn(*call.args)  # noqa: E731
-            self._ratios[key] = _ratio(run, run, threads, 1, self.ROUNDS)
-        return self._ratios[key]
+        self.time_threads([call], threads)
+        return self._ratios[self._threads_key(call, threads)]
+
+    def time_threads(self, calls, threads: int) -> None:
+        """Times threads_over_one of every shape among `calls` not timed yet, the shapes in turn each round: on
+        a shared host a 2-thread GEMM's speed moves by 15% and more for seconds at a time, so each shape's rounds
+        are spread over the whole timing rather than taken one after another in one such stretch."""
+        pending = {}
+        for call in calls:
+            key = self._threads_key(call, threads)
+            if key not in self._ratios:
+                pending.setdefault(key, lambda call=call: call.fn(*call.args))
+        reps = {key: _loop_reps(_seconds(run, threads)) for key, run in pending.items()}  # also the warm-up
+        rounds = defaultdict(list)
+        for _ in range(self.THREAD_ROUNDS):
+            for key, run in pending.items():
+                many, one = _seconds(run, threads, reps[key]), _seconds(run, 1, reps[key])
+                rounds[key].append(many / one if one > 0 else 1.0)
+        self._ratios.update({key: statistics.median(values) for key, values in rounds.items()})
+
+    @staticmethod
+    def _threads_key(call: "StepCall", threads: int) -> tuple:
+        return ("threads", call.kernel, call.flops, call.bytes, threads)
 
     def side_by_side_over_alone(self, call: "StepCall", tasks, threads: int) -> float:
         """A block's time while `threads` - 1 other blocks of its call run on the other cores, over its time
         alone (shared caches and memory: two 1-thread GEMMs on two cores each run slower than one alone).
         1 for a call of fewer blocks than threads (its blocks never run side by side)."""
-        key = ("side", call.kernel, call.flops, call.bytes, len(call.tasks), threads)
         if threads < 2 or len(call.tasks) < threads:
             return 1.0
-        if key not in self._ratios:
-            runs = [(tasks[i].fn, tasks[i].args) for i in call.tasks[:threads]]
-            self._ratios[key] = _side_by_side(runs, self.ROUNDS)
-        return self._ratios[key]
+        self.time_side_by_side([call], tasks, threads)
+        return self._ratios[self._side_key(call, threads)]
+
+    def time_side_by_side(self, calls, tasks, threads: int) -> None:
+        """Times side_by_side_over_alone of every shape among `calls` not timed yet, the shapes in turn each
+        round (as time_threads, for the same reason)."""
+        pending = {}
+        for call in calls:
+            key = self._side_key(call, threads)
+            if threads >= 2 and len(call.tasks) >= threads and key not in self._ratios:
+                pending.setdefault(key, [(tasks[i].fn, tasks[i].args) for i in call.tasks[:threads]])
+        reps = {}
+        for key, runs in pending.items():
+            fn, args = runs[0]
+            _seconds(lambda: fn(*args), 1)  # the warm-up: first touch, BLAS's buffers
+            once = _seconds(lambda: fn(*args), 1)
+            if once < self.MIN_SIDE_BY_SIDE_S:
+                self._ratios[key] = 1.0
+            else:
+                reps[key] = max(3, min(100, int(SIDE_LOOP_S / once)))
+        rounds, alone_s = defaultdict(list), defaultdict(list)
+        with threadpool_limits(limits=1, user_api="blas"):
+            for _ in range(self.SIDE_ROUNDS):
+                for key, count in reps.items():
+                    alone = _loop_times(pending[key][:1], count)[0]
+                    rounds[key].append(statistics.fmean(_loop_times(pending[key], count)) / alone if alone > 0
+                                       else 1.0)
+                    alone_s[key].append(alone)
+        self._ratios.update({key: min(2.0, max(1.0, statistics.median(v))) for key, v in rounds.items()})
+        self._ratios.update({("alone",) + key: statistics.median(v) for key, v in alone_s.items()})
+
+    def warm_block_seconds(self, call: "StepCall", threads: int) -> float | None:
+        """The first block's seconds in the loop side_by_side_over_alone timed it alone (None: not timed)."""
+        return self._ratios.get(("alone",) + self._side_key(call, threads))
+
+    @staticmethod
+    def _side_key(call: "StepCall", threads: int) -> tuple:
+        return ("side", call.kernel, call.flops, call.bytes, len(call.tasks), threads)
 
     MIN_SIDE_BY_SIDE_S = 2e-4  # shorter blocks are timed by Python's overhead and its lock, not by the cores
 
 
-def _seconds(run, threads: int) -> float:
+def _seconds(run, threads: int, reps: int = 1) -> float:
+    """Seconds per call of `reps` calls of run() on `threads` BLAS threads."""
     with threadpool_limits(limits=threads, user_api="blas"):
         start = perf_counter()
-        run()
-        return perf_counter() - start
+        for _ in range(reps):
+            run()
+        return (perf_counter() - start) / reps
+
+
+def _loop_reps(once: float) -> int:
+    """Calls in a loop of at least LOOP_S, for a call of `once` seconds."""
+    return max(1, min(100, math.ceil(LOOP_S / once))) if once > 0 else 1
 
 
 def _ratio(a, b, threads_a: int, threads_b: int, rounds: int, budget_s: float = 0.3) -> float:
     """The median over rounds of time(a) / time(b), after a warm-up of a (first touch of the lazily zero buffers,
-    BLAS's own buffers; b touches the same data). Fewer rounds for long calls: at most `budget_s` after the
-    first (the lm_head's GEMMs take a second a round at d12)."""
-    _seconds(a, threads_a)
+    BLAS's own buffers; b touches the same data), each side a loop of at least LOOP_S. Fewer rounds for long
+    calls: none after `budget_s` (the lm_head's GEMMs take a second a round at d12)."""
+    reps = _loop_reps(_seconds(a, threads_a))
     ratios, spent = [], 0.0
     while len(ratios) < rounds and (not ratios or spent < budget_s):
-        ta, tb = _seconds(a, threads_a), _seconds(b, threads_b)
+        ta, tb = _seconds(a, threads_a, reps), _seconds(b, threads_b, reps)
         ratios.append(ta / tb if tb > 0 else 1.0)
-        spent += ta + tb
+        spent += reps * (ta + tb)
     return statistics.median(ratios)
-
-
-def _side_by_side(runs: list, rounds: int) -> float:
-    """The blocks' mean time per call while each runs on its own thread at once, over the first one's alone,
-    both timed as loops of the same length (BLAS on 1 thread, as task workers run it); median of rounds."""
-    fn, args = runs[0]
-    once = _seconds(lambda: fn(*args), 1)  # also the warm-up
-    if once < KernelTimer.MIN_SIDE_BY_SIDE_S:
-        return 1.0
-    reps, ratios = max(3, min(100, int(0.05 / once))), []
-    with threadpool_limits(limits=1, user_api="blas"):
-        for _ in range(rounds):
-            alone = _loop_times(runs[:1], reps)[0]
-            ratios.append(statistics.fmean(_loop_times(runs, reps)) / alone if alone > 0 else 1.0)
-    return min(2.0, max(1.0, statistics.median(ratios)))
 
 
 def _loop_times(runs: list, reps: int) -> list[float]:
