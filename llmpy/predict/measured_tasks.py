@@ -280,8 +280,10 @@ def _calls_with_tasks(graph, calls) -> list[StepCall]:
 # ------------------------------------------------------------------ measured seconds of every task and call
 class KernelTimer:
     """Ratios of real kernel calls timed on this machine, once per (kernel, shape): a call over the sequence of
-    its blocks (the granularity conversion), and a call on N BLAS threads over 1 (a GEMM's scaling). The two
-    sides are timed in turn, a few rounds, so that what else runs on the machine slows both alike."""
+    its blocks (the granularity conversion), a call on N BLAS threads over 1 (a GEMM's scaling), and blocks
+    side by side over one alone. The two sides of a ratio are timed in turn, so that what else runs on the
+    machine slows both alike; the thread and side-by-side ratios over several rounds in which all the shapes
+    asked for together take turns (time_threads, time_side_by_side)."""
 
     ROUNDS = 5  # at most: long calls stop after budget_s (see _ratio)
     THREAD_ROUNDS = 9
@@ -289,6 +291,7 @@ class KernelTimer:
 
     def __init__(self) -> None:
         self._ratios: dict[tuple, float] = {}
+        self._warm_s: dict[tuple, float] = {}  # side-by-side key -> the first block's seconds alone, in a loop
 
     def call_over_blocks(self, call: "StepCall", tasks) -> float:
         key = ("blocks", call.kernel, call.flops, call.bytes, len(call.tasks))
@@ -358,11 +361,11 @@ class KernelTimer:
                                        else 1.0)
                     alone_s[key].append(alone)
         self._ratios.update({key: min(2.0, max(1.0, statistics.median(v))) for key, v in rounds.items()})
-        self._ratios.update({("alone",) + key: statistics.median(v) for key, v in alone_s.items()})
+        self._warm_s.update({key: statistics.median(v) for key, v in alone_s.items()})
 
     def warm_block_seconds(self, call: "StepCall", threads: int) -> float | None:
         """The first block's seconds in the loop side_by_side_over_alone timed it alone (None: not timed)."""
-        return self._ratios.get(("alone",) + self._side_key(call, threads))
+        return self._warm_s.get(self._side_key(call, threads))
 
     @staticmethod
     def _side_key(call: "StepCall", threads: int) -> tuple:
