@@ -15,6 +15,8 @@ What it does, in order:
    no spare core: `--cores-per-node` cores / 2); and 8 Ireduces in flight, roots alternating (owners' pattern),
    moved by llmpy's progress thread as the runs' collectives are (`progressed`), from whose 16 MiB time the
    `--concurrent-gbit` cap of the "capped" predictions is fitted in the model's own units (`progressed_cap`);
+   and, without the network, the share of a core the progress thread's tests take beside compute on one core
+   (bench/polling_cost.py), passed as `--network-poll-share`;
 3. every strategy over every link, measured as bench/multihost.py measures it (one rank per host, 1 thread, TCP
    forced), with the trace written beside metrics.json so the waits split by collective;
 4. `llmpy predict REFERENCE --bandwidth FIT --latency FIT --validate RUN --overlap 1` for each (what the
@@ -193,6 +195,8 @@ def link_line(rate: str, fits: dict) -> str:
         line += "; network CPU " + ", ".join(
             f"{name} {cpu[name]['gbs'] or math.inf:.2f} GB/s (user {cpu[name]['user_gbs'] or math.inf:.2f}, "
             f"system {cpu[name]['system_gbs'] or math.inf:.2f})" for name in ("exchange", "polled"))
+    if fits.get("poll_share") is not None:
+        line += f"; the progress thread's tests {fits['poll_share']:.1%} of a core"
     return line
 
 
@@ -239,6 +243,8 @@ def predict(reference: Path, run: Path, fits: dict, capped: bool = False, out: P
     cap = ["--concurrent-gbit", f"{cap_gbit:.6g}"] if capped and cap_gbit else []
     cpu = fits.get("network_cpu", {}).get("gbs")  # the hosts share this machine's cores: a share each
     cpu = ["--network-cpu-gbs", f"{cpu:.6g}", "--cores-per-node", str(HOST_CORES)] if cpu else []
+    if cpu and fits.get("poll_share") is not None:
+        cpu += ["--network-poll-share", f"{fits['poll_share']:.6g}"]
     argv = ["predict", str(reference), "--bandwidth", f"{network['bandwidth_gbit']:.6g}", "--latency",
             f"{network['latency_us']:.6g}", *cap, *cpu, "--validate", str(run), "--overlap", OVERLAP[0],
             "--output", str((out or run) / ("prediction-capped.json" if capped else "prediction.json"))]
@@ -246,6 +252,16 @@ def predict(reference: Path, run: Path, fits: dict, capped: bool = False, out: P
     document = command.run(cli.build_parser().parse_args(argv), out=text)
     document["printed"] = text.getvalue()
     return document
+
+
+def poll_share() -> float:
+    """bench/polling_cost.py's share of a core that the progress thread's tests take beside compute (its own
+    process: it pins itself to one core)."""
+    with tempfile.TemporaryDirectory(prefix="llmpy-polling-") as scratch:
+        out = Path(scratch) / "polling.json"
+        subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "polling_cost.py"), "--json", str(out)],
+                       check=True, timeout=300)
+        return json.loads(out.read_text())["poll_share"]
 
 
 HOST_CORES = max(1, available_cores() // 2)  # the 2 namespace hosts share this machine's cores
@@ -337,7 +353,9 @@ def measure_and_predict(args, work: Path, rates: list[str]) -> list[dict]:
         print("reference (1 rank per host, both at once): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),
               flush=True)
         links = {rate: calibrate(hosts, rate, args.timeout) for rate in rates}
+        share = poll_share()
         for rate, fits in links.items():
+            fits["poll_share"] = share
             print(link_line(rate, fits), flush=True)
         for strategy in args.strategies.split(","):
             for rate in rates:
@@ -369,7 +387,9 @@ def predict_kept_runs(args, rates: list[str]) -> list[dict]:
     else:
         with netns_hosts.NetnsHosts(2) as hosts:
             links = {rate: calibrate(hosts, rate, args.timeout) for rate in sorted({r for _, r in runs})}
+    share = None if all("poll_share" in fits for fits in links.values()) else poll_share()
     for rate, fits in links.items():
+        fits.setdefault("poll_share", share)  # fits of a version that did not measure it: measured now
         print(link_line(rate, fits), flush=True)
     results, scratch = [], Path(tempfile.mkdtemp(prefix="llmpy-predict-"))  # predictions out of the runs' folders
     for folder, rate in runs:

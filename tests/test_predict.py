@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -232,6 +233,27 @@ def test_no_network_cpu_cost_with_a_spare_core_or_for_bytes_moved_during_waits()
     assert charged.step_ms == pytest.approx(waits.step_ms) and charged.network_cpu_ms == 0.0
     with pytest.raises(ValueError, match="network_cpu_gbs"):
         Link("x", 1.0, 1.0, cpu_gbs=0.0)
+
+
+def test_the_progress_threads_tests_take_their_share_of_the_core_while_data_moves():
+    # every bucket moves while the rank computes (a backward and an AdamW of 1e6 ms): the link is busy for the sum
+    # of the buckets' times alone, and all that time the tests take `share` of the core, so compute loses
+    # share x that. With a spare core, or with nothing in flight, they cost nothing.
+    share = 0.2
+    long = ComputeProfile(D2, 4, 64, forward_ms=40.0, backward_ms=1e6, update_ms=1e6, other_ms=2.0, call_us=0.0)
+    busy = sum((2 if max(s.size for s in b.segments) * 4 > 2048 else 1) * ALPHA + 4 * b.size * BETA
+               for b in gradient_buckets(D2))
+    polled = Cluster(2, Link("cpu", 8.0, 40.0, poll_share=share), reduce_gbytes_s=FREE_SUMS)
+    free = predict_step(long, Target("allreduce", cluster(2), overlap=1.0))
+    charged = predict_step(long, Target("allreduce", polled, overlap=1.0))
+    assert charged.components["wait"] == 0.0
+    assert charged.step_ms == pytest.approx(free.step_ms + 1e3 * share * busy, rel=1e-6)
+    spare = replace(polled, cores_per_node=2)
+    assert predict_step(long, Target("allreduce", spare, overlap=1.0)).step_ms == pytest.approx(free.step_ms)
+    one_rank = predict_step(long, Target("allreduce", replace(polled, ranks=1), overlap=1.0))
+    assert one_rank.step_ms == pytest.approx(40.0 + 1e6 + 1e6 + 2.0)
+    with pytest.raises(ValueError, match="network_poll_share"):
+        Link("x", 1.0, 1.0, poll_share=1.0)
 
 
 # ------------------------------------------------------------------ real runs

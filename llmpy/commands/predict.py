@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="GB/s of bytes a rank sends + receives per second of its CPU (default: the link's, "
                               "if it has one, else free); bytes moved while the rank computes on a host with no "
                               "spare core stretch that compute by bytes / GBS")
+    network.add_argument("--network-poll-share", type=float, metavar="SHARE",
+                         help="share of a rank's core its progress thread's tests take while data moves (default: "
+                              "the link's, if it has one, else 0; bench/polling_cost.py measures it); on a host "
+                              "with no spare core it stretches compute by that share of the time data moves")
     network.add_argument("--algorithms", default="mpich", choices=ALGORITHM_CHOICES,
                          help="collective algorithms: the ones MPICH picks (default) or the cheapest")
     network.add_argument("--reduce-gbs", type=float,
@@ -165,11 +169,15 @@ def _link(args) -> Link | None:
     cpu = args.network_cpu_gbs
     if cpu is not None and not (math.isfinite(cpu) and cpu > 0):
         raise ValueError(f"--network-cpu-gbs {cpu} must be a positive rate in GB/s")
+    poll = args.network_poll_share
+    if poll is not None and not (math.isfinite(poll) and 0.0 <= poll < 1.0):
+        raise ValueError(f"--network-poll-share {poll} must be a share of a core, 0 <= share < 1")
     if args.link:
         link = link_preset(args.link)
-        return link if cpu is None else replace(link, cpu_gbs=cpu)
+        link = link if cpu is None else replace(link, cpu_gbs=cpu)
+        return link if poll is None else replace(link, poll_share=poll)
     if args.bandwidth is not None:
-        return Link("custom", args.bandwidth, 20.0 if args.latency is None else args.latency, cpu)
+        return Link("custom", args.bandwidth, 20.0 if args.latency is None else args.latency, cpu, poll)
     if args.latency is not None:
         raise ValueError("--latency goes with --bandwidth")
     return None
@@ -245,11 +253,13 @@ def _describe(target: dict, cluster: Cluster, overlap: float, measured: Measured
 def _network_cpu(cluster: Cluster) -> str:
     cores = (f"{cluster.ranks_per_node} x {cluster.threads_per_rank} thread(s) on {cluster.cores_per_node} "
              f"core{'s' if cluster.cores_per_node != 1 else ''} per host")
-    if cluster.link.cpu_gbs is None:
+    polls = f", tests {cluster.link.poll_share:.0%} of a core while data moves" if cluster.link.poll_share else ""
+    if cluster.link.cpu_gbs is None and not polls:
         return "network CPU free (no --network-cpu-gbs)"
+    rate = f"{cluster.link.cpu_gbs:.3g} GB/s" if cluster.link.cpu_gbs is not None else "free per byte"
     if cluster.spare_core:
-        return f"network CPU {cluster.link.cpu_gbs:.3g} GB/s on a spare core ({cores}): free"
-    return f"network CPU {cluster.link.cpu_gbs:.3g} GB/s taken from compute ({cores})"
+        return f"network CPU {rate}{polls} on a spare core ({cores}): free"
+    return f"network CPU {rate}{polls} taken from compute ({cores})"
 
 
 def _error(predicted: float, measured: float | None) -> str:
@@ -290,7 +300,8 @@ def prediction_document(target: dict, cluster: Cluster, overlap: float, predicti
         "target": {**target, "ranks_per_node": cluster.ranks_per_node, "link": asdict(cluster.link),
                    "algorithms": cluster.algorithms, "overlap": overlap, "reduce_gbytes_s": cluster.reduce_gbytes_s,
                    "concurrent_gbit": cluster.concurrent_gbit, "cores_per_node": cluster.cores_per_node,
-                   "network_cpu_gbs": cluster.link.cpu_gbs, "network_cpu_charged": cluster.network_cpu_per_byte > 0},
+                   "network_cpu_gbs": cluster.link.cpu_gbs, "network_cpu_charged": cluster.network_cpu_per_byte > 0,
+                   "network_poll_share": cluster.network_poll_share},
         "step_ms": prediction.step_ms,
         "measured_step_ms": measured_step,
         "components": [{"name": name, "predicted_ms": value,

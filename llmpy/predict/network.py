@@ -62,6 +62,7 @@ class Link:
     bandwidth_gbit: float
     latency_us: float
     cpu_gbs: float | None = None  # GB/s of bytes sent + received per second of a rank's CPU (None: free)
+    poll_share: float | None = None  # share of a rank's core its progress thread's tests take while data moves
 
     def __post_init__(self) -> None:
         if not (isinstance(self.bandwidth_gbit, (int, float)) and math.isfinite(self.bandwidth_gbit)
@@ -72,6 +73,9 @@ class Link:
         if self.cpu_gbs is not None and not (isinstance(self.cpu_gbs, (int, float)) and math.isfinite(self.cpu_gbs)
                                              and self.cpu_gbs > 0):
             raise OptionError("network_cpu_gbs", self.cpu_gbs, "must be a positive rate in GB/s")
+        if self.poll_share is not None and not (isinstance(self.poll_share, (int, float))
+                                                and 0.0 <= self.poll_share < 1.0):
+            raise OptionError("network_poll_share", self.poll_share, "must be a share of a core, 0 <= share < 1")
 
     @property
     def alpha(self) -> float:
@@ -162,6 +166,14 @@ class Cluster:
         if self.link.cpu_gbs is None or self.spare_core or self.ranks == 1:
             return 0.0
         return 1.0 / (1e9 * self.link.cpu_gbs)
+
+    @property
+    def network_poll_share(self) -> float:
+        """The share of a rank's core that testing its collectives in flight takes while it computes (llmpy's
+        progress thread wakes every 0.1 ms): the link's where the host has no spare core, else 0."""
+        if not self.link.poll_share or self.spare_core or self.ranks == 1:
+            return 0.0
+        return self.link.poll_share
 
     def subgroup(self, ranks: int, per_node: int, link: Link) -> Cluster:
         return replace(self, ranks=ranks, ranks_per_node=per_node, link=link)

@@ -18,8 +18,9 @@ progress thread: the hidden shares measured here are ~0%); while the rank waits 
 `calibrate_overlap` finds the value that reproduces a measured run's hidden gradient bytes. Moving data costs
 the rank CPU (the progress thread's tests, the kernel's TCP stack: the link's `cpu_gbs`, GB/s of bytes sent +
 received per CPU second); where its host has no spare core (`Cluster.network_cpu_per_byte`), each byte moved
-while the rank computes stretches that compute by 1 / cpu_gbs, the link moving on meanwhile, while bytes moved
-during a wait cost nothing (the rank is idle then). Parameters are
+while the rank computes stretches that compute by 1 / cpu_gbs, and so does each second the link moves data
+meanwhile by the link's `poll_share` (the progress thread's tests wake every 0.1 ms on the rank's core: a quarter
+of it here), the link moving on meanwhile, while what moves during a wait costs nothing (the rank is idle then). Parameters are
 waited for before the step ends: no strategy lets the next forward start on blocks whose parameters arrived
 (`params_behind_forward` is that what-if, ignoring that forward needs the encoder's parameters, updated last).
 
@@ -196,9 +197,10 @@ class _Link:
         self.jobs.append(job)
         return job
 
-    def advance(self, start: float, end: float, rate: float) -> float:
-        """Move what `rate` of the link moves between `start` and `end`; the rank's bytes moved."""
-        cursor, moved_bytes = start, 0.0
+    def advance(self, start: float, end: float, rate: float) -> tuple[float, float]:
+        """Move what `rate` of the link moves between `start` and `end`: (the rank's bytes moved, the seconds
+        the link was moving them)."""
+        cursor, moved_bytes, busy = start, 0.0, 0.0
         for job in self.jobs:
             if job.seconds <= 0:
                 continue
@@ -209,20 +211,23 @@ class _Link:
             job.seconds -= moved
             moved_bytes += moved * job.bytes_per_second
             cursor = begin + moved / rate
-        return moved_bytes
+            busy += moved / rate
+        return moved_bytes, busy
 
-    def compute(self, start: float, seconds: float, rate: float, cpu_per_byte: float) -> float:
+    def compute(self, start: float, seconds: float, rate: float, cpu_per_byte: float, poll_share: float = 0.0
+                ) -> float:
         """The seconds the network's CPU work adds to `seconds` of compute from `start`, the link moving `rate`
-        of what it can: each byte the rank sends or receives meanwhile takes `cpu_per_byte` of its core, which
-        stretches the compute, and the link moves on during the stretch too (bytes moved during waits cost
+        of what it can: each byte the rank sends or receives meanwhile takes `cpu_per_byte` of its core, and
+        each second the link moves data `poll_share` of it (the tests of the collectives in flight), which
+        stretches the compute; the link moves on during the stretch too (what moves during waits costs
         nothing: the rank is idle)."""
         end = start + seconds
-        moved, added = self.advance(start, end, rate), 0.0
+        (moved, busy), added = self.advance(start, end, rate), 0.0
         for _ in range(10_000):  # ends when the link runs out of data or the stretch is negligible
-            if cpu_per_byte <= 0 or moved * cpu_per_byte < 1e-9:
+            stretch = moved * cpu_per_byte + busy * poll_share
+            if stretch < 1e-9:
                 break
-            stretch = moved * cpu_per_byte
-            moved = self.advance(end, end + stretch, rate)
+            moved, busy = self.advance(end, end + stretch, rate)
             end, added = end + stretch, added + stretch
         return added
 
@@ -248,7 +253,7 @@ class StepPrediction:
     grad_hidden: float
     param_hidden: float | None
     link_ms: dict
-    network_cpu_ms: float = 0.0  # compute (backward, update) stretched by the network's CPU work
+    network_cpu_ms: float = 0.0  # compute (backward, update) stretched by the network's CPU work and tests
 
 
 def predict_step(profile: ComputeProfile, target: Target) -> StepPrediction:
@@ -257,13 +262,13 @@ def predict_step(profile: ComputeProfile, target: Target) -> StepPrediction:
     plan = strategy_plan(target.strategy, profile.config, cluster.ranks)
     call = profile.call_us * 1e-6 if cluster.ranks > 1 else 0.0
     link, state = _Link(), {"t": 1e-3 * profile.forward_ms, "calls": 0, "cpu": 0.0}
-    cpu_per_byte = cluster.network_cpu_per_byte
+    cpu_per_byte, poll_share = cluster.network_cpu_per_byte, cluster.network_poll_share
     waits = {plan.gradient_kind: 0.0, **({plan.parameter_kind: 0.0} if plan.parameter_kind else {}),
              **({"MPI_Allreduce": 0.0} if plan.norm_allreduce and profile.clips else {})}
     link_ms = {kind: 0.0 for kind in waits}
 
     def compute(seconds: float) -> None:
-        added = link.compute(state["t"], seconds, rate, cpu_per_byte)
+        added = link.compute(state["t"], seconds, rate, cpu_per_byte, poll_share)
         state["cpu"] += added
         state["t"] += seconds + added
 
