@@ -15,14 +15,16 @@ What it does, in order:
    no spare core: `--cores-per-node` cores / 2); and 8 Ireduces in flight, roots alternating (owners' pattern),
    moved by llmpy's progress thread as the runs' collectives are (`progressed`), from whose 16 MiB time the
    `--concurrent-gbit` cap of the "capped" predictions is fitted in the model's own units (`progressed_cap`);
+   the same 16 MiB while both ranks compute (1-thread GEMMs): its idle time over the time it then took is the
+   share of the link a computing rank's progress thread gets, the predictions' `--overlap` (`overlap`);
    and, without the network, the share of a core the progress thread's tests take beside compute on one core
    (bench/polling_cost.py), passed as `--network-poll-share`;
 3. every strategy over every link, measured as bench/multihost.py measures it (one rank per host, 1 thread, TCP
    forced), with the trace written beside metrics.json so the waits split by collective;
-4. `llmpy predict REFERENCE --bandwidth FIT --latency FIT --validate RUN --overlap 1` for each (what the
-   strategy structurally allows, the ranks' progress thread moving data while they compute; `--overlap
-   measured` fits it to the validated run's own hidden bytes instead, which is not a prediction), and the step
-   once more with `--concurrent-gbit POLLED` ("capped").
+4. `llmpy predict REFERENCE --bandwidth FIT --latency FIT --validate RUN --overlap CALIBRATED` for each
+   (`--overlap 1` is what the strategy structurally allows, the link at its full rate while the ranks compute;
+   `--overlap measured` fits it to the validated run's own hidden bytes instead, which is not a prediction),
+   and the step once more with `--concurrent-gbit POLLED` ("capped").
 Prints predicted vs measured step time (target: within 15%) and each communication component (the waits for
 each collective, all waiting, all MPI time: within 25%), and writes everything as JSON.
 
@@ -58,6 +60,7 @@ netns_hosts = multihost.netns_hosts
 STEP_TARGET, COMMUNICATION_TARGET = 0.15, 0.25
 EXCHANGE_SIZES = (8, 1 << 20, 4 << 20, 16 << 20)
 CONCURRENT = 8  # collectives in flight at once in the polled calibration (a d12 bucket starts 12)
+COMPUTE_OVER_IDLE = 8  # the computing calibration's compute, in times the collectives' idle time
 COMMUNICATION = ("(gradients)", "(parameters)", "(norm)", "wait", "communication")
 
 
@@ -99,9 +102,36 @@ def exchange_worker() -> None:
         for name, call in calls.items():
             found[name][nbytes], cpu = _median_seconds(comm, call)
             found["cpu"][name][nbytes] = comm.gather(cpu, root=0)
+    found["computing"] = _computing(MPI, comm, progress, float(found["progressed"][EXCHANGE_SIZES[-1]]))
     progress.close()
     if rank == 0:
         print(json.dumps(found))
+
+
+def _computing(MPI, comm, progress, idle_s: float, repeats: int = 5) -> dict:
+    """The progressed calibration's largest size again, while both ranks compute (1-thread GEMMs of d12's MLP
+    shape, for COMPUTE_OVER_IDLE times its idle time): when the collectives completed, from their start (the
+    median over repeats). idle / that is the share of the link's rate a computing rank's progress thread gets."""
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    from llmpy.execution.deferred import Completion
+
+    a, w = np.ones((256, 768), np.float32), np.ones((768, 3072), np.float32)
+    out = np.empty((256, 3072), np.float32)
+    parts = np.array_split(np.ones(EXCHANGE_SIZES[-1] // 4, np.float32), CONCURRENT)
+    compute_s, took = max(0.2, COMPUTE_OVER_IDLE * idle_s), []
+    with threadpool_limits(limits=1, user_api="blas"):
+        for _ in range(repeats):
+            comm.Barrier()
+            done, start = Completion(), time.perf_counter()
+            progress.watch([comm.Ireduce(MPI.IN_PLACE if comm.rank == i % 2 else p, p if comm.rank == i % 2
+                                         else None, MPI.SUM, i % 2) for i, p in enumerate(parts)], done)
+            while time.perf_counter() - start < compute_s:
+                np.matmul(a, w, out=out)
+            done.wait()
+            took.append(done.completed_at - start)
+    return {"idle_s": idle_s, "computing_s": statistics.median(took), "compute_s": compute_s}
 
 
 def _median_seconds(comm, fn, repeats: int = 7) -> tuple[float, list]:
@@ -139,6 +169,8 @@ def calibrate(hosts, rate: str, timeout: float) -> dict:
     fits["network_cpu"] = network_cpu_fit(found["cpu"], large)
     fits["progressed_cap"] = progressed_cap(network_fit(fits), float(found["progressed"][str(large[-1])]),
                                             large[-1])
+    computing = found["computing"]
+    fits["overlap"] = {**computing, "share": min(1.0, computing["idle_s"] / max(computing["computing_s"], 1e-9))}
     return fits
 
 
@@ -197,6 +229,9 @@ def link_line(rate: str, fits: dict) -> str:
             f"system {cpu[name]['system_gbs'] or math.inf:.2f})" for name in ("exchange", "polled"))
     if fits.get("poll_share") is not None:
         line += f"; the progress thread's tests {fits['poll_share']:.1%} of a core"
+    if fits.get("overlap"):
+        line += (f"; while computing {1e3 * fits['overlap']['computing_s']:.0f} ms against "
+                 f"{1e3 * fits['overlap']['idle_s']:.0f} ms idle: overlap {fits['overlap']['share']:.2f}")
     return line
 
 
@@ -246,7 +281,7 @@ def predict(reference: Path, run: Path, fits: dict, capped: bool = False, out: P
     if cpu and fits.get("poll_share") is not None:
         cpu += ["--network-poll-share", f"{fits['poll_share']:.6g}"]
     argv = ["predict", str(reference), "--bandwidth", f"{network['bandwidth_gbit']:.6g}", "--latency",
-            f"{network['latency_us']:.6g}", *cap, *cpu, "--validate", str(run), "--overlap", OVERLAP[0],
+            f"{network['latency_us']:.6g}", *cap, *cpu, "--validate", str(run), "--overlap", overlap_of(fits),
             "--output", str((out or run) / ("prediction-capped.json" if capped else "prediction.json"))]
     text = io.StringIO()
     document = command.run(cli.build_parser().parse_args(argv), out=text)
@@ -265,7 +300,16 @@ def poll_share() -> float:
 
 
 HOST_CORES = max(1, available_cores() // 2)  # the 2 namespace hosts share this machine's cores
-OVERLAP = ["1"]  # --overlap of every prediction (main sets it): 1, what the strategy allows, is not fitted to the run
+OVERLAP = ["calibrated"]  # --overlap of every prediction (main sets it): calibrated or given, not fitted to the run
+
+
+def overlap_of(fits: dict) -> str:
+    """--overlap of the predictions: `calibrated` (the default) is the computing calibration's share, 1 where the
+    fits have none (an earlier version's); else OVERLAP as given."""
+    if OVERLAP[0] != "calibrated":
+        return OVERLAP[0]
+    share = fits.get("overlap", {}).get("share")
+    return "1" if share is None else f"{share:.6g}"
 
 
 def error(predicted: float, measured: float | None) -> float | None:
@@ -318,8 +362,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     multihost.add_run_arguments(parser, steps=3)
     parser.add_argument("--runs", help="check the runs kept in this folder instead of measuring new ones")
-    parser.add_argument("--overlap", default="1", help="--overlap of the predictions (default 1; 'measured' fits "
-                                                       "it to each validated run, not a prediction)")
+    parser.add_argument("--overlap", default="calibrated",
+                        help="--overlap of the predictions: 'calibrated' (default: the share of the link a computing "
+                             "rank's progress thread got in the calibration, 1 in fits without it), a share, or "
+                             "'measured' (fitted to each validated run: not a prediction)")
     parser.add_argument("--reference", help="with --runs: the 1-rank run to predict from (default: each run itself)")
     parser.add_argument("--fits", help="with --runs: links fitted before (an earlier --json of this script)")
     parser.add_argument("--keep", help="keep the runs in this folder (default: a temporary one)")
