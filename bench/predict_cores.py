@@ -159,7 +159,8 @@ def main(argv=None) -> int:
     print("\n" + where_tasks_overtake(what_if))
     if args.json:
         payload = {"config": {"model": args.model, "B": args.batch_size, "T": args.seq_len, "steps": args.steps,
-                              "rounds": args.rounds, "block_tokens": args.block_tokens, "bandwidth_gbs": args.bandwidth_gbs},
+                              "rounds": args.rounds, "block_tokens": args.block_tokens,
+                              "bandwidth_gbs": args.bandwidth_gbs},
                    "validation": records, "what_if": what_if, "overtake": where_tasks_overtake(what_if)}
         Path(args.json).write_text(json.dumps(payload, indent=1))
         print(f"wrote {args.json}")

@@ -19,10 +19,11 @@ progress thread: the hidden shares measured here are ~0%); while the rank waits 
 the rank CPU (the progress thread's tests, the kernel's TCP stack: the link's `cpu_gbs`, GB/s of bytes sent +
 received per CPU second); where its host has no spare core (`Cluster.network_cpu_per_byte`), each byte moved
 while the rank computes stretches that compute by 1 / cpu_gbs, and so does each second the link moves data
-meanwhile by the link's `poll_share` (the progress thread's tests wake every 0.1 ms on the rank's core: a quarter
-of it here), the link moving on meanwhile, while what moves during a wait costs nothing (the rank is idle then). Parameters are
-waited for before the step ends: no strategy lets the next forward start on blocks whose parameters arrived
-(`params_behind_forward` is that what-if, ignoring that forward needs the encoder's parameters, updated last).
+meanwhile by the link's `poll_share` (the progress thread's tests wake every 0.1 ms on the rank's core: a fifth
+to a quarter of it here), the link moving on meanwhile, while what moves during a wait costs nothing (the rank
+is idle then). Parameters are waited for before the step ends: no strategy lets the next forward start on
+blocks whose parameters arrived (`params_behind_forward` is that what-if, ignoring that forward needs the
+encoder's parameters, updated last).
 
 Model size and batch may differ from the measured run: forward and backward scale by llm.c's training FLOPs per
 step (flops_per_token(T) * B * T) at the measured rate, AdamW and the norm by the parameter count (they stream
