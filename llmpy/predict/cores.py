@@ -195,8 +195,9 @@ def forkjoin_call(step: MeasuredStep, call: StepCall, threads: int, machine: Mac
 def predict_forkjoin(step: MeasuredStep, threads: int, machine: Machine) -> dict:
     """The step as its calls in order, each with a barrier: the sum of the calls' times and the glue."""
     glue = step.call_glue_s + (FORK_JOIN_S if threads > 1 else 0.0)
-    if min(threads, machine.cores) > 1:
-        step.timer.time_threads([c for c in step.calls if c.kernel in GEMM_KERNELS], min(threads, machine.cores))
+    here = min(threads, machine.cores)  # GEMM scaling is timed up to this machine's cores (gemm_scaling)
+    if here > 1:
+        step.timer.time_threads([c for c in step.calls if c.kernel in GEMM_KERNELS], here)
     phases, by_kind, kernels_of = defaultdict(float), defaultdict(float), defaultdict(lambda: defaultdict(float))
     for call in step.calls:
         seconds, kind = forkjoin_call(step, call, threads, machine)

@@ -330,14 +330,12 @@ class KernelTimer:
         """A block's time while `threads` - 1 other blocks of its call run on the other cores, over its time
         alone (shared caches and memory: two 1-thread GEMMs on two cores each run slower than one alone).
         1 for a call of fewer blocks than threads (its blocks never run side by side)."""
-        if threads < 2 or len(call.tasks) < threads:
-            return 1.0
         self.time_side_by_side([call], tasks, threads)
-        return self._ratios[self._side_key(call, threads)]
+        return self._ratios.get(self._side_key(call, threads), 1.0)
 
     def time_side_by_side(self, calls, tasks, threads: int) -> None:
         """Times side_by_side_over_alone of every shape among `calls` not timed yet, the shapes in turn each
-        round (as time_threads, for the same reason)."""
+        round (as time_threads, for the same reason); not those of fewer blocks than threads."""
         pending = {}
         for call in calls:
             key = self._side_key(call, threads)
