@@ -59,15 +59,22 @@ def test_the_harness_moves_bytes_over_the_veth_link_only_when_tcp_is_forced(host
     assert max(sent_default) < 1 << 20  # UCX left alone: shared memory, only the bootstrap crossed the link
 
 
+def best_gbit(hosts, tries: int = 3) -> float:
+    """The fastest of a few 64 MiB sends: a pause of the sender (2 cores, a busy host) only ever slows one."""
+    return max(8 * (64 << 20) / netns_hosts.send_bytes(hosts, 64 << 20) / 1e9 for _ in range(tries))
+
+
 @pytest.mark.parametrize("rate, expected_gbit", [("1gbit", 1.0), ("2gbit", 2.0)])
 def test_tbf_shapes_the_link(hosts, rate, expected_gbit):
+    unshaped = best_gbit(hosts)
+    if unshaped < 1.2 * expected_gbit:
+        pytest.skip(f"TCP over veth moves only {unshaped:.2f} Gbit/s unshaped here: a {rate} cap would not show")
     hosts.shape(rate)
     try:
-        seconds = netns_hosts.send_bytes(hosts, 64 << 20)
+        achieved = best_gbit(hosts)
     finally:
         hosts.shape(None)
-    achieved = 8 * (64 << 20) / seconds / 1e9
-    assert 0.75 * expected_gbit < achieved < 1.05 * expected_gbit, achieved
+    assert 0.75 * expected_gbit < achieved < 1.05 * expected_gbit, (achieved, unshaped)
 
 
 @pytest.mark.parametrize("strategy, rate", [("allreduce", "1gbit"), ("zero1", "2gbit"), ("server", "1gbit"),

@@ -12,8 +12,9 @@ from llmpy.observe.trace import is_communication
 
 UPDATE_KERNELS = ("adamw_update", "sum_of_squares")
 # the calls where a rank waits for the others (MPI_Wait_idle: a task rank's workers idle while only collectives
-# in flight hold its graph up, llmpy.execution.tasks.execution)
-WAIT_CALLS = ("MPI_Waitall", "MPI_Allreduce", "MPI_Wait_idle")
+# in flight hold its graph up, llmpy.execution.tasks.execution; MPI_Wait_params: the forward takes a bucket whose
+# parameters were left in flight, overlap_steps)
+WAIT_CALLS = ("MPI_Waitall", "MPI_Allreduce", "MPI_Wait_idle", "MPI_Wait_params")
 
 
 def rank_summary(recorder, optimizer, skip: int) -> dict:

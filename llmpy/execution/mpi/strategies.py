@@ -494,15 +494,20 @@ class DataParallelStrategy(GraphTasks, AdamWRule):
             state = self._by_part[part]
             if state not in self._params_pending:
                 return
-            if self._test(part, state.param_requests):
-                self._params_done_when_read += 4 * state.bucket.size
-            self._wait(part, state.param_requests)
-            state.param_requests = []
+            # one event per bucket the forward takes, whether it still had to wait or its bytes were in already
+            self._run("MPI_Wait_params", part, self._take_parameters, state)
             self._params_pending.remove(state)
             if not self._params_pending:  # the last step's parameters are all in: its share hidden is known
                 self.step_overlap[-1]["param_hidden"] = self._params_done_when_read / self._params_total
                 if self.model.observer == self._parameter_observer:
                     self.model.observer = self._observer_before_parameters
+
+    def _take_parameters(self, state: BucketState) -> None:
+        with self._unobserved():  # the test and the wait are the MPI_Wait_params event
+            if self._test(state.bucket.part, state.param_requests):
+                self._params_done_when_read += 4 * state.bucket.size
+            self._wait(state.bucket.part, state.param_requests)
+        state.param_requests = []
 
     def finish_parameters(self) -> None:
         """Every parameter collective still in flight done (before anything outside a step reads parameters)."""
