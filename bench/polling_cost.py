@@ -69,9 +69,9 @@ def measure(interval_s: float, rounds: int) -> dict:
             before = progress.tests
             polled.append(run())
             tests_per_s.append((progress.tests - before) / polled[-1])
+            progress.close()  # first: its tests and these calls on the same request must not run at once
             request.Cancel()
             request.Wait()
-            progress.close()
     share = 1.0 - statistics.median(alone) / statistics.median(polled)
     return {"interval_ms": 1e3 * interval_s, "alone_s": alone, "polled_s": polled,
             "tests_per_s": statistics.median(tests_per_s), "poll_share": max(0.0, share), "core": core}
