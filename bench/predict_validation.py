@@ -11,12 +11,15 @@ What it does, in order:
    (both directions at once, as a collective's round sends: the network) and of 8 Iallreduces in flight waited
    for as llmpy's strategies wait (MPI_Testall with sleeps: `polled`); each rank's CPU seconds in them
    (process_time, getrusage's user and system) give the network's CPU rate, bytes sent + received per CPU
-   second, the polled one passed as `--network-cpu-gbs` (the hosts share this machine's cores, so a host has
+   second, the polled one's system time (the kernel's TCP work; its user time is mostly the tests, charged as
+   the poll share below) passed as `--network-cpu-gbs` (the hosts share this machine's cores, so a host has
    no spare core: `--cores-per-node` cores / 2); and 8 Ireduces in flight, roots alternating (owners' pattern),
    moved by llmpy's progress thread as the runs' collectives are (`progressed`), from whose 16 MiB time the
    `--concurrent-gbit` cap of the "capped" predictions is fitted in the model's own units (`progressed_cap`);
-   the same 16 MiB while both ranks compute (1-thread GEMMs): its idle time over the time it then took is the
-   share of the link a computing rank's progress thread gets, the predictions' `--overlap` (`overlap`);
+   the same 16 MiB while both ranks compute (1-thread GEMMs): the model's price of it on the fitted network
+   over the time it then took is the share of the link's rate a computing rank's progress thread gets, the
+   predictions' `--overlap` (`calibrated_overlap`; unshaped, the idle progress thread itself moves a quarter of
+   what the network does, and that counts too);
    and, without the network, the share of a core the progress thread's tests take beside compute on one core
    (bench/polling_cost.py), passed as `--network-poll-share`;
 3. every strategy over every link, measured as bench/multihost.py measures it (one rank per host, 1 thread, TCP
@@ -231,7 +234,7 @@ def link_line(rate: str, fits: dict) -> str:
         line += f"; the progress thread's tests {fits['poll_share']:.1%} of a core"
     if fits.get("overlap"):
         line += (f"; while computing {1e3 * fits['overlap']['computing_s']:.0f} ms against "
-                 f"{1e3 * fits['overlap']['idle_s']:.0f} ms idle: overlap {fits['overlap']['share']:.2f}")
+                 f"{1e3 * fits['overlap']['idle_s']:.0f} ms idle: overlap {calibrated_overlap(fits):.2f}")
     return line
 
 
@@ -276,7 +279,9 @@ def predict(reference: Path, run: Path, fits: dict, capped: bool = False, out: P
     network = network_fit(fits)
     cap_gbit = fits.get("progressed_cap", {}).get("gbit")
     cap = ["--concurrent-gbit", f"{cap_gbit:.6g}"] if capped and cap_gbit else []
-    cpu = fits.get("network_cpu", {}).get("gbs")  # the hosts share this machine's cores: a share each
+    # the kernel's TCP work per byte: the system time of the polled calibration (its user time is mostly the tests,
+    # charged apart as the poll share); the hosts share this machine's cores: a share each
+    cpu = fits.get("network_cpu", {}).get("polled", {}).get("system_gbs")
     cpu = ["--network-cpu-gbs", f"{cpu:.6g}", "--cores-per-node", str(HOST_CORES)] if cpu else []
     if cpu and fits.get("poll_share") is not None:
         cpu += ["--network-poll-share", f"{fits['poll_share']:.6g}"]
@@ -304,12 +309,25 @@ OVERLAP = ["calibrated"]  # --overlap of every prediction (main sets it): calibr
 
 
 def overlap_of(fits: dict) -> str:
-    """--overlap of the predictions: `calibrated` (the default) is the computing calibration's share, 1 where the
-    fits have none (an earlier version's); else OVERLAP as given."""
+    """--overlap of the predictions: `calibrated` (the default) is `calibrated_overlap`, 1 where the fits have no
+    computing calibration (an earlier version's); else OVERLAP as given."""
     if OVERLAP[0] != "calibrated":
         return OVERLAP[0]
-    share = fits.get("overlap", {}).get("share")
-    return "1" if share is None else f"{share:.6g}"
+    return "1" if not fits.get("overlap") else f"{calibrated_overlap(fits):.6g}"
+
+
+def calibrated_overlap(fits: dict) -> float:
+    """The share of the model's link rate that a computing rank's progress thread gets: the computing
+    calibration's CONCURRENT Ireduces as llmpy.predict.network prices them on the fitted network, over the time
+    they took while both ranks computed (at most 1). In the model's units, not the progress thread's idle rate:
+    where the idle progress thread itself moves less than the network (unshaped here), that shows too."""
+    from llmpy.predict.network import Cluster, Link, concurrent_seconds
+
+    network = network_fit(fits)
+    link = Link("calibrated", network["bandwidth_gbit"], network["latency_us"])
+    items = [("MPI_Ireduce", EXCHANGE_SIZES[-1] / CONCURRENT, i % 2) for i in range(CONCURRENT)]
+    priced = concurrent_seconds(items, Cluster(2, link))
+    return min(1.0, priced / max(fits["overlap"]["computing_s"], 1e-9))
 
 
 def error(predicted: float, measured: float | None) -> float | None:

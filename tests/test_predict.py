@@ -26,8 +26,9 @@ from llmpy.predict.network import (
     collective_seconds,
     concurrent_seconds,
     mpich_algorithm,
+    round_shares,
 )
-from llmpy.predict.step import ComputeProfile, Target, backward_ready, predict_step
+from llmpy.predict.step import ComputeProfile, Target, _Link, backward_ready, predict_step
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 LINK = Link("test", 8.0, 40.0)  # 1 GB/s: beta = 1e-9 s per byte; alpha = 40 us
@@ -187,6 +188,31 @@ def test_with_full_overlap_only_the_last_two_buckets_are_left_after_backward():
     found = predict_step(profile(backward_ms=1e6), Target("allreduce", cluster(2), overlap=1.0))
     assert found.step_ms - (40 + 1e6 + 10 + 2) == pytest.approx(left)
     assert found.grad_hidden == pytest.approx(1 - (buckets[-1].size + buckets[-2].size) / total)
+
+
+def test_a_collectives_next_round_queues_behind_what_started_while_its_round_before_moved():
+    # a reduce of two 1 s rounds from t = 0 and a one-round broadcast of 1 s from t = 0.5: the broadcast is queued
+    # before the reduce's second round exists, so it goes first (by whole collectives it would go last: 2, then 3)
+    link = _Link()
+    reduce = link.start("MPI_Ireduce", 2.0, 0.0, shares=[0.5, 0.5])
+    bcast = link.start("MPI_Ibcast", 1.0, 0.5)
+    assert link.wait(reduce, 0.0) == pytest.approx(3.0)
+    assert bcast.seconds == 0.0
+    # while computing at half the rate from 0 to 1: half of the first round; the second waits for the first
+    link = _Link()
+    reduce = link.start("MPI_Ireduce", 2.0, 0.0, shares=[0.5, 0.5])
+    link.advance(0.0, 1.0, 0.5)
+    assert reduce.seconds == pytest.approx(1.5)
+    assert link.wait(reduce, 1.0) == pytest.approx(2.5)
+
+
+def test_round_shares_follow_the_schedule():
+    # 2 ranks: a large reduce is a reduce-scatter (n/2 each way) and a gather (n/2): alpha + n/2 beta each;
+    # the broadcast is binomial below 8 ranks: one round
+    assert round_shares("MPI_Ireduce", N, cluster(2)) == pytest.approx([0.5, 0.5])
+    assert round_shares("MPI_Ibcast", N, cluster(2)) == [1.0]
+    # ring allgather on 3 ranks: 2 rounds of n/3
+    assert round_shares("MPI_Iallgatherv", N, cluster(3)) == pytest.approx([0.5, 0.5])
 
 
 def test_zero1_updates_half_on_each_of_two_ranks():

@@ -521,6 +521,17 @@ def concurrent_seconds(items: list[tuple[str, float, int]], cluster: Cluster) ->
 
 
 
+def round_shares(kind: str, nbytes: float, cluster: Cluster) -> list[float]:
+    """Each round's share of one collective's time alone, in order (MPI posts a round's messages when the round
+    before it is done)."""
+    if cluster.ranks == 1 or nbytes <= 0:
+        return [1.0]
+    rounds = schedule(kind, pick(kind, float(nbytes), cluster), float(nbytes), cluster)
+    seconds = [_round_seconds(messages, cluster, {})[0] for messages in rounds]
+    total = sum(seconds)
+    return [s / total for s in seconds] if total > 0 else [1.0]
+
+
 def network_bytes(items: list[tuple[str, float, int]], cluster: Cluster, rank: int = 0) -> float:
     """The bytes `rank` sends and receives off its host in the collectives `items` (kind, bytes, root)."""
     if cluster.ranks == 1:
