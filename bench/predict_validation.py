@@ -114,7 +114,8 @@ def exchange_worker() -> None:
 def _computing(MPI, comm, progress, idle_s: float, repeats: int = 5) -> dict:
     """The progressed calibration's largest size again, while both ranks compute (1-thread GEMMs of d12's MLP
     shape, for COMPUTE_OVER_IDLE times its idle time): when the collectives completed, from their start (the
-    median over repeats). idle / that is the share of the link's rate a computing rank's progress thread gets."""
+    median over repeats), from which calibrated_overlap takes the share of the link's rate a computing rank's
+    progress thread gets."""
     import numpy as np
     from threadpoolctl import threadpool_limits
 
@@ -172,8 +173,7 @@ def calibrate(hosts, rate: str, timeout: float) -> dict:
     fits["network_cpu"] = network_cpu_fit(found["cpu"], large)
     fits["progressed_cap"] = progressed_cap(network_fit(fits), float(found["progressed"][str(large[-1])]),
                                             large[-1])
-    computing = found["computing"]
-    fits["overlap"] = {**computing, "share": min(1.0, computing["idle_s"] / max(computing["computing_s"], 1e-9))}
+    fits["overlap"] = found["computing"]  # its times; the predictions' share is calibrated_overlap
     return fits
 
 
@@ -187,15 +187,23 @@ def network_fit(fits: dict) -> dict:
             "bandwidth_gbit": max(exchange["bandwidth_gbit"], polled["bandwidth_gbit"])}
 
 
+def priced_calibration(network: dict, nbytes: int, cap: float | None = None) -> float:
+    """Seconds llmpy.predict.network gives the progressed calibration's collectives (CONCURRENT Ireduces of
+    nbytes / CONCURRENT, roots alternating) on the fitted network, with `cap` as --concurrent-gbit."""
+    from llmpy.predict.network import Cluster, Link, concurrent_seconds
+
+    link = Link("calibrated", network["bandwidth_gbit"], network["latency_us"])
+    items = [("MPI_Ireduce", nbytes / CONCURRENT, i % 2) for i in range(CONCURRENT)]
+    return concurrent_seconds(items, Cluster(2, link, concurrent_gbit=cap))
+
+
 def progressed_cap(network: dict, seconds: float, nbytes: int) -> dict:
     """The --concurrent-gbit that makes llmpy.predict.network price the `progressed` calibration (CONCURRENT
     Ireduces of nbytes / CONCURRENT, roots alternating, on the measured network) at the `seconds` it took:
     what several collectives in flight get when the progress thread moves them, in the model's own units."""
-    from llmpy.predict.network import Cluster, Link, concurrent_seconds, rate_for
+    from llmpy.predict.network import rate_for
 
-    link = Link("calibrated", network["bandwidth_gbit"], network["latency_us"])
-    items = [("MPI_Ireduce", nbytes / CONCURRENT, i % 2) for i in range(CONCURRENT)]
-    price = lambda cap: concurrent_seconds(items, Cluster(2, link, concurrent_gbit=cap))
+    price = lambda cap: priced_calibration(network, nbytes, cap)
     if price(None) >= seconds:
         return {"gbit": None, "seconds": seconds}  # no slower than the network itself: no cap
     return {"gbit": rate_for(price, seconds, 1e-3, network["bandwidth_gbit"]), "seconds": seconds}
@@ -321,12 +329,7 @@ def calibrated_overlap(fits: dict) -> float:
     calibration's CONCURRENT Ireduces as llmpy.predict.network prices them on the fitted network, over the time
     they took while both ranks computed (at most 1). In the model's units, not the progress thread's idle rate:
     where the idle progress thread itself moves less than the network (unshaped here), that shows too."""
-    from llmpy.predict.network import Cluster, Link, concurrent_seconds
-
-    network = network_fit(fits)
-    link = Link("calibrated", network["bandwidth_gbit"], network["latency_us"])
-    items = [("MPI_Ireduce", EXCHANGE_SIZES[-1] / CONCURRENT, i % 2) for i in range(CONCURRENT)]
-    priced = concurrent_seconds(items, Cluster(2, link))
+    priced = priced_calibration(network_fit(fits), EXCHANGE_SIZES[-1])
     return min(1.0, priced / max(fits["overlap"]["computing_s"], 1e-9))
 
 
