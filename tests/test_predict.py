@@ -26,7 +26,7 @@ from llmpy.predict.network import (
     collective_seconds,
     concurrent_seconds,
     mpich_algorithm,
-    round_loads,
+    round_shares,
 )
 from llmpy.predict.step import ComputeProfile, Target, _Link, backward_ready, predict_step
 
@@ -206,53 +206,13 @@ def test_a_collectives_next_round_queues_behind_what_started_while_its_round_bef
     assert link.wait(reduce, 1.0) == pytest.approx(2.5)
 
 
-def test_a_gather_into_the_rank_and_a_broadcast_out_of_it_move_side_by_side():
-    # the link is full duplex, each direction first come first served: a reduce's reduce-scatter (1 s each way)
-    # and gather into the root (1 s in), and from t = 1 a broadcast out of it (1 s out): the broadcast moves
-    # beside the gather, both done at 2 (on one queue for both directions: 3)
-    link = _Link()
-    reduce = link.start("MPI_Ireduce", 2.0, 0.0, rounds=[(1.0, 1.0, 1.0), (1.0, 0.0, 1.0)])
-    link.advance(0.0, 1.0, 1.0)
-    bcast = link.start("MPI_Ibcast", 1.0, 1.0, rounds=[(1.0, 1.0, 0.0)])
-    assert link.wait(bcast, 1.0) == pytest.approx(2.0)
-    assert reduce.seconds == pytest.approx(0.0)
-    # a second broadcast out queues behind the first: done at 3, while a round into the rank started at 1 is not
-    link = _Link()
-    first, second = (link.start("MPI_Ibcast", 1.0, 1.0, rounds=[(1.0, 1.0, 0.0)]) for _ in range(2))
-    into = link.start("MPI_Ireduce", 1.0, 1.0, rounds=[(1.0, 0.0, 1.0)])
-    assert link.wait(second, 1.0) == pytest.approx(3.0)
-    assert first.seconds == 0.0 and into.seconds == 0.0
-
-
-def test_a_round_lasts_as_long_as_its_busiest_link():
-    # another host's link carries 2 s of the round, the rank's own 0.5 s out: the round ends at 2, its next at 3
-    link = _Link()
-    job = link.start("MPI_Ibcast", 3.0, 0.0, rounds=[(2.0, 0.5, 0.0), (1.0, 1.0, 0.0)])
-    assert link.wait(job, 0.0) == pytest.approx(3.0)
-
-
-def rounds_close(items, c, expected):
-    found = round_loads(items, c)
-    assert len(found) == len(expected)
-    for got, want in zip(found, expected):
-        assert got == pytest.approx(want)
-
-
-def test_round_loads_follow_the_schedule():
-    # 2 ranks: a large reduce is a reduce-scatter (n/2 each way) and a gather (n/2 into the root); with root 1
-    # the gather leaves rank 0; the broadcast is binomial below 8 ranks: n out of the root in one round.
-    # Each round: (its busiest link's seconds, rank 0's seconds out, in)
-    half, whole = N / 2 * BETA, N * BETA
-    rounds_close([("MPI_Ireduce", N, 0)], cluster(2), [(half, half, half), (half, 0, half)])
-    rounds_close([("MPI_Ireduce", N, 1)], cluster(2), [(half, half, half), (half, half, 0)])
-    rounds_close([("MPI_Ibcast", N, 0)], cluster(2), [(whole, whole, 0)])
-    # collectives started together add up round by round
-    rounds_close([("MPI_Ibcast", N, 0), ("MPI_Ibcast", N, 1)], cluster(2), [(whole, whole, whole)])
-    # ring allgather on 3 ranks: 2 rounds of n/3 out and in of every host
-    rounds_close([("MPI_Iallgatherv", N, 0)], cluster(3), [(N / 3 * BETA,) * 3] * 2)
-    # binomial broadcast on 4 ranks from rank 1: rank 0 receives in the second round only, while the first
-    # round (rank 1 to rank 3 by MPICH's relative ranks) still lasts n
-    rounds_close([("MPI_Ibcast", N, 1)], cluster(4), [(whole, 0, 0), (whole, 0, whole)])
+def test_round_shares_follow_the_schedule():
+    # 2 ranks: a large reduce is a reduce-scatter (n/2 each way) and a gather (n/2): alpha + n/2 beta each;
+    # the broadcast is binomial below 8 ranks: one round
+    assert round_shares("MPI_Ireduce", N, cluster(2)) == pytest.approx([0.5, 0.5])
+    assert round_shares("MPI_Ibcast", N, cluster(2)) == [1.0]
+    # ring allgather on 3 ranks: 2 rounds of n/3
+    assert round_shares("MPI_Iallgatherv", N, cluster(3)) == pytest.approx([0.5, 0.5])
 
 
 def test_zero1_updates_half_on_each_of_two_ranks():

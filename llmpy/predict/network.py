@@ -521,40 +521,15 @@ def concurrent_seconds(items: list[tuple[str, float, int]], cluster: Cluster) ->
 
 
 
-@lru_cache(maxsize=4096)
-def _round_loads(kind: str, nbytes: float, cluster: Cluster) -> tuple:
-    """Per round of one collective alone (root: rank 0), the bytes on each host's link per direction and through
-    each rank's shared-memory copies: ((key, bytes), ...) per round, keys as in Cost.loads."""
-    rounds = schedule(kind, pick(kind, nbytes, cluster), nbytes, cluster)
-    out = []
-    for messages in rounds:
-        loads: dict = {}
-        _round_seconds(messages, cluster, loads)
-        out.append(tuple((key, value) for key, value in loads.items() if key[0] in ("link", "shm")))
-    return tuple(out)
-
-
-def round_loads(items: list[tuple[str, float, int]], cluster: Cluster, host: int = 0) -> list[tuple]:
-    """The rounds of collectives started together, round i of each side by side (MPI posts a round's messages
-    when the round before it is done): per round, (its length: the busiest link direction's or shared-memory
-    copy's seconds, `host`'s link seconds out, its seconds in), at the link's full rate, without latencies."""
-    per_round: list[dict] = []
-    for kind, nbytes, root in items:
-        if cluster.ranks == 1 or nbytes <= 0:
-            continue
-        for i, loads in enumerate(_round_loads(kind, float(nbytes), cluster)):
-            if i == len(per_round):
-                per_round.append({})
-            for key, value in _rotated(dict(loads), root or 0, cluster).items():
-                per_round[i][key] = per_round[i].get(key, 0.0) + value
-    link_s, shm_s = cluster.link.seconds_per_byte, cluster.intra.seconds_per_byte
-    rounds = []
-    for loads in per_round:
-        length = max([v * link_s for k, v in loads.items() if k[0] == "link"] +
-                     [v * shm_s for k, v in loads.items() if k[0] == "shm"], default=0.0)
-        rounds.append((length, loads.get(("link", host, "out"), 0.0) * link_s,
-                       loads.get(("link", host, "in"), 0.0) * link_s))
-    return rounds
+def round_shares(kind: str, nbytes: float, cluster: Cluster) -> list[float]:
+    """Each round's share of one collective's time alone, in order (MPI posts a round's messages when the round
+    before it is done)."""
+    if cluster.ranks == 1 or nbytes <= 0:
+        return [1.0]
+    rounds = schedule(kind, pick(kind, float(nbytes), cluster), float(nbytes), cluster)
+    seconds = [_round_seconds(messages, cluster, {})[0] for messages in rounds]
+    total = sum(seconds)
+    return [s / total for s in seconds] if total > 0 else [1.0]
 
 
 def network_bytes(items: list[tuple[str, float, int]], cluster: Cluster, rank: int = 0) -> float:

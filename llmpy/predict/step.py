@@ -10,14 +10,13 @@ that order, waits for the bucket's gradients, runs AdamW on the rank's part of i
 collectives (zero1, server, owners), and at the end waits for all of them. A strategy with gradient clipping first
 waits for every gradient and sums the norm (an Allreduce where each rank holds a part).
 
-The rank's link is full duplex, each direction a FIFO of the collectives' rounds (each bucket's collectives
-are started together and priced together, llmpy.predict.network.concurrent_seconds, that time split into their
-rounds by what each round puts on the rank's link out and in, network.round_loads): MPI posts a round's messages
-when the round before it is done, so a collective's next round queues behind whatever started meanwhile. With
-2 ranks, a reduce is a reduce-scatter and a gather: a broadcast started after AdamW of one bucket goes ahead of
-the gathers of the buckets whose reduce-scatter is still moving, and the update's waits for gradients carry
-parameter traffic too. The root's gathers come in while its broadcasts go out, side by side (a shaped veth
-link here moved 0.956 Gbit/s one way alone and each way at once). While the rank computes, the
+The rank's link is a FIFO of the collectives' rounds (each bucket's collectives are started together and priced
+together, llmpy.predict.network.concurrent_seconds, that time split into the rounds of the largest one's schedule,
+network.round_shares): MPI posts a round's messages when the round before it is done, so a collective's next round
+queues behind whatever started meanwhile. With 2 ranks, a reduce is a reduce-scatter and a gather: a broadcast
+started after AdamW of one bucket goes ahead of the gathers of the buckets whose reduce-scatter is still moving,
+and the update's waits for gradients carry parameter traffic too (server at 1 and 2 Gbit/s here: the waits for
+reduces and for broadcasts came within 9%; by whole collectives, -67% and +231%). While the rank computes, the
 link moves `overlap` of what it
 could (1: the structural limit, every bucket hides behind the backward of the layers still to run and the updates
 of the buckets before it; 0: MPI moves data only inside the waits, which is what MPICH over TCP does with no
@@ -47,7 +46,7 @@ from llmpy.core.errors import OptionError
 from llmpy.execution.mpi.strategies import gradient_buckets, owner_blocks, split_evenly
 from llmpy.predict.measured import (GRADIENT_STARTS, NORM_LABEL, PARAMETER_STARTS, MeasuredRun, gradient_label,
                                     parameter_label)
-from llmpy.predict.network import Cluster, collective_seconds, concurrent_seconds, network_bytes, round_loads
+from llmpy.predict.network import Cluster, collective_seconds, concurrent_seconds, network_bytes, round_shares
 
 STRATEGY_NAMES = ("allreduce", "zero1", "server", "owners")
 GRADIENT_KIND = {"allreduce": "MPI_Iallreduce", "zero1": "MPI_Ireduce_scatter", "server": "MPI_Ireduce",
@@ -189,103 +188,61 @@ class Target:
 @dataclass
 class _Job:
     kind: str
-    seconds: float  # left to move, at the link's full rate (its rounds' lengths)
+    seconds: float  # left to move, at the link's full rate (all its rounds)
     released: float
-    bytes_per_second: float = 0.0  # the rank's bytes sent + received per second a direction of its link moves them
-    rounds: list = field(default_factory=list)  # (length, out, in) seconds of its rounds not yet queued
+    bytes_per_second: float = 0.0  # the rank's bytes sent + received per second of the job on the link
+    rounds: list = field(default_factory=list)  # the seconds of its rounds not yet queued
 
 
-@dataclass(eq=False)
+@dataclass
 class _Round:
-    """A round in flight: `out` and `into`, the seconds left on the rank's link out and in (each direction a FIFO
-    of its own: the link is full duplex), and `length`, what is left of the round's busiest link (another host's,
-    where the rank's carries less), which moves from its release on, queued behind nothing of the rank's."""
-
     job: _Job
-    length: float
-    out: float
-    into: float
+    seconds: float  # left to move, at the link's full rate
     released: float
-
-    def left(self) -> float:
-        return max(self.length, self.out, self.into)
-
-
-_EPS = 1e-12
 
 
 class _Link:
-    """The collectives a rank has in flight, moved by rounds, first come first served in each direction of its
-    full-duplex link: a collective's next round joins the queues when its round before is done (MPI posts a
-    round's messages then), behind what came before; a reduce's gather into the rank and a broadcast out of it
-    move side by side."""
+    """The collectives a rank has in flight, moved first come first served by rounds: a collective's next round
+    joins the queue when its round before is done (MPI posts a round's messages then), behind what came before."""
 
     def __init__(self) -> None:
         self.queue: list[_Round] = []
 
-    def start(self, kind: str, seconds: float, now: float, nbytes: float = 0.0, shares=(1.0,), rounds=None) -> _Job:
-        """A collective of `seconds` on the link, from `now`: `rounds` (length, out, in) each, or else rounds of
-        `shares` of `seconds` that load both directions alike."""
-        rounds = list(rounds) if rounds else [(seconds * share,) * 3 for share in shares]
-        moved = sum(out + into for _, out, into in rounds)
-        job = _Job(kind, seconds, now, nbytes / moved if moved > 0 else 0.0, rounds[1:])
-        self.queue.append(_Round(job, *rounds[0], now))
-        self._account(job, self.queue[-1])
+    def start(self, kind: str, seconds: float, now: float, nbytes: float = 0.0, shares=(1.0,)) -> _Job:
+        rounds = [seconds * share for share in shares]
+        job = _Job(kind, seconds, now, nbytes / seconds if seconds > 0 else 0.0, rounds[1:])
+        self.queue.append(_Round(job, rounds[0], now))
         return job
 
-    @staticmethod
-    def _account(job: _Job, current: _Round | None) -> None:
-        job.seconds = (current.left() if current else 0.0) + sum(r[0] for r in job.rounds)
-
-    def _moving(self, t: float) -> tuple:
-        """The rounds moving at `t`: the head of each direction's queue and every released round's length."""
-        heads = []
-        for side in ("out", "into"):
-            head = next((r for r in self.queue if getattr(r, side) > _EPS), None)
-            if head is not None and head.released <= t + _EPS:
-                heads.append((head, side))
-        return heads, [r for r in self.queue if r.length > _EPS and r.released <= t + _EPS]
-
-    def _run(self, start: float, end: float, rate: float, until: _Job | None = None) -> tuple[float, float, float]:
-        """Move what `rate` of the link moves from `start` until `end` or until `until` is done: (the time then,
-        the rank's bytes moved, the seconds the link was moving them)."""
-        t, moved_bytes, busy = start, 0.0, 0.0
-        while t < end - _EPS and rate > 0 and not (until is not None and until.seconds <= 0):
-            heads, timers = self._moving(t)
-            releases = [r.released for r in self.queue if r.released > t + _EPS]
-            if not heads and not timers:
-                if not releases:
-                    break
-                t = min(min(releases), end)
-                continue
-            step = min([getattr(r, side) / rate for r, side in heads] + [r.length / rate for r in timers] +
-                       [x - t for x in releases] + [end - t])
-            for r, side in heads:
-                setattr(r, side, getattr(r, side) - step * rate)
-                moved_bytes += step * rate * r.job.bytes_per_second
-            for r in timers:
-                r.length -= step * rate
-            t, busy = t + step, busy + (step if heads else 0.0)
-            self._retire(t, [r for r in self.queue if any(r is h for h, _ in heads) or any(r is x for x in timers)])
-        return t, moved_bytes, busy
-
-    def _retire(self, t: float, touched: list) -> None:
-        """Rounds done at `t` leave the queues, in queue order; their jobs' next rounds join them."""
-        for entry in touched:
-            if entry.left() > _EPS:
-                self._account(entry.job, entry)
-                continue
-            self.queue.remove(entry)
+    def _move(self, entry: _Round, seconds: float, now: float) -> None:
+        """`seconds` of `entry` moved, the link at `now` after them: its job's next round queued when it is done."""
+        entry.seconds -= seconds
+        entry.job.seconds -= seconds
+        if entry.seconds <= 1e-12:
+            entry.seconds = 0.0
             if entry.job.rounds:
-                self.queue.append(_Round(entry.job, *entry.job.rounds.pop(0), t))
-                self._account(entry.job, self.queue[-1])
+                self.queue.append(_Round(entry.job, entry.job.rounds.pop(0), now))
             else:
                 entry.job.seconds = 0.0
 
     def advance(self, start: float, end: float, rate: float) -> tuple[float, float]:
         """Move what `rate` of the link moves between `start` and `end`: (the rank's bytes moved, the seconds
         the link was moving them)."""
-        _, moved_bytes, busy = self._run(start, end, rate)
+        cursor, moved_bytes, busy, index = start, 0.0, 0.0, 0
+        while index < len(self.queue):  # (rounds queued meanwhile are appended: reached in turn)
+            entry = self.queue[index]
+            index += 1
+            if entry.seconds <= 0:
+                continue
+            begin = max(cursor, entry.released)
+            if rate <= 0 or begin >= end:
+                break
+            moved = min(entry.seconds, (end - begin) * rate)
+            cursor = begin + moved / rate
+            moved_bytes += moved * entry.job.bytes_per_second
+            busy += moved / rate
+            self._move(entry, moved, cursor)
+        self.queue = [entry for entry in self.queue if entry.seconds > 0]
         return moved_bytes, busy
 
     def compute(self, start: float, seconds: float, rate: float, cpu_per_byte: float, poll_share: float = 0.0
@@ -306,11 +263,16 @@ class _Link:
         return added
 
     def wait(self, job: _Job, now: float) -> float:
-        """When `job` is done if the rank waits for it from `now` (the link at its full rate meanwhile)."""
-        if job.seconds <= 0:
-            return now
-        done, _, _ = self._run(now, math.inf, 1.0, until=job)
-        return max(done, now)
+        """When `job` is done if the rank waits for it from `now` (the rounds before its last finish first)."""
+        cursor, index = now, 0
+        while job.seconds > 0 and index < len(self.queue):
+            entry = self.queue[index]
+            index += 1
+            if entry.seconds > 0:
+                cursor = max(cursor, entry.released) + entry.seconds
+                self._move(entry, entry.seconds, cursor)
+        self.queue = [entry for entry in self.queue if entry.seconds > 0]
+        return max(cursor, now)
 
 
 @dataclass
@@ -347,8 +309,9 @@ def predict_step(profile: ComputeProfile, target: Target) -> StepPrediction:
         state["calls"] += len(items) + 1
         seconds = concurrent_seconds(items, cluster)
         link_ms[kind] += 1e3 * seconds
+        largest = max(items, key=lambda item: item[1])
         return link.start(kind, seconds, state["t"], network_bytes(items, cluster) if cpu_per_byte else 0.0,
-                          rounds=_scaled_rounds(items, seconds, cluster))
+                          round_shares(largest[0], largest[1], cluster))
 
     def wait(job: _Job) -> None:
         done = link.wait(job, state["t"])
@@ -398,16 +361,6 @@ def _backward(profile: ComputeProfile, plan: StrategyPlan, compute, start) -> li
         done = ready
         jobs.append(start(plan.gradient_kind, items))
     return jobs
-
-
-def _scaled_rounds(items: list, seconds: float, cluster: Cluster) -> list:
-    """The rounds of the collectives `items` started together, (length, out, in) each (network.round_loads),
-    scaled so that their lengths add up to `seconds` (their time together, latencies and caps included)."""
-    rounds = round_loads(items, cluster)
-    total = sum(length for length, _, _ in rounds)
-    if total <= 0:
-        return [(seconds, seconds, seconds)]
-    return [(length * seconds / total, out * seconds / total, into * seconds / total) for length, out, into in rounds]
 
 
 def _calls_in_update(plan: StrategyPlan) -> int:
