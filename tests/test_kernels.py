@@ -83,7 +83,6 @@ def gemm_close(actual, expected, magnitude, terms):
     |computed - exact| <= terms * u * magnitude, magnitude = |A| @ |B| (plus |C| for an added C), with `terms`
     the products and adds per element (Higham, Accuracy and Stability, 3.5), and u for the final rounding."""
     expected = expected.detach().numpy() if isinstance(expected, torch.Tensor) else np.asarray(expected)
-    magnitude = magnitude.detach().numpy() if isinstance(magnitude, torch.Tensor) else np.asarray(magnitude)
     bound = (terms + 1) * UNIT_ROUNDOFF * magnitude
     excess = np.abs(actual.astype(np.float64) - expected) - bound
     worst = np.unravel_index(np.argmax(excess), excess.shape)
@@ -231,7 +230,7 @@ def test_matmul_forward(parallel, with_bias):
     out = np.full((N, 3 * C), np.nan, np.float32)
     matmul.matmul_forward(out, x, w, bias if with_bias else None, parallel=parallel)
     magnitude = np.abs(x.astype(np.float64)) @ np.abs(w.T) + (np.abs(bias) if with_bias else 0.0)
-    gemm_close(out, F.linear(t64(x), t64(w), t64(bias) if with_bias else None), magnitude, C + with_bias)
+    gemm_close(out, F.linear(t64(x), t64(w), t64(bias) if with_bias else None), magnitude, C + int(with_bias))
 
 
 def test_matmul_backward_input():
@@ -265,7 +264,7 @@ def test_matmul_backward_weight(parallel, accumulate, scratch, with_bias):
                                   scratch=scratch_buf)
     gw, gb = matmul_weight_grads_torch(x, w, bias, dout)
     magnitude = np.abs(dout.T.astype(np.float64)) @ np.abs(x) + (np.abs(dw0) if accumulate else 0.0)
-    gemm_close(dw, t64(dw0) + gw if accumulate else gw, magnitude, N + accumulate)
+    gemm_close(dw, t64(dw0) + gw if accumulate else gw, magnitude, N + int(accumulate))
     if with_bias:
         close(db, t64(db0) + gb if accumulate else gb)
     else:
