@@ -19,6 +19,7 @@ from threadpoolctl import threadpool_limits
 from llmpy.kernels import attention, attention_llmc
 
 ATOL, RTOL = 2e-5, 1e-4  # float32 kernels against float64 torch, values of order 1
+UNIT_ROUNDOFF = 2.0**-24  # float32, round to nearest
 
 
 def random_qkv(rng, b, t, c, scale=1.0):
@@ -97,10 +98,9 @@ def test_large_scores_stay_finite():
     ref_out, ref_lse, _ = sdpa_reference(qkv, 1)
     assert np.abs(ref_lse).max() > 88  # exp of the scores themselves would overflow float32
     score_error, pv_magnitude = softmax_rounding(qkv)
-    unit = 2.0**-24
-    assert (np.abs(lse - ref_lse) <= score_error[:, None, :] + 16 * unit * np.abs(ref_lse)).all()
+    assert (np.abs(lse - ref_lse) <= score_error[:, None, :] + 16 * UNIT_ROUNDOFF * np.abs(ref_lse)).all()
     assert score_error.max() < 0.01  # where exp(2 x) - 1 < 3 x
-    out_bound = (3 * score_error + (t + 16) * unit)[:, :, None] * pv_magnitude
+    out_bound = (3 * score_error + (t + 16) * UNIT_ROUNDOFF)[:, :, None] * pv_magnitude
     assert (np.abs(out - ref_out) <= out_bound).all()
     assert out_bound.max() < 0.02 * np.abs(ref_out).max()  # the bound still tells a rescaling slip from rounding
 
@@ -117,7 +117,7 @@ def softmax_rounding(qkv):
     q, k, v = x.split(c3 // 3, dim=2)
     hs, scale = c3 // 3, 1 / math.sqrt(c3 // 3)
     causal = torch.ones(t, t, dtype=torch.bool).tril()
-    error = ((hs + 2) * 2.0**-24 * scale * (q.abs() @ k.abs().transpose(1, 2))).masked_fill(~causal, 0)
+    error = ((hs + 2) * UNIT_ROUNDOFF * scale * (q.abs() @ k.abs().transpose(1, 2))).masked_fill(~causal, 0)
     probs = torch.softmax((scale * q @ k.transpose(1, 2)).masked_fill(~causal, float("-inf")), dim=-1)
     return error.amax(dim=-1).numpy(), (probs @ v.abs()).numpy()
 
