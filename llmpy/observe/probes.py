@@ -20,14 +20,23 @@ def cache_dir() -> str:
 
 
 def _cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it, with its family, model, stepping and vector extensions: a
+    virtual machine may call different CPUs by one generic name ("Intel(R) Xeon(R) Processor")."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in fields:  # the first core's block is enough
+                    break
+                fields[key] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    vectors = " ".join(flag for flag in fields.get("flags", "").split() if flag.startswith(("avx", "amx", "sse4")))
+    model = "/".join(fields.get(k, "?") for k in ("cpu family", "model", "stepping"))
+    return f"{name} [{model}] [{vectors}]" if fields else name
 
 
 def _cached(key: str, measure) -> float:
