@@ -3,7 +3,7 @@
 import numpy as np
 from numba import njit
 
-from llmpy.kernels.vector_math import exp_nonpositive, tanh_float32
+from llmpy.kernels.vector_math import LANES, exp_nonpositive, lanes_head, lanes_load, lanes_store, tanh_float32
 
 
 @njit(error_model="numpy")
@@ -50,3 +50,24 @@ def test_tanh_close_to_float64_everywhere():
     assert (np.abs(out[small] - exact[small]) / np.abs(exact[small])).max() < 1e-4
     assert out[-2] == 1.0 and out[-1] == -1.0
     assert np.all((np.sign(out) == np.sign(x)) | (out == 0))
+
+
+@njit(error_model="numpy")
+def _exp_lanes(out, x, heads):
+    for k in range(x.shape[0] // LANES):
+        e = exp_nonpositive(lanes_load(x, k * LANES))
+        lanes_store(out, k * LANES, lanes_head(e, heads[k]))
+
+
+def test_exp_of_lanes_is_the_scalar_exp_lane_by_lane_and_lanes_head_zeroes_the_rest():
+    special = [np.nan, -np.inf, -0.0, -1e-30, -87.0, -88.0, -86.99, np.nan]
+    x = np.concatenate([special * 4, np.linspace(-90.0, 0.0, 100_000)]).astype(np.float32)
+    rng = np.random.default_rng(0)
+    heads = rng.integers(-2, LANES + 3, size=x.size // LANES)
+    heads[:3] = (LANES, 0, LANES)
+    lanes, scalars = np.empty_like(x), np.empty_like(x)
+    _exp_lanes(lanes, x, heads)
+    _exp_all(scalars, x)
+    kept = np.arange(x.size) % LANES < np.repeat(heads, LANES)
+    assert np.array_equal(lanes[kept].view(np.int32), scalars[kept].view(np.int32))  # NaN too
+    assert np.all(lanes[~kept].view(np.int32) == 0)  # +0.0

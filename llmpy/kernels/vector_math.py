@@ -48,48 +48,99 @@ class _LanesModel(models.PrimitiveModel):
 
 @intrinsic
 def pow2_of_integer(typingctx, n):
-    """2^n for a float32 `n` holding an integer in [-126, 127], from its exponent bits (an integer add,
-    shift and bit reinterpretation, which vectorise, unlike ldexp)."""
-    if n != types.float32:
+    """2^n for a float32 `n` (a scalar or Lanes) holding an integer in [-126, 127], from its exponent bits (an
+    integer add, shift and bit reinterpretation, which vectorise, unlike ldexp)."""
+    if _element(n) != types.float32:
         return None
 
     def codegen(context, builder, signature, args):
-        int32 = llvm_ir.IntType(32)
-        exponent = builder.add(builder.fptosi(args[0], int32), llvm_ir.Constant(int32, 127))
-        return builder.bitcast(builder.shl(exponent, llvm_ir.Constant(int32, 23)), llvm_ir.FloatType())
+        value_type = args[0].type
+        int_type = _I32 if not isinstance(value_type, llvm_ir.VectorType) else llvm_ir.VectorType(_I32, LANES)
+        constant = lambda c: _splat(builder, llvm_ir.Constant(_I32, c), int_type)
+        exponent = builder.add(builder.fptosi(args[0], int_type), constant(127))
+        return builder.bitcast(builder.shl(exponent, constant(23)), value_type)
 
-    return types.float32(n), codegen
+    return n(n), codegen
+
+
+@intrinsic
+def floor_of(typingctx, x):
+    """floor(x) of a float32/float64 scalar or Lanes (LLVM's llvm.floor: exact, one instruction per vector)."""
+    if _element(x) not in _FLOATS:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.call(_llvm_function(builder, "floor", args[0].type, 1), args)
+
+    return x(x), codegen
+
+
+@intrinsic
+def maximum_of(typingctx, x, floor):
+    """np.maximum(x, floor) of a float32/float64 scalar or Lanes x and a scalar `floor` of its dtype: floor
+    where floor > x, else x, so a NaN x stays NaN (floor is never NaN). A maximum is exact."""
+    if not (_element(x) in _FLOATS and floor == _element(x)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        bound = _splat(builder, args[1], args[0].type)
+        return builder.select(builder.fcmp_ordered(">", bound, args[0]), bound, args[0])
+
+    return x(x, floor), codegen
 
 
 @intrinsic
 def fma(typingctx, a, b, c):
     """a * b + c rounded once (IEEE fusedMultiplyAdd, LLVM's llvm.fma), for float32/float64 scalars or
-    Lanes, all three of one type. Written explicitly, it gives the same result on every CPU: one FMA
-    instruction on x86-64 since Haswell/Zen (AVX2 and AVX-512 alike), a correctly rounded library call on
-    a CPU without one. Kernels are compiled without `contract`, so LLVM never fuses `a * b + c` itself."""
-    element = a.dtype if isinstance(a, Lanes) else a
-    if not (a == b == c and element in _FLOATS):
+    Lanes of one dtype (scalars beside Lanes are broadcast to every lane). Written explicitly, it gives the
+    same result on every CPU: one FMA instruction on x86-64 since Haswell/Zen (AVX2 and AVX-512 alike), a
+    correctly rounded library call on a CPU without one. Kernels are compiled without `contract`, so LLVM
+    never fuses `a * b + c` itself."""
+    element = _element(a)
+    if not (element in _FLOATS and _element(b) == _element(c) == element):
         return None
+    result = next((t for t in (a, b, c) if isinstance(t, Lanes)), a)
 
     def codegen(context, builder, signature, args):
-        value_type = args[0].type
-        width = 32 if element == types.float32 else 64
-        name = f"llvm.fma.v{LANES}f{width}" if isinstance(value_type, llvm_ir.VectorType) else f"llvm.fma.f{width}"
-        function = cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(value_type, [value_type] * 3), name)
-        return builder.call(function, args)
+        value_type = context.get_value_type(result)
+        operands = [_splat(builder, arg, value_type) for arg in args]
+        return builder.call(_llvm_function(builder, "fma", value_type, 3), operands)
 
-    return a(a, b, c), codegen
+    return result(a, b, c), codegen
+
+
+def _element(t):
+    """The float type of a scalar type or of Lanes."""
+    return t.dtype if isinstance(t, Lanes) else t
+
+
+def _splat(builder, value, value_type):
+    """`value` (a scalar) in every lane when value_type is a vector and value is not one, else itself."""
+    if not isinstance(value_type, llvm_ir.VectorType) or isinstance(value.type, llvm_ir.VectorType):
+        return value
+    undef = llvm_ir.Constant(value_type, llvm_ir.Undefined)
+    one = builder.insert_element(undef, value, llvm_ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, undef, _mask([0] * LANES))
+
+
+def _llvm_function(builder, name, value_type, arity):
+    """LLVM's intrinsic llvm.NAME (floor, fma) for value_type: a float, a double or a vector of LANES of them."""
+    element = value_type.element if isinstance(value_type, llvm_ir.VectorType) else value_type
+    width = 32 if isinstance(element, llvm_ir.FloatType) else 64
+    suffix = f"v{LANES}f{width}" if isinstance(value_type, llvm_ir.VectorType) else f"f{width}"
+    return cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(value_type, [value_type] * arity),
+                                          f"llvm.{name}.{suffix}")
 
 
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def exp_nonpositive(x):
-    """exp(x) for float32 x <= 0 (x < -87 gives exp(-87) ~ 1.6e-38; NaN stays NaN)."""
-    x = np.maximum(x, np.float32(EXP_LOWEST))
-    n = np.floor(fma(x, np.float32(LOG2_E), np.float32(0.5)))
+    """exp(x) for float32 x <= 0, a scalar or Lanes (lane-wise, the same bits as the scalar): x < -87 gives
+    exp(-87) ~ 1.6e-38; NaN stays NaN."""
+    x = maximum_of(x, np.float32(EXP_LOWEST))
+    n = floor_of(fma(x, np.float32(LOG2_E), np.float32(0.5)))
     r = fma(n, np.float32(-LN2_HIGH), x)  # n * LN2_HIGH is exact: this is x - n * LN2_HIGH
     r = fma(n, np.float32(-LN2_LOW), r)
-    p = np.float32(1.0 / 5040.0)
-    p = fma(p, r, np.float32(1.0 / 720.0))
+    p = fma(r, np.float32(1.0 / 5040.0), np.float32(1.0 / 720.0))
     p = fma(p, r, np.float32(1.0 / 120.0))
     p = fma(p, r, np.float32(1.0 / 24.0))
     p = fma(p, r, np.float32(1.0 / 6.0))
@@ -124,8 +175,9 @@ def tanh_float32(u):
 # (attention's hs = 64 path writes lane_dot out with the query's four Lanes held in registers: same order.)
 #
 # Operations: lanes_fill, lanes_load, lanes_store; `+`, `-`, `*` of two Lanes (IEEE, lane-wise, never fused);
-# lanes_max; fma; lanes_float64; lanes_sum and lanes_reduce_max (step 2); lane_sum, lane_dot, lane_max
-# (steps 1-3 over a whole array).
+# lanes_max; lanes_head; fma, floor_of, maximum_of and exp_nonpositive (lane-wise, the scalars' bits);
+# lanes_float64; lanes_sum and lanes_reduce_max (step 2); lane_sum, lane_dot, lane_max (steps 1-3 over a
+# whole array).
 
 
 def _mask(indices):
@@ -285,6 +337,21 @@ lanes_sum = _lanes_reduction("lanes_sum", lambda builder, a, b: builder.fadd(a, 
                              "The lanes added by halving (step 2 of the documented order).")
 lanes_reduce_max = _lanes_reduction("lanes_reduce_max", _greater_or_keep,
                                     "The largest lane, combined by halving with lanes_max's rule.")
+
+
+@intrinsic
+def lanes_head(typingctx, lanes, count):
+    """Lanes j < count kept, the others +0.0 (count an integer; below 1 all are zero, above LANES - 1 none)."""
+    if not (isinstance(lanes, Lanes) and isinstance(count, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        int_vector = llvm_ir.VectorType(_I32, LANES)
+        limit = _splat(builder, context.cast(builder, args[1], signature.args[1], types.int32), int_vector)
+        keep = builder.icmp_signed("<", _mask(range(LANES)), limit)
+        return builder.select(keep, args[0], llvm_ir.Constant(args[0].type, [0.0] * LANES))
+
+    return lanes(lanes, count), codegen
 
 
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")
