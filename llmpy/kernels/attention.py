@@ -219,14 +219,15 @@ def attention_forward(out, lse, qkv, num_heads, b0, b1, t0, t1, parallel=False):
 
 
 @kernel
-def attention_row_dots(dots, dout, out, b0, h0, r0):
-    """dots (n, nh, tq) = sum over the head's channels of dout * out, both (B, NH, T, hs) views, for rows r0..
-    of sequences b0.. and heads h0.. (the softmax backward's D = rowsum(dP * P) = rowsum(dout * out)), in lane
-    order."""
+def attention_row_dots(dots, dout, out, b0, h0, r0, hs):
+    """dots (n, nh, tq) = sum over the hs channels of head h0 + h of dout * out, both (B, T, C), for rows
+    r0.. of sequences b0.. (the softmax backward's D = rowsum(dP * P) = rowsum(dout * out)), in lane order.
+    A head's channels of one row are a contiguous slice, which lane_dot reads as whole vectors."""
     n, heads, tq = dots.shape
     for item in prange(n * heads * tq):
         s, h, i = item // (heads * tq), (item // tq) % heads, item % tq
-        dots[s, h, i] = lane_dot(dout[b0 + s, h0 + h, r0 + i], out[b0 + s, h0 + h, r0 + i])
+        c = (h0 + h) * hs
+        dots[s, h, i] = lane_dot(dout[b0 + s, r0 + i, c:c + hs], out[b0 + s, r0 + i, c:c + hs])
 
 
 @kernel
@@ -267,15 +268,14 @@ def attention_backward(dqkv, dout, qkv, out, lse, num_heads, b0, b1, t0, t1, acc
         dqkv[b0:b1] = 0.0
     q, k, v = _heads(qkv[b0:b1], num_heads)
     dq, dk, dv = _heads(dqkv[b0:b1], num_heads)
-    per_head = lambda x: x[b0:b1].reshape(n, x.shape[1], num_heads, hs).transpose(0, 2, 1, 3)
-    dout_heads, out_heads = per_head(dout), per_head(out)
+    dout_heads = dout[b0:b1].reshape(n, dout.shape[1], num_heads, hs).transpose(0, 2, 1, 3)
     rows = t1 - t0
 
     def unit(s0, s1, h0, h1):
         shape = (s1 - s0, h1 - h0)
         part = lambda x, r0, r1: x[s0:s1, h0:h1, r0:r1]
         dots = _buffer("dots", shape + (rows,))
-        attention_row_dots.serial(dots, dout_heads, out_heads, s0, h0, t0)
+        attention_row_dots.serial(dots, dout, out, b0 + s0, h0, t0, hs)
         dq_rows = _buffer("dq", shape + (rows, hs))
         for c0, c1 in _tiles(0, t1, BACKWARD_KEY_TILE):
             r0 = max(t0, c0)  # query rows before c0 do not see these keys
