@@ -152,23 +152,24 @@ def online_softmax_tile(scores, row_max, row_sum, out_acc, r0, c0, scale, first)
     out_acc (n, nh, tq, hs): the running unnormalised output, rescaled by exp(m_old - m_new) unless `first`.
     """
     n, heads, tq, tk = scores.shape
-    for item in prange(n * heads * tq):
-        s, h, i = item // (heads * tq), (item // tq) % heads, item % tq
-        row = scores[s, h, i]
-        valid = min(tk, r0 + i - c0 + 1)  # keys c0 .. r0 + i
-        # scale > 0 and rounding is monotonic: max(x) * scale is exactly max(x * scale)
-        tile_max = lane_max(row[:valid], np.float32(-3.4e38)) * scale
-        new_max = tile_max if first else max(row_max[s, h, i], tile_max)
-        total = exp_row(row, valid, scale, new_max)
-        if first:
-            row_sum[s, h, i] = total
-        else:
-            alpha = exp_nonpositive(row_max[s, h, i] - new_max)
-            row_sum[s, h, i] = row_sum[s, h, i] * alpha + total
-            acc = out_acc[s, h, i]
-            for c in range(acc.shape[0]):
-                acc[c] *= alpha
-        row_max[s, h, i] = new_max
+    for pair in prange(n * heads):  # one division per (sequence, head), none per row
+        s, h = pair // heads, pair % heads
+        for i in range(tq):
+            row = scores[s, h, i]
+            valid = min(tk, r0 + i - c0 + 1)  # keys c0 .. r0 + i
+            # scale > 0 and rounding is monotonic: max(x) * scale is exactly max(x * scale)
+            tile_max = lane_max(row[:valid], np.float32(-3.4e38)) * scale
+            new_max = tile_max if first else max(row_max[s, h, i], tile_max)
+            total = exp_row(row, valid, scale, new_max)
+            if first:
+                row_sum[s, h, i] = total
+            else:
+                alpha = exp_nonpositive(row_max[s, h, i] - new_max)
+                row_sum[s, h, i] = row_sum[s, h, i] * alpha + total
+                acc = out_acc[s, h, i]
+                for c in range(acc.shape[0]):
+                    acc[c] *= alpha
+            row_max[s, h, i] = new_max
 
 
 @kernel
@@ -176,14 +177,15 @@ def attention_tile_finish(out, lse, out_acc, row_max, row_sum, b0, h0, r0):
     """out (B, T, C) rows r0.. of sequences b0.., heads h0.. = out_acc (n, nh, tq, hs) / row_sum;
     lse (B, NH, T) = row_max + log(row_sum)."""
     n, heads, tq, hs = out_acc.shape
-    for item in prange(n * heads * tq):
-        s, h, i = item // (heads * tq), (item // tq) % heads, item % tq
-        inv = np.float32(1.0) / row_sum[s, h, i]
-        c = (h0 + h) * hs
-        target, acc = out[b0 + s, r0 + i, c:c + hs], out_acc[s, h, i]
-        for j in range(hs):
-            target[j] = acc[j] * inv
-        lse[b0 + s, h0 + h, r0 + i] = row_max[s, h, i] + np.float32(math.log(row_sum[s, h, i]))
+    for pair in prange(n * heads):  # one division per (sequence, head), none per row
+        s, h = pair // heads, pair % heads
+        for i in range(tq):
+            inv = np.float32(1.0) / row_sum[s, h, i]
+            c = (h0 + h) * hs
+            target, acc = out[b0 + s, r0 + i, c:c + hs], out_acc[s, h, i]
+            for j in range(hs):
+                target[j] = acc[j] * inv
+            lse[b0 + s, h0 + h, r0 + i] = row_max[s, h, i] + np.float32(math.log(row_sum[s, h, i]))
 
 
 def attention_forward(out, lse, qkv, num_heads, b0, b1, t0, t1, parallel=False):
@@ -224,10 +226,11 @@ def attention_row_dots(dots, dout, out, b0, h0, r0, hs):
     r0.. of sequences b0.. (the softmax backward's D = rowsum(dP * P) = rowsum(dout * out)), in lane order.
     A head's channels of one row are a contiguous slice, which lane_dot reads as whole vectors."""
     n, heads, tq = dots.shape
-    for item in prange(n * heads * tq):
-        s, h, i = item // (heads * tq), (item // tq) % heads, item % tq
-        c = (h0 + h) * hs
-        dots[s, h, i] = lane_dot(dout[b0 + s, r0 + i, c:c + hs], out[b0 + s, r0 + i, c:c + hs])
+    for pair in prange(n * heads):  # one division per (sequence, head), none per row
+        s, h = pair // heads, pair % heads
+        for i in range(tq):
+            c = (h0 + h) * hs
+            dots[s, h, i] = lane_dot(dout[b0 + s, r0 + i, c:c + hs], out[b0 + s, r0 + i, c:c + hs])
 
 
 @kernel
@@ -235,11 +238,12 @@ def softmax_tile_recompute(scores, lse, b0, h0, r0, c0, scale):
     """scores (n, nh, tq, tk): q.k on entry, the probabilities exp(q.k * scale - lse) on exit, 0 for keys after
     the query row; lse (B, NH, T) from the forward, rows r0.. of sequences b0.., heads h0..; key rows c0.."""
     n, heads, tq, tk = scores.shape
-    for item in prange(n * heads * tq):
-        s, h, i = item // (heads * tq), (item // tq) % heads, item % tq
-        row = scores[s, h, i]
-        valid = min(tk, r0 + i - c0 + 1)
-        exp_row(row, valid, scale, lse[b0 + s, h0 + h, r0 + i])
+    for pair in prange(n * heads):  # one division per (sequence, head), none per row
+        s, h = pair // heads, pair % heads
+        for i in range(tq):
+            row = scores[s, h, i]
+            valid = min(tk, r0 + i - c0 + 1)
+            exp_row(row, valid, scale, lse[b0 + s, h0 + h, r0 + i])
 
 
 @kernel
@@ -247,11 +251,12 @@ def softmax_tile_backward(dprobs, probs, dots, scale):
     """dprobs (n, nh, tq, tk): dP on entry, dS = P (dP - D) * scale on exit; probs P (same shape); dots D
     (n, nh, tq). Masked keys have P = 0, so dS = 0 there."""
     n, heads, tq, tk = dprobs.shape
-    for item in prange(n * heads * tq):
-        s, h, i = item // (heads * tq), (item // tq) % heads, item % tq
-        drow, prow, d = dprobs[s, h, i], probs[s, h, i], dots[s, h, i]
-        for j in range(tk):
-            drow[j] = prow[j] * (drow[j] - d) * scale
+    for pair in prange(n * heads):  # one division per (sequence, head), none per row
+        s, h = pair // heads, pair % heads
+        for i in range(tq):
+            drow, prow, d = dprobs[s, h, i], probs[s, h, i], dots[s, h, i]
+            for j in range(tk):
+                drow[j] = prow[j] * (drow[j] - d) * scale
 
 
 def attention_backward(dqkv, dout, qkv, out, lse, num_heads, b0, b1, t0, t1, accumulate, parallel=False):
