@@ -65,9 +65,9 @@ def _modules(torch, config: GPT2Config):
             x = self.wte(idx) + self.wpe.weight[:T]
             for block in self.h:
                 x = block(x)
-            logits = F.linear(self.ln_f(x), self.wte.weight)  # the lm_head tied to wte
-            V = config.vocab_size
-            return F.cross_entropy(logits[:, :, :V].reshape(-1, V), targets.reshape(-1))
+            V = config.vocab_size  # the lm_head tied to wte's real rows: contiguous logits, no slice to copy
+            logits = F.linear(self.ln_f(x), self.wte.weight[:V])
+            return F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
 
     return GPT
 
