@@ -91,9 +91,9 @@ def run(args, out=None) -> dict:
                                           plan.parameter_kind if cluster.ranks > 1 else None)
                       if reference else None)
     print(_describe(target, cluster, overlap, measured), file=out)
-    print(format_components(prediction, measured_parts, reference.step_ms if reference else None), file=out)
+    print(format_components(prediction, measured_parts, reference.step_median_ms if reference else None), file=out)
     document = prediction_document(target, cluster, overlap, prediction, measured_parts,
-                                   reference.step_ms if reference else None)
+                                   reference.step_median_ms if reference else None)
     if cores:
         document["cores"] = _cores(args.run_dir, cores, out)
     if nodes:
@@ -240,14 +240,14 @@ def _describe(target: dict, cluster: Cluster, overlap: float, measured: Measured
     network = (f"link {link.name} ({link.bandwidth_gbit:.3g} Gbit/s, {link.latency_us:.3g} us{capped}), "
                f"{cluster.algorithms} algorithms, overlap {overlap:.2f}; {_network_cpu(cluster)}"
                if cluster.ranks > 1 else "one rank, no communication")
-    phases = measured.phases_ms
+    phases, which = (measured.phases_ms, "mean") if measured.is_distributed else (measured.typical_phases_ms, "median")
     return (f"predicted: {target['model']}, B={target['B']}, T={target['T']} per rank, {cluster.ranks} "
             f"rank{'s' if cluster.ranks > 1 else ''}{per_node} x {target['threads']} thread"
             f"{'s' if target['threads'] > 1 else ''}, strategy {target['strategy']}; {network}\n"
             f"from {measured.path}: {measured.model}, B={measured.B}, T={measured.T}, {measured.mode} "
             f"({measured.ranks} rank{'s' if measured.ranks > 1 else ''} x {measured.threads} thread"
-            f"{'s' if measured.threads > 1 else ''}): step {phases['step']:.1f} ms (forward {phases['forward']:.1f}, "
-            f"backward {phases['backward']:.1f}, update {phases['update']:.1f})")
+            f"{'s' if measured.threads > 1 else ''}): {which} step {phases['step']:.1f} ms (forward "
+            f"{phases['forward']:.1f}, backward {phases['backward']:.1f}, update {phases['update']:.1f})")
 
 
 def _network_cpu(cluster: Cluster) -> str:
