@@ -7,7 +7,7 @@ What it does, in order:
 1. a 1-rank reference run (`--mode sequential`, 1 thread, the same model and batch per rank) on each host at
    once (the hosts share this machine's cores): the compute the predictions start from;
 2. each link, unshaped and shaped by tc tbf, calibrated once with MPI itself, independently of the training
-   runs: alpha from an 8-byte exchange, bandwidth from the slope over 1-16 MiB of blocking Sendrecv exchanges
+   runs: alpha from an 8-byte exchange, bandwidth from the slope over 1-64 MiB of blocking Sendrecv exchanges
    (both directions at once, as a collective's round sends: the network) and of 8 Iallreduces in flight waited
    for as llmpy's strategies wait (MPI_Testall with sleeps: `polled`); each rank's CPU seconds in them
    (process_time, getrusage's user and system) give the network's CPU rate, bytes sent + received per CPU
@@ -61,7 +61,11 @@ from llmpy.execution.threads import available_cores
 
 netns_hosts = multihost.netns_hosts
 STEP_TARGET, COMMUNICATION_TARGET = 0.15, 0.25
-EXCHANGE_SIZES = (8, 1 << 20, 4 << 20, 16 << 20)
+# up to 64 MiB: over 1-16 MiB alone the polled collectives' slope is their tests' rounds more than their bytes
+# (unshaped 1.3-1.9 Gbit/s and 1.1-1.4 GB/s of TCP work per CPU second; with 64 MiB 7.5-11.3 and 2.3-3.4, as the
+# runs' buckets of 28-154 MB move), and one slow exchange of 16 MiB moved the unshaped fit from 8.8 to 3.2 Gbit/s
+EXCHANGE_SIZES = (8, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
+PROGRESSED_BYTES = 16 << 20  # the progressed calibration's size behind the cap and the overlap
 CONCURRENT = 8  # collectives in flight at once in the polled calibration (a d12 bucket starts 12)
 COMPUTE_OVER_IDLE = 8  # the computing calibration's compute, in times the collectives' idle time
 COMMUNICATION = ("(gradients)", "(parameters)", "(norm)", "wait", "communication")
@@ -105,7 +109,7 @@ def exchange_worker() -> None:
         for name, call in calls.items():
             found[name][nbytes], cpu = _median_seconds(comm, call)
             found["cpu"][name][nbytes] = comm.gather(cpu, root=0)
-    found["computing"] = _computing(MPI, comm, progress, float(found["progressed"][EXCHANGE_SIZES[-1]]))
+    found["computing"] = _computing(MPI, comm, progress, float(found["progressed"][PROGRESSED_BYTES]))
     progress.close()
     if rank == 0:
         print(json.dumps(found))
@@ -123,7 +127,7 @@ def _computing(MPI, comm, progress, idle_s: float, repeats: int = 5) -> dict:
 
     a, w = np.ones((256, 768), np.float32), np.ones((768, 3072), np.float32)
     out = np.empty((256, 3072), np.float32)
-    parts = np.array_split(np.ones(EXCHANGE_SIZES[-1] // 4, np.float32), CONCURRENT)
+    parts = np.array_split(np.ones(PROGRESSED_BYTES // 4, np.float32), CONCURRENT)
     compute_s, took = max(0.2, COMPUTE_OVER_IDLE * idle_s), []
     with threadpool_limits(limits=1, user_api="blas"):
         for _ in range(repeats):
@@ -154,7 +158,7 @@ def _median_seconds(comm, fn, repeats: int = 7) -> tuple[float, list]:
 
 def calibrate(hosts, rate: str, timeout: float) -> dict:
     """The link shaped to `rate`, from MPI between the hosts: alpha (us) from the 8-byte exchange, bandwidth
-    (Gbit/s) from the slope over 1-16 MiB of the blocking exchange (`exchange`: the network) and of the polled
+    (Gbit/s) from the slope over 1-64 MiB of the blocking exchange (`exchange`: the network) and of the polled
     collectives (`polled`: an allreduce of n bytes sends n per host on 2 ranks, as an exchange does)."""
     hosts.shape(multihost.RATES[rate])
     try:
@@ -171,8 +175,8 @@ def calibrate(hosts, rate: str, timeout: float) -> dict:
         slope = statistics.linear_regression(large, [times[n] for n in large]).slope
         fits[name] = {"latency_us": 1e6 * times[8], "bandwidth_gbit": 8 / max(slope, 1e-15) / 1e9}
     fits["network_cpu"] = network_cpu_fit(found["cpu"], large)
-    fits["progressed_cap"] = progressed_cap(network_fit(fits), float(found["progressed"][str(large[-1])]),
-                                            large[-1])
+    fits["progressed_cap"] = progressed_cap(network_fit(fits), float(found["progressed"][str(PROGRESSED_BYTES)]),
+                                            PROGRESSED_BYTES)
     fits["overlap"] = found["computing"]  # its times; the predictions' share is calibrated_overlap
     return fits
 
@@ -211,7 +215,7 @@ def progressed_cap(network: dict, seconds: float, nbytes: int) -> dict:
 
 def network_cpu_fit(cpu: dict, large: list) -> dict:
     """GB/s of bytes sent + received per CPU second of a rank (the mean over both), from the slope of its CPU
-    seconds over 1-16 MiB: each rank sends n and receives n in an exchange of n bytes, and in an Iallreduce of n
+    seconds over 1-64 MiB: each rank sends n and receives n in an exchange of n bytes, and in an Iallreduce of n
     on 2 ranks (recursive doubling or Rabenseifner; the latter also sums n/2, counted in). `gbs`: the polled
     one's, what llmpy's waits and progress thread spend; the blocking exchange spins in MPI (its CPU is ~its
     wall time), an upper bound on the cost."""
@@ -329,7 +333,7 @@ def calibrated_overlap(fits: dict) -> float:
     calibration's CONCURRENT Ireduces as llmpy.predict.network prices them on the fitted network, over the time
     they took while both ranks computed (at most 1). In the model's units, not the progress thread's idle rate:
     where the idle progress thread itself moves less than the network (unshaped here), that shows too."""
-    priced = priced_calibration(network_fit(fits), EXCHANGE_SIZES[-1])
+    priced = priced_calibration(network_fit(fits), PROGRESSED_BYTES)
     return min(1.0, priced / max(fits["overlap"]["computing_s"], 1e-9))
 
 
@@ -450,7 +454,7 @@ def predict_kept_runs(args, rates: list[str]) -> list[dict]:
         links = {r["link"]: r["fits"] for r in json.loads(Path(args.fits).read_text())}
         for fits in links.values():  # the cap in this version's units (network_fit) from the time it measured
             fits["progressed_cap"] = progressed_cap(network_fit(fits), fits["progressed_cap"]["seconds"],
-                                                    EXCHANGE_SIZES[-1])
+                                                    PROGRESSED_BYTES)
     else:
         with netns_hosts.NetnsHosts(2) as hosts:
             links = {rate: calibrate(hosts, rate, args.timeout) for rate in sorted({r for _, r in runs})}
