@@ -240,7 +240,7 @@ def _describe(target: dict, cluster: Cluster, overlap: float, measured: Measured
     network = (f"link {link.name} ({link.bandwidth_gbit:.3g} Gbit/s, {link.latency_us:.3g} us{capped}), "
                f"{cluster.algorithms} algorithms, overlap {overlap:.2f}; {_network_cpu(cluster)}"
                if cluster.ranks > 1 else "one rank, no communication")
-    phases, which = (measured.phases_ms, "mean") if measured.is_distributed else (measured.typical_phases_ms, "median")
+    phases, which = measured.profile_phases()
     return (f"predicted: {target['model']}, B={target['B']}, T={target['T']} per rank, {cluster.ranks} "
             f"rank{'s' if cluster.ranks > 1 else ''}{per_node} x {target['threads']} thread"
             f"{'s' if target['threads'] > 1 else ''}, strategy {target['strategy']}; {network}\n"

@@ -55,10 +55,12 @@ class MeasuredRun:
     def step_ms(self) -> float:
         return float(self.phases_ms["step"])
 
-    @property
-    def typical_phases_ms(self) -> dict:
-        """The phases of the run's median step where its metrics have the steps, else their means."""
-        return self.median_phases_ms or self.phases_ms
+    def profile_phases(self) -> tuple[dict, str]:
+        """The phases a prediction starts from and their statistic: a 1-rank run's median step where its metrics
+        have the steps, else the means (a distributed run's: the means of its MPI calls are taken out of them)."""
+        if self.median_phases_ms and not self.is_distributed:
+            return self.median_phases_ms, "median"
+        return self.phases_ms, "mean"
 
     @property
     def is_distributed(self) -> bool:
@@ -91,6 +93,7 @@ def read_run(directory: str) -> MeasuredRun:
         kernels = document["kernels"]
         phases = {k: float(v) for k, v in summary["phases_ms"].items()}
         config = _config(summary, path)
+        warmup = int(summary.get("warmup_steps", 1))
         run = MeasuredRun(
             path=directory, config=config, model=str(summary["model"]), B=int(summary["B"]), T=int(summary["T"]),
             mode=str(summary["mode"]), threads=int(summary["threads"]), ranks=int(summary.get("ranks", 1)),
@@ -101,9 +104,8 @@ def read_run(directory: str) -> MeasuredRun:
             kernel_calls={k["name"]: float(k["calls_per_step"]) for k in kernels},
             per_rank=list(summary.get("per_rank", [])),
             kernels_gbytes={k["name"]: float(k.get("gbytes", 0.0)) for k in kernels},
-            events_path=_events(directory), warmup_steps=int(summary.get("warmup_steps", 1)),
-            cores=_cores(summary),
-            median_phases_ms=median_step_phases(document.get("steps") or [], int(summary.get("warmup_steps", 1))))
+            events_path=_events(directory), warmup_steps=warmup, cores=_cores(summary),
+            median_phases_ms=median_step_phases(document.get("steps") or [], warmup))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not JSON ({error})") from None
     except (KeyError, TypeError) as error:

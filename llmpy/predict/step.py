@@ -94,17 +94,14 @@ class ComputeProfile:
 
 
 def profile_from_run(run: MeasuredRun) -> ComputeProfile:
-    """The compute of `run`'s rank 0 with its MPI calls taken out, AdamW normalised to the whole model. A 1-rank
-    run's profile is its median step (MeasuredRun.typical_phases_ms); a distributed run's its means, from which
-    the means of its MPI calls are taken out."""
+    """The compute of `run`'s rank 0 with its MPI calls taken out, AdamW normalised to the whole model, from
+    MeasuredRun.profile_phases (a 1-rank run's median step)."""
+    phases, _ = run.profile_phases()
     norm = run.kernels_ms.get("sum_of_squares", 0.0)
+    other = max(0.0, phases["step"] - phases["forward"] - phases["backward"] - phases["update"])
     if not run.is_distributed:
-        phases = run.typical_phases_ms
-        other = max(0.0, phases["step"] - phases["forward"] - phases["backward"] - phases["update"])
         return ComputeProfile(run.config, run.B, run.T, phases["forward"], phases["backward"],
                               max(0.0, phases["update"] - norm), norm, other)
-    phases = run.phases_ms
-    other = max(0.0, phases["step"] - phases["forward"] - phases["backward"] - phases["update"])
     starts, tests = run.mpi_ms(GRADIENT_STARTS), run.kernels_ms.get("MPI_Testall", 0.0)
     in_update = run.mpi_ms(("MPI_Waitall", "MPI_Allreduce") + PARAMETER_STARTS)
     share = strategy_plan(run.strategy or "allreduce", run.config, run.ranks).update_share
