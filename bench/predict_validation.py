@@ -4,8 +4,10 @@ network-namespace hosts (bench/multihost.py's hosts and links; root only), predi
     sudo .venv/bin/python bench/predict_validation.py --model d12 -T 64 -B 4 --steps 3 --json validation.json
 
 What it does, in order:
-1. a 1-rank reference run (`--mode sequential`, 1 thread, the same model and batch per rank) on each host at
-   once (the hosts share this machine's cores): the compute the predictions start from;
+1. per strategy, just before its runs (step 3), a 1-rank reference run (`--mode sequential`, 1 thread, the same
+   model and batch per rank) on each host at once (the hosts share this machine's cores): the compute that
+   strategy's predictions start from (the host's speed moves over the half hour: one reference taken at a slow
+   moment, 3.5 s a step against 2.3-2.7 s, put all twelve predictions 10-63% over);
 2. each link, unshaped and shaped by tc tbf, calibrated once with MPI itself, independently of the training
    runs: alpha from an 8-byte exchange, bandwidth from the slope over 1-64 MiB of blocking Sendrecv exchanges
    (both directions at once, as a collective's round sends: the network) and of 8 Iallreduces in flight waited
@@ -257,19 +259,20 @@ def train_command(args, out: Path, extra: list) -> list:
             *(["--train-data", args.train_data] if args.train_data else ["--data-dir", args.data_dir]), *extra]
 
 
-def reference_run(hosts, args, work: Path) -> Path:
-    """The 1-rank reference, run on both hosts at once: the namespace hosts share this machine's cores and
-    memory, so a rank computes as fast as in the 2-rank runs only while the other host computes too."""
+def reference_run(hosts, args, work: Path, name: str = "reference") -> Path:
+    """The 1-rank reference, run on both hosts at once (folders NAME0 and NAME1): the namespace hosts share this
+    machine's cores and memory, so a rank computes as fast as in the 2-rank runs only while the other host
+    computes too. Returns host 0's."""
     runs = []
     for index in range(2):
-        command = train_command(args, work / f"reference{index}", ["--mode", "sequential"])
+        command = train_command(args, work / f"{name}{index}", ["--mode", "sequential"])
         full = ["ip", "netns", "exec", hosts.hosts[index].namespace, *map(str, command)]
         runs.append(subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     for run in runs:
         _, stderr = run.communicate(timeout=args.timeout)
         if run.returncode != 0:
             raise RuntimeError(f"the reference run failed (exit {run.returncode}):\n{stderr[-2000:]}")
-    return work / "reference0"
+    return work / f"{name}0"
 
 
 def measured_run(hosts, strategy: str, rate: str, args, work: Path) -> Path:
@@ -419,21 +422,23 @@ def main(argv=None) -> None:
 def measure_and_predict(args, work: Path, rates: list[str]) -> list[dict]:
     results = []
     with netns_hosts.NetnsHosts(2) as hosts:
-        reference = reference_run(hosts, args, work)
-        phases = json.loads((reference / "metrics.json").read_text())["summary"]["phases_ms"]
-        print("reference (1 rank per host, both at once): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),
-              flush=True)
         links = {rate: calibrate(hosts, rate, args.timeout) for rate in rates}
         share = poll_share()
         for rate, fits in links.items():
             fits["poll_share"] = share
             print(link_line(rate, fits), flush=True)
         for strategy in args.strategies.split(","):
+            # (no rate in its folders' names: --runs skips them)
+            reference = reference_run(hosts, args, work, f"reference-{strategy}-")
+            phases = json.loads((reference / "metrics.json").read_text())["summary"]["phases_ms"]
+            print(f"reference for {strategy} (1 rank per host, both at once): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), flush=True)
             for rate in rates:
                 run = measured_run(hosts, strategy, rate, args, work)
                 document = predict(reference, run, links[rate])
                 capped = predict(reference, run, links[rate], capped=True)
-                results.append({"strategy": strategy, "link": rate, "fits": links[rate], "check": checked(document),
+                results.append({"strategy": strategy, "link": rate, "reference": str(reference),
+                                "fits": links[rate], "check": checked(document),
                                 "prediction": document, "capped_step_ms": capped["step_ms"]})
                 step = results[-1]["check"]["rows"][0]
                 print(f"{strategy} over {rate}: predicted {step['predicted_ms']:.1f} ms, measured "
