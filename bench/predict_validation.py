@@ -7,7 +7,7 @@ What it does, in order:
 1. per strategy, just before its runs (step 3), a 1-rank reference run (`--mode sequential`, 1 thread, the same
    model and batch per rank) on each host at once (the hosts share this machine's cores): the compute that
    strategy's predictions start from (the host's speed moves over the half hour: one reference taken at a slow
-   moment, 3.5 s a step against 2.3-2.7 s, put all twelve predictions 10-63% over);
+   moment, 3.5 s a step against 2.3-2.7 s, put all twelve predictions 4-63% over);
 2. each link, unshaped and shaped by tc tbf, calibrated once with MPI itself, independently of the training
    runs: alpha from an 8-byte exchange, bandwidth from the slope over 1-64 MiB of blocking Sendrecv exchanges
    (both directions at once, as a collective's round sends: the network) and of 8 Iallreduces in flight waited
