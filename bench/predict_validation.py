@@ -3,7 +3,7 @@ network-namespace hosts (bench/multihost.py's hosts and links; root only), predi
 
     sudo .venv/bin/python bench/predict_validation.py --model d12 -T 64 -B 4 --steps 3 --json validation.json
 
-What it does, in order:
+What it does (the reference of step 1 runs inside step 3, before each strategy's runs):
 1. per strategy, just before its runs (step 3), a 1-rank reference run (`--mode sequential`, 1 thread, the same
    model and batch per rank) on each host at once (the hosts share this machine's cores): the compute that
    strategy's predictions start from (the host's speed moves over the half hour: one reference taken at a slow
@@ -259,7 +259,7 @@ def train_command(args, out: Path, extra: list) -> list:
             *(["--train-data", args.train_data] if args.train_data else ["--data-dir", args.data_dir]), *extra]
 
 
-def reference_run(hosts, args, work: Path, name: str = "reference") -> Path:
+def reference_run(hosts, args, work: Path, name: str) -> Path:
     """The 1-rank reference, run on both hosts at once (folders NAME0 and NAME1): the namespace hosts share this
     machine's cores and memory, so a rank computes as fast as in the 2-rank runs only while the other host
     computes too. Returns host 0's."""
