@@ -12,9 +12,12 @@ from __future__ import annotations
 import os
 import re
 
-NETWORK_VARIABLES = ("MPIR_CVAR_CH4_NETMOD", "UCX_TLS", "UCX_NET_DEVICES", "FI_PROVIDER", "MPIR_CVAR_CH4_SHM",
-                     "MPIR_CVAR_NOLOCAL", "OMPI_MCA_pml", "OMPI_MCA_btl", "OMPI_MCA_btl_tcp_if_include",
-                     "I_MPI_FABRICS", "I_MPI_OFI_PROVIDER")
+# UCX_RNDV_*: over TCP, UCX's rendezvous protocol (large messages, by default) completes collectives posted
+# together at about the same time, its eager one (UCX_RNDV_THRESH=inf) in the order they were posted
+# (bench/completion_order.py), which moves how a strategy's waits split between its collectives
+NETWORK_VARIABLES = ("MPIR_CVAR_CH4_NETMOD", "UCX_TLS", "UCX_NET_DEVICES", "UCX_RNDV_THRESH", "UCX_RNDV_SCHEME",
+                     "FI_PROVIDER", "MPIR_CVAR_CH4_SHM", "MPIR_CVAR_NOLOCAL", "OMPI_MCA_pml", "OMPI_MCA_btl",
+                     "OMPI_MCA_btl_tcp_if_include", "I_MPI_FABRICS", "I_MPI_OFI_PROVIDER")
 
 
 def describe_transport(library_version: str, environ=os.environ) -> str:
