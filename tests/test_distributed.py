@@ -24,8 +24,8 @@ import pytest
 from llmpy.core.config import PRESETS
 from llmpy.data.loader import DataLoader
 from llmpy.execution.threads import available_cores
-from llmpy.execution.mpi.transport import describe_transport
 from llmpy.execution.mpi.strategies import BLOCK_ELEMENTS, gradient_buckets, owner_blocks, split_evenly
+from llmpy.execution.mpi.transport import describe_transport
 from llmpy.io.formats import read_model, write_shard
 from test_cli import train_losses
 
@@ -103,14 +103,16 @@ def test_two_ranks_read_the_rows_of_one_process_with_twice_the_batch(data_dir):
     assert accumulating.num_batches % 2 == 1
 
 
-MPICH_VERSION = "MPICH Version:      5.0.2\nMPICH Release date: Fri Sep 25 20:45:26 UTC 2026\nMPICH Device:       ch4:ucx ofi\n"
+MPICH_VERSION = ("MPICH Version:      5.0.2\nMPICH Release date: Fri Sep 25 20:45:26 UTC 2026\n"
+                 "MPICH Device:       ch4:ucx ofi\n")
 
 
 @pytest.mark.parametrize("environ, line", [
     ({}, "MPICH 5.0.2 ch4:ucx (UCX_TLS unset: UCX picks, shared memory between ranks on one kernel)"),
     ({"UCX_TLS": "tcp,self", "UCX_RNDV_THRESH": "inf", "PATH": "/bin"},
      "MPICH 5.0.2 ch4:ucx (UCX_TLS=tcp,self, UCX_RNDV_THRESH=inf)"),
-    ({"MPIR_CVAR_CH4_NETMOD": "ofi"}, "MPICH 5.0.2 ch4:ofi (MPIR_CVAR_CH4_NETMOD=ofi, FI_PROVIDER unset: libfabric picks)"),
+    ({"MPIR_CVAR_CH4_NETMOD": "ofi"},
+     "MPICH 5.0.2 ch4:ofi (MPIR_CVAR_CH4_NETMOD=ofi, FI_PROVIDER unset: libfabric picks)"),
 ])
 def test_the_transport_line_names_the_network_module_and_the_variables_that_chose_it(environ, line):
     assert describe_transport(MPICH_VERSION, environ) == line
