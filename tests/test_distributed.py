@@ -177,6 +177,29 @@ def test_two_ranks_match_one_process_with_twice_the_batch(strategy, data_dir, re
 
 
 @needs_mpi
+@pytest.mark.parametrize("rank_mode", ["sequential", "tasks"])
+def test_each_bucket_reports_when_its_gradient_collectives_started_and_completed(rank_mode, data_dir):
+    out = f"timeline-{rank_mode}"
+    blocks = ["--block-tokens", "8"] if rank_mode == "tasks" else []
+    llmpy_train([*COMMON, *PLAIN, "--steps", "3", "--mode", "mpi", "--strategy", "allreduce", "--rank-mode",
+                 rank_mode, *blocks, "-B", B, "--metrics-dir", out, "--output", ""], data_dir, ranks=2)
+    layers = PRESETS["tiny"].num_layers
+    for rank in json.loads((data_dir / out / "metrics.json").read_text())["summary"]["per_rank"]:
+        timeline = rank["gradient_timeline"]
+        buckets = timeline["buckets"]
+        # backward's order: the final layernorm, the blocks from the last, the encoder (its wte is also lm_head)
+        assert [b["part"] for b in buckets] == [layers, *range(layers - 1, -1, -1), -1]
+        assert sum(b["bytes"] for b in buckets) == 4 * rank["parameters"]
+        starts = [b["start_ms"] for b in buckets]
+        assert starts == sorted(starts) and starts[0] >= 0
+        assert all(b["done_ms"] > b["start_ms"] for b in buckets)
+        if rank_mode == "sequential":  # the update begins after backward started the encoder's collectives
+            assert starts[-1] <= timeline["update_start_ms"]
+        else:
+            assert timeline["update_start_ms"] is None
+
+
+@needs_mpi
 def test_trace_has_one_process_per_rank_and_analyze_reads_it(data_dir):
     result = llmpy_train([*COMMON, *PLAIN, "--steps", "3", "--mode", "mpi", "--strategy", "zero1", "-B", B,
                           "--trace", "trace-zero1", "--output", ""], data_dir, ranks=2)

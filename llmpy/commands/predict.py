@@ -92,8 +92,11 @@ def run(args, out=None) -> dict:
                       if reference else None)
     print(_describe(target, cluster, overlap, measured), file=out)
     print(format_components(prediction, measured_parts, reference.step_median_ms if reference else None), file=out)
+    timeline = (rank_row(reference) or {}).get("gradient_timeline") if reference and cluster.ranks > 1 else None
+    if timeline and prediction.gradient_timeline and len(timeline["buckets"]) == len(plan.bucket_bytes):
+        print(format_timeline(prediction.gradient_timeline, timeline), file=out)
     document = prediction_document(target, cluster, overlap, prediction, measured_parts,
-                                   reference.step_median_ms if reference else None)
+                                   reference.step_median_ms if reference else None, timeline)
     if cores:
         document["cores"] = _cores(args.run_dir, cores, out)
     if nodes:
@@ -293,7 +296,8 @@ def format_components(prediction: StepPrediction, measured: dict | None, measure
 
 
 def prediction_document(target: dict, cluster: Cluster, overlap: float, prediction: StepPrediction,
-                        measured: dict | None, measured_step: float | None) -> dict:
+                        measured: dict | None, measured_step: float | None, measured_timeline: dict | None = None
+                        ) -> dict:
     """prediction.json: {"target", "step_ms", "measured_step_ms", "components": [{name, predicted_ms,
     measured_ms}], ...details}."""
     return {
@@ -311,7 +315,24 @@ def prediction_document(target: dict, cluster: Cluster, overlap: float, predicti
         "grad_hidden": prediction.grad_hidden,
         "param_hidden": prediction.param_hidden,
         "network_cpu_ms": prediction.network_cpu_ms,
+        "gradient_timeline": {"predicted": prediction.gradient_timeline, "measured": measured_timeline},
     }
+
+
+def format_timeline(predicted: dict, measured: dict) -> str:
+    """Per bucket (backward's order), predicted / measured: when its gradient collectives started and completed,
+    in ms from the first one's start; the update's start last."""
+    def pair(a, b):
+        return f"{a:8.0f} {b:8.0f}" if a is not None and b is not None else f"{'-':>8s} {'-':>8s}"
+
+    lines = [f"{'gradients of':14s} {'MB':>6s}   {'started':>17s}   {'completed':>17s}   (ms from the first one's "
+             f"start, predicted / measured, rank 0)"]
+    for index, (p, m) in enumerate(zip(predicted["buckets"], measured["buckets"])):
+        name = "final layernorm" if index == 0 else ("encoder" if p["part"] == -1 else f"block {p['part']}")
+        lines.append(f"{name:14s} {p['bytes'] / 1e6:6.1f}   {pair(p['start_ms'], m['start_ms'])}   "
+                     f"{pair(p['done_ms'], m['done_ms'])}")
+    lines.append(f"{'update started':14s} {'':6s}   {pair(predicted['update_start_ms'], measured['update_start_ms'])}")
+    return "\n".join(lines)
 
 
 def sweep(profile: ComputeProfile, nodes: list[int], links: list[Link], cluster: Cluster, target: Target) -> list[dict]:

@@ -193,6 +193,7 @@ class _Job:
     released: float
     bytes_per_second: float = 0.0  # the rank's bytes sent + received per second of the job on the link
     rounds: list = field(default_factory=list)  # the seconds of its rounds not yet queued
+    done_at: float | None = None  # when its last round was through
 
 
 @dataclass
@@ -224,7 +225,7 @@ class _Link:
             if entry.job.rounds:
                 self.queue.append(_Round(entry.job, entry.job.rounds.pop(0), now))
             else:
-                entry.job.seconds = 0.0
+                entry.job.seconds, entry.job.done_at = 0.0, now
 
     def advance(self, start: float, end: float, rate: float) -> tuple[float, float]:
         """Move what `rate` of the link moves between `start` and `end`: (the rank's bytes moved, the seconds
@@ -287,6 +288,9 @@ class StepPrediction:
     param_hidden: float | None
     link_ms: dict
     network_cpu_ms: float = 0.0  # compute (backward, update) stretched by the network's CPU work and tests
+    # when the update began and each bucket's gradient collectives started and were through, in ms from the
+    # first one's start (the measured run's `gradient_timeline`)
+    gradient_timeline: dict | None = None
 
 
 def predict_step(profile: ComputeProfile, target: Target) -> StepPrediction:
@@ -351,7 +355,17 @@ def predict_step(profile: ComputeProfile, target: Target) -> StepPrediction:
     if cluster.ranks == 1:  # nothing to communicate: no collective rows, nothing hidden
         components = {k: v for k, v in components.items() if k.split(" ")[0] not in link_ms}
         return StepPrediction(step, components, 0.0, None, {})
-    return StepPrediction(step, components, grad_hidden, param_hidden, link_ms, 1e3 * state["cpu"])
+    timeline = _timeline(grad_jobs, plan, profile.config, update_start)
+    return StepPrediction(step, components, grad_hidden, param_hidden, link_ms, 1e3 * state["cpu"], timeline)
+
+
+def _timeline(jobs: list, plan: StrategyPlan, config: GPT2Config, update_start: float) -> dict:
+    first = jobs[0].released
+    parts = [b.part for b in gradient_buckets(config)]
+    return {"update_start_ms": 1e3 * (update_start - first),
+            "buckets": [{"part": part, "bytes": nbytes, "start_ms": 1e3 * (job.released - first),
+                         "done_ms": 1e3 * (job.done_at - first) if job.done_at is not None else None}
+                        for part, job, nbytes in zip(parts, jobs, plan.bucket_bytes)]}
 
 
 def _backward(profile: ComputeProfile, plan: StrategyPlan, compute, start) -> list:

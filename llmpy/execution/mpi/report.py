@@ -46,8 +46,26 @@ def rank_summary(recorder, optimizer, skip: int) -> dict:
         "grad_hidden": float(np.mean(grad_hidden)) if grad_hidden else None,
         "param_hidden": float(np.mean(param_hidden)) if param_hidden else None,
         "communication_by_call_ms": communication, "moment_elements": int(optimizer.m.size),
-        "parameters": int(optimizer.params.size),
+        "parameters": int(optimizer.params.size), "gradient_timeline": _timeline_summary(overlap),
     }
+
+
+def _timeline_summary(overlap: list[dict]) -> dict | None:
+    """The steps' bucket timelines averaged (ms from each step's first collective): when the update began and,
+    per bucket, when its gradient collectives started and completed; None where a step has none."""
+    timelines = [o.get("timeline") for o in overlap]
+    if not timelines or any(t is None for t in timelines):
+        return None
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return float(np.mean(values)) if values else None
+
+    rows = [{"part": first["part"], "bytes": first["bytes"],
+             "start_ms": mean(t["buckets"][i]["start_ms"] for t in timelines),
+             "done_ms": mean(t["buckets"][i]["done_ms"] for t in timelines)}
+            for i, first in enumerate(timelines[0]["buckets"])]
+    return {"update_start_ms": mean(t["update_start_ms"] for t in timelines), "buckets": rows}
 
 
 def _traffic_summary(overlap: list[dict]) -> dict:

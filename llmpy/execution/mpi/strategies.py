@@ -225,6 +225,11 @@ class BucketState:
     grad_requests: list = field(default_factory=list)
     param_requests: list = field(default_factory=list)
     owned: list[OwnedRange] = field(default_factory=list)
+    # this step's timeline (time.perf_counter): its gradient collectives started, the progress thread saw them
+    # complete, the update's wait for them returned
+    grad_started: float | None = None
+    grad_completion: Completion | None = None
+    grad_waited: float | None = None
 
 
 class DataParallelStrategy(GraphTasks, AdamWRule):
@@ -287,6 +292,7 @@ class DataParallelStrategy(GraphTasks, AdamWRule):
         self._grad_completions: dict[int, Completion] = {}
         self._param_completions: dict[int, Completion] = {}
         self._comm_start: float | None = None  # when this step's first collective started
+        self._update_started: float | None = None  # when `update` began (a task rank's graph has no such point)
         model.gradients_ready = self._gradients_ready
 
     # ---- what each strategy defines
@@ -383,8 +389,11 @@ class DataParallelStrategy(GraphTasks, AdamWRule):
         state = self._by_part[part]
         self._started.add(part)
         self.start_gradient_collectives(state)
+        state.grad_started = time.perf_counter()
         if self._progress_thread is not None:
-            self._progress_thread.watch(state.grad_requests, completion, f"the gradient collectives of part {part}")
+            state.grad_completion = completion if completion is not None else Completion()
+            self._progress_thread.watch(state.grad_requests, state.grad_completion,
+                                        f"the gradient collectives of part {part}")
             return
         self._grads_in_flight += state.grad_requests
         self._progress(part)
@@ -410,6 +419,7 @@ class DataParallelStrategy(GraphTasks, AdamWRule):
 
     def update(self, params, grads, learning_rate: float, grad_scale: float = 1.0) -> None:
         """One AdamW step on the gradient summed over ranks times grad_scale / P (AdamW.update's contract)."""
+        self._update_started = time.perf_counter()
         self.finish_parameters()  # a bucket the forward did not read (none in GPT-2): its collective done first
         self.scalars = self.next_step(learning_rate, grad_scale / self.world_size)
         self._injected_failure()
@@ -452,7 +462,8 @@ class DataParallelStrategy(GraphTasks, AdamWRule):
         self.step_overlap.append({"grad_hidden": grads_done / total_bytes,
                                   "param_hidden": params_done / params_total if params_total and
                                   params_done is not None else None,
-                                  "traffic": self._traffic, "span_s": span})
+                                  "traffic": self._traffic, "span_s": span,
+                                  "timeline": self._bucket_timeline()})
         self._params_total = params_total
         self._traffic, self._comm_start = {}, None
         self._started.clear()
@@ -460,13 +471,30 @@ class DataParallelStrategy(GraphTasks, AdamWRule):
         if self._params_pending and not self._waits_as_tasks:
             self._install_parameter_observer()
 
+    def _bucket_timeline(self) -> dict | None:
+        """When the update began and, per bucket in the order backward finished them, its bytes and when its
+        gradient collectives started and completed (when this rank knew: the progress thread's test or the
+        update's wait, whichever came first), in ms from the step's first collective; None without a progress
+        thread (tests find completions only where they happen to run)."""
+        started, self._update_started = self._update_started, None
+        if self._progress_thread is None or self._comm_start is None:
+            return None
+        rows = []
+        for state in self.states:
+            seen = [t for t in (getattr(state.grad_completion, "completed_at", None), state.grad_waited) if t]
+            rows.append({"part": state.bucket.part, "bytes": 4 * state.bucket.size,
+                         "start_ms": 1e3 * (state.grad_started - self._comm_start) if state.grad_started else None,
+                         "done_ms": 1e3 * (min(seen) - self._comm_start) if seen else None})
+            state.grad_started = state.grad_completion = state.grad_waited = None
+        return {"update_start_ms": 1e3 * (started - self._comm_start) if started else None, "buckets": rows}
+
     def _update_buckets(self, states: list[BucketState]) -> list:
         """Per bucket: wait for its gradient collectives, AdamW on what this rank owns, start its parameter
         collectives (testing what is in flight). Returns the parameter requests."""
         in_flight: list = []
         for state in states:
             self._wait(state.bucket.part, state.grad_requests)
-            state.grad_requests = []
+            state.grad_requests, state.grad_waited = [], time.perf_counter()
             for owned in state.owned:
                 self._adamw(owned)
             self.start_parameter_collectives(state)
