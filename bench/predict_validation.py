@@ -302,6 +302,7 @@ def predict(reference: Path, run: Path, fits: dict, capped: bool = False, out: P
         cpu += ["--network-poll-share", f"{fits['poll_share']:.6g}"]
     argv = ["predict", str(reference), "--bandwidth", f"{network['bandwidth_gbit']:.6g}", "--latency",
             f"{network['latency_us']:.6g}", *cap, *cpu, "--validate", str(run), "--overlap", overlap_of(fits),
+            "--link-order", LINK_ORDER[0],
             "--output", str((out or run) / ("prediction-capped.json" if capped else "prediction.json"))]
     text = io.StringIO()
     document = command.run(cli.build_parser().parse_args(argv), out=text)
@@ -321,6 +322,7 @@ def poll_share() -> float:
 
 HOST_CORES = max(1, available_cores() // 2)  # the 2 namespace hosts share this machine's cores
 OVERLAP = ["calibrated"]  # --overlap of every prediction (main sets it): calibrated or given, not fitted to the run
+LINK_ORDER = ["auto"]  # --link-order of every prediction (main sets it)
 
 
 def overlap_of(fits: dict) -> str:
@@ -394,12 +396,15 @@ def main(argv=None) -> None:
                         help="--overlap of the predictions: 'calibrated' (default: the share of the link a computing "
                              "rank's progress thread got in the calibration, 1 in fits without it), a share, or "
                              "'measured' (fitted to each validated run: not a prediction)")
-    parser.add_argument("--reference", help="with --runs: the 1-rank run to predict from (default: each run itself)")
+    parser.add_argument("--link-order", default="auto", choices=("auto", "fifo", "batches"),
+                        help="--link-order of the predictions (llmpy predict --help)")
+    parser.add_argument("--reference", help="with --runs: the 1-rank run to predict from, or 'strategy' (each run from "
+                                            "its strategy's reference-STRATEGY-0 beside it; default: each run itself)")
     parser.add_argument("--fits", help="with --runs: links fitted before (an earlier --json of this script)")
     parser.add_argument("--keep", help="keep the runs in this folder (default: a temporary one)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
-    OVERLAP[0] = args.overlap
+    OVERLAP[0], LINK_ORDER[0] = args.overlap, args.link_order
     reason = netns_hosts.skip_reason()
     if reason and not (args.runs and args.fits):
         parser.exit(2, f"bench/predict_validation.py: {reason}\n")
@@ -446,6 +451,19 @@ def measure_and_predict(args, work: Path, rates: list[str]) -> list[dict]:
     return results
 
 
+def kept_reference(choice: str | None, run: Path) -> Path:
+    """The run `run` is predicted from: itself (None), the reference its strategy's runs had ('strategy': the
+    folder reference-STRATEGY-0 beside it), or the folder `choice`."""
+    if choice is None:
+        return run
+    if choice == "strategy":
+        reference = run.parent / f"reference-{run.name.split('-')[0]}-0"
+        if not (reference / "metrics.json").is_file():
+            raise SystemExit(f"bench/predict_validation.py: --reference strategy: {reference} has no metrics.json")
+        return reference
+    return Path(choice)
+
+
 def predict_kept_runs(args, rates: list[str]) -> list[dict]:
     """The runs in --runs (folders named STRATEGY-RATE-...), predicted from --reference or from themselves."""
     runs = []
@@ -469,7 +487,7 @@ def predict_kept_runs(args, rates: list[str]) -> list[dict]:
         print(link_line(rate, fits), flush=True)
     results, scratch = [], Path(tempfile.mkdtemp(prefix="llmpy-predict-"))  # predictions out of the runs' folders
     for folder, rate in runs:
-        reference = Path(args.reference) if args.reference else folder
+        reference = kept_reference(args.reference, folder)
         out = Path(args.keep or scratch) / folder.name
         document = predict(reference, folder, links[rate], out=out)
         capped = predict(reference, folder, links[rate], capped=True, out=out)

@@ -29,7 +29,7 @@ from llmpy.predict.network import (
     round_shares,
 )
 from llmpy.predict.measured import median_step_phases
-from llmpy.predict.step import ComputeProfile, Target, _Link, backward_ready, predict_step
+from llmpy.predict.step import ComputeProfile, Target, _BatchedLink, _Link, backward_ready, predict_step
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 LINK = Link("test", 8.0, 40.0)  # 1 GB/s: beta = 1e-9 s per byte; alpha = 40 us
@@ -179,6 +179,7 @@ def test_without_overlap_every_bucket_waits_after_backward():
 
 
 def test_with_full_overlap_only_the_last_two_buckets_are_left_after_backward():
+    # first come first served: the sums below follow its order
     # a backward so long that every bucket but the last two is done when it ends: block 0's gradients are final
     # only after its backward, and the encoder's (wte, wpe) when backward ends. They still move while AdamW runs
     # on the buckets before the encoder's (10 ms for all parameters, by size): the link is busy all along.
@@ -186,7 +187,7 @@ def test_with_full_overlap_only_the_last_two_buckets_are_left_after_backward():
     total = sum(b.size for b in buckets)
     updates_before = 10.0 * sum(b.size for b in buckets[:-1]) / total
     left = 1e3 * sum(2 * ALPHA + 4 * b.size * BETA for b in buckets[-2:]) - updates_before
-    found = predict_step(profile(backward_ms=1e6), Target("allreduce", cluster(2), overlap=1.0))
+    found = predict_step(profile(backward_ms=1e6), Target("allreduce", cluster(2), overlap=1.0, link_order="fifo"))
     assert found.step_ms - (40 + 1e6 + 10 + 2) == pytest.approx(left)
     assert found.grad_hidden == pytest.approx(1 - (buckets[-1].size + buckets[-2].size) / total)
 
@@ -205,6 +206,29 @@ def test_a_collectives_next_round_queues_behind_what_started_while_its_round_bef
     link.advance(0.0, 1.0, 0.5)
     assert reduce.seconds == pytest.approx(1.5)
     assert link.wait(reduce, 1.0) == pytest.approx(2.5)
+
+
+def test_batches_complete_together_and_what_starts_after_the_handshake_waits_for_the_next_batch():
+    # rendezvous over TCP: a 2 s and a 1 s collective started 5 ms apart share the link and both complete at 3 s
+    # (first come first served: 2 and 3 s); one started at 0.5 s, after the handshake, goes once they are through
+    link = _BatchedLink()
+    first = link.start("MPI_Ireduce_scatter", 2.0, 0.0)
+    second = link.start("MPI_Ireduce_scatter", 1.0, 0.005)
+    link.advance(0.0, 0.5, 1.0)
+    third = link.start("MPI_Iallgatherv", 1.0, 0.5)
+    link.advance(0.5, 2.5, 1.0)  # 2.5 s moved of the first batch's 3: nothing is complete yet
+    assert (first.seconds, second.seconds, third.seconds) == (pytest.approx(0.5 * 2 / 3), pytest.approx(0.5 / 3), 1.0)
+    assert link.wait(first, 2.5) == pytest.approx(3.0) and second.seconds == 0.0
+    assert link.wait(third, 3.0) == pytest.approx(4.0)
+    # a collective's next round joins the next batch: two rounds of 1 s beside a one-round 1 s collective
+    link = _BatchedLink()
+    two_rounds = link.start("MPI_Iallreduce", 2.0, 0.0, shares=[0.5, 0.5])
+    one_round = link.start("MPI_Iallreduce", 1.0, 0.0)
+    assert link.wait(one_round, 0.0) == pytest.approx(2.0)
+    assert two_rounds.seconds == pytest.approx(1.0) and link.wait(two_rounds, 2.0) == pytest.approx(3.0)
+    fifo = _Link()
+    first, second = fifo.start("MPI_Ireduce_scatter", 2.0, 0.0), fifo.start("MPI_Ireduce_scatter", 1.0, 0.005)
+    assert fifo.wait(first, 0.0) == pytest.approx(2.0) and fifo.wait(second, 2.0) == pytest.approx(3.0)
 
 
 def test_round_shares_follow_the_schedule():

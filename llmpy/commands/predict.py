@@ -23,7 +23,7 @@ from dataclasses import asdict, replace
 from llmpy.core.config import preset
 from llmpy.predict.measured import MeasuredRun, measured_components, rank_row, read_run
 from llmpy.predict.network import ALGORITHM_CHOICES, LINK_PRESETS, Cluster, Link, link_preset
-from llmpy.predict.step import (STRATEGY_NAMES, ComputeProfile, StepPrediction, Target, calibrate_overlap,
+from llmpy.predict.step import (LINK_ORDERS, STRATEGY_NAMES, ComputeProfile, StepPrediction, Target, calibrate_overlap,
                                 predict_step, profile_from_run, strategy_plan)
 
 DEFAULT_SWEEP_LINKS = "1gbe,10gbe,ib100"
@@ -64,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     network.add_argument("--overlap", default="1",
                          help="share of the link's rate moving data while a rank computes: 0..1, or 'measured' "
                               "(calibrated to the hidden gradient bytes of --validate's run or RUN_DIR's); default 1")
+    network.add_argument("--link-order", default="auto", choices=LINK_ORDERS,
+                         help="how the link moves the collectives in flight: first come first served by rounds "
+                              "(fifo), or in batches that move and complete together (batches: UCX's default "
+                              "rendezvous protocol over TCP); auto (default): batches unless the link is an "
+                              "InfiniBand preset (ib100, ib200)")
     network.add_argument("--params-behind-forward", action="store_true",
                          help="what-if: the parameter collectives hide behind the next forward")
     parser.add_argument("--validate", metavar="MEASURED_DIR", help="compare with this measured run, per component")
@@ -84,7 +89,7 @@ def run(args, out=None) -> dict:
     profile = _profile(args, measured, target)
     cluster = _cluster(args, target, measured)
     overlap = _overlap(args, profile, target, cluster, reference or measured)
-    step_target = Target(target["strategy"], cluster, overlap, args.params_behind_forward)
+    step_target = Target(target["strategy"], cluster, overlap, args.params_behind_forward, args.link_order)
     prediction = predict_step(profile, step_target)
     plan = strategy_plan(target["strategy"], profile.config, cluster.ranks)
     measured_parts = (measured_components(reference, plan.gradient_kind if cluster.ranks > 1 else None,
@@ -233,7 +238,8 @@ def _overlap(args, profile: ComputeProfile, target: dict, cluster: Cluster, sour
     if row is None or row.get("grad_hidden") is None:
         raise ValueError(f"--overlap measured: {source.path} is not a run of several ranks (no hidden share to "
                          f"calibrate to); give --validate a measured mpi run or a number")
-    return calibrate_overlap(profile, Target(target["strategy"], cluster, 0.0), float(row["grad_hidden"]))
+    return calibrate_overlap(profile, Target(target["strategy"], cluster, 0.0, link_order=args.link_order),
+                             float(row["grad_hidden"]))
 
 
 def _describe(target: dict, cluster: Cluster, overlap: float, measured: MeasuredRun) -> str:

@@ -63,6 +63,7 @@ class Link:
     latency_us: float
     cpu_gbs: float | None = None  # GB/s of bytes sent + received per second of a rank's CPU (None: free)
     poll_share: float | None = None  # share of a rank's core its progress thread's tests take while data moves
+    tcp: bool = True  # MPI's messages go over TCP sockets (not RDMA or shared memory): see step.LINK_ORDERS
 
     def __post_init__(self) -> None:
         if not (isinstance(self.bandwidth_gbit, (int, float)) and math.isfinite(self.bandwidth_gbit)
@@ -96,10 +97,10 @@ LINK_PRESETS: dict[str, Link] = {
     "1gbe": Link("1gbe", 1.0, 50.0),
     "10gbe": Link("10gbe", 10.0, 20.0),
     "25gbe": Link("25gbe", 25.0, 10.0),
-    "ib100": Link("ib100", 100.0, 2.0),
-    "ib200": Link("ib200", 200.0, 1.5),
+    "ib100": Link("ib100", 100.0, 2.0, tcp=False),
+    "ib200": Link("ib200", 200.0, 1.5, tcp=False),
     "veth": Link("veth", 5.0, 40.0, cpu_gbs=0.7),
-    "shm": Link("shm", 80.0, 0.5),  # ranks on one host: a copy through shared memory
+    "shm": Link("shm", 80.0, 0.5, tcp=False),  # ranks on one host: a copy through shared memory
 }
 
 

@@ -16,9 +16,11 @@ network.round_shares): MPI posts a round's messages when the round before it is 
 queues behind whatever started meanwhile. With 2 ranks, a reduce is a reduce-scatter and a gather: a broadcast
 started after AdamW of one bucket goes ahead of the gathers of the buckets whose reduce-scatter is still moving,
 and the update's waits for gradients carry parameter traffic too (server at 1 and 2 Gbit/s here: the waits for
-reduces and for broadcasts came within 9%; by whole collectives, -67% and +231%). While the rank computes, the
-link moves `overlap` of what it
-could (1: the structural limit, every bucket hides behind the backward of the layers still to run and the updates
+reduces and for broadcasts came within 9%; by whole collectives, -67% and +231%). On a TCP link the rounds go in
+batches instead (`Target.link_order`, _BatchedLink): UCX's rendezvous protocol completes collectives posted
+together at about the same time, so the rounds started when the link falls idle (and within HANDSHAKE_S after)
+move and complete together, and what starts later waits for the next batch. While the rank computes, the link
+moves `overlap` of what it could (1: the structural limit, every bucket hides behind the backward of the layers still to run and the updates
 of the buckets before it; 0: MPI moves data only inside the waits, which is what MPICH over TCP does with no
 progress thread: the hidden shares measured here are ~0%); while the rank waits it moves everything it can.
 `calibrate_overlap` finds the value that reproduces a measured run's hidden gradient bytes. Moving data costs
@@ -49,6 +51,9 @@ from llmpy.predict.measured import (GRADIENT_STARTS, NORM_LABEL, PARAMETER_START
 from llmpy.predict.network import Cluster, collective_seconds, concurrent_seconds, network_bytes, round_shares
 
 STRATEGY_NAMES = ("allreduce", "zero1", "server", "owners")
+# How the link moves the collectives in flight: first come first served by rounds, or in batches (_BatchedLink:
+# UCX's rendezvous protocol over TCP); auto: batches on a TCP link, first come first served otherwise
+LINK_ORDERS = ("auto", "fifo", "batches")
 GRADIENT_KIND = {"allreduce": "MPI_Iallreduce", "zero1": "MPI_Ireduce_scatter", "server": "MPI_Ireduce",
                  "owners": "MPI_Ireduce"}
 PARAMETER_KIND = {"allreduce": None, "zero1": "MPI_Iallgatherv", "server": "MPI_Ibcast", "owners": "MPI_Ibcast"}
@@ -178,8 +183,11 @@ class Target:
     cluster: Cluster
     overlap: float = 1.0
     params_behind_forward: bool = False
+    link_order: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.link_order not in LINK_ORDERS:
+            raise OptionError("link order", self.link_order, f"is not one of {', '.join(LINK_ORDERS)}")
         if self.strategy not in STRATEGY_NAMES:
             raise OptionError("strategy", self.strategy, f"is not a strategy; choose one of {', '.join(STRATEGY_NAMES)}")
         if not (isinstance(self.overlap, (int, float)) and 0.0 <= self.overlap <= 1.0):
@@ -277,6 +285,81 @@ class _Link:
         return max(cursor, now)
 
 
+# How long after a batch's first round later rounds still join it: their handshakes done before its data fills
+# the socket. In d12 runs at 2 Gbit/s a bucket's collectives took 3-16 ms to start, the encoder's began 10-11 ms
+# after block 0's, and the two completed together; kept runs re-predicted with 5-20 ms gave 28-31, 26-28 and 7
+# components within 25% (of 45, 45, 7), 0 and 40 ms fewer (bench/README.md).
+HANDSHAKE_S = 10e-3
+
+
+class _BatchedLink(_Link):
+    """The link as UCX's rendezvous protocol over TCP moves it: a message's data goes only after a handshake whose
+    control messages queue behind the data already on the socket. So when the link falls idle, the rounds
+    started by then and within HANDSHAKE_S after move together as one batch, sharing the link, and complete
+    together when the last of them is through; rounds started later (and the next rounds of the batch's
+    collectives) form the next batch (bench/completion_order.py: collectives posted together, both ways,
+    complete together)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch: list[_Round] = []
+        self.open_until = -1.0
+
+    def _next_batch(self, cursor: float) -> float | None:
+        """With the batch done: the rounds queued by `cursor` (or, if none, at the next release) and within
+        HANDSHAKE_S after form the next one; returns when it starts (None: nothing queued)."""
+        if not self.queue:
+            return None
+        begin = max(cursor, min(entry.released for entry in self.queue))
+        self.open_until = begin + HANDSHAKE_S
+        self.batch = [entry for entry in self.queue if entry.released <= self.open_until]
+        self.queue = [entry for entry in self.queue if entry.released > self.open_until]
+        return begin
+
+    def start(self, kind: str, seconds: float, now: float, nbytes: float = 0.0, shares=(1.0,)) -> _Job:
+        job = super().start(kind, seconds, now, nbytes, shares)
+        if self.batch and now <= self.open_until:  # its handshake done before the batch's data filled the link
+            self.batch.append(self.queue.pop())
+        return job
+
+    def _finish_batch(self, now: float) -> None:
+        batch, self.batch = self.batch, []
+        for entry in batch:
+            self._move(entry, entry.seconds, now)  # each job's next round joins the queue
+
+    def advance(self, start: float, end: float, rate: float) -> tuple[float, float]:
+        cursor, moved_bytes, busy = start, 0.0, 0.0
+        while rate > 0 and cursor < end:
+            if not self.batch:
+                begin = self._next_batch(cursor)
+                if begin is None or begin >= end:
+                    break
+                cursor = begin
+            left = sum(entry.seconds for entry in self.batch)
+            moved = min(left, (end - cursor) * rate)
+            for entry in self.batch:  # shared: each moves the same share of what it has left
+                part = entry.seconds * moved / left if left > 0 else 0.0
+                moved_bytes += part * entry.job.bytes_per_second
+                entry.seconds -= part
+                entry.job.seconds -= part
+            cursor, busy = cursor + moved / rate, busy + moved / rate
+            if left - moved <= 1e-12:
+                self._finish_batch(cursor)
+        return moved_bytes, busy
+
+    def wait(self, job: _Job, now: float) -> float:
+        cursor = now
+        while job.seconds > 0:
+            if not self.batch:
+                begin = self._next_batch(cursor)
+                if begin is None:
+                    break
+                cursor = begin
+            cursor += sum(entry.seconds for entry in self.batch)
+            self._finish_batch(cursor)
+        return max(cursor, now)
+
+
 @dataclass
 class StepPrediction:
     """Predicted ms per step by component (compute, update, each collective's waiting, wait, communication,
@@ -298,7 +381,7 @@ def predict_step(profile: ComputeProfile, target: Target) -> StepPrediction:
     cluster, rate = target.cluster, target.overlap
     plan = strategy_plan(target.strategy, profile.config, cluster.ranks)
     call = profile.call_us * 1e-6 if cluster.ranks > 1 else 0.0
-    link, state = _Link(), {"t": 1e-3 * profile.forward_ms, "calls": 0, "cpu": 0.0}
+    link, state = _link_for(target), {"t": 1e-3 * profile.forward_ms, "calls": 0, "cpu": 0.0}
     cpu_per_byte, poll_share = cluster.network_cpu_per_byte, cluster.network_poll_share
     waits = {plan.gradient_kind: 0.0, **({plan.parameter_kind: 0.0} if plan.parameter_kind else {}),
              **({"MPI_Allreduce": 0.0} if plan.norm_allreduce and profile.clips else {})}
@@ -366,6 +449,13 @@ def _timeline(jobs: list, plan: StrategyPlan, config: GPT2Config, update_start: 
             "buckets": [{"part": part, "bytes": nbytes, "start_ms": 1e3 * (job.released - first),
                          "done_ms": 1e3 * (job.done_at - first) if job.done_at is not None else None}
                         for part, job, nbytes in zip(parts, jobs, plan.bucket_bytes)]}
+
+
+def _link_for(target: Target) -> _Link:
+    order = target.link_order
+    if order == "auto":
+        order = "batches" if target.cluster.link.tcp else "fifo"
+    return _BatchedLink() if order == "batches" else _Link()
 
 
 def _backward(profile: ComputeProfile, plan: StrategyPlan, compute, start) -> list:
