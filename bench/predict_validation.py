@@ -33,11 +33,12 @@ What it does (the reference of step 1 runs inside step 3, before each strategy's
 Prints predicted vs measured step time (target: within 15%) and each communication component (the waits for
 each collective, all waiting, all MPI time: within 25%), and writes everything as JSON.
 
-    sudo .venv/bin/python bench/predict_validation.py --runs /tmp/mh/tasks [--reference REF] [--fits FILE]
+    sudo .venv/bin/python bench/predict_validation.py --runs /tmp/mh/tasks [--reference REF|strategy] [--fits FILE]
 
 checks runs measured before (bench/multihost.py --keep: folders STRATEGY-RATE-...) instead: each one predicted
-from REF, or from its own compute (the communication model alone), on links calibrated now (root) or taken from
-an earlier --json of this script (--fits).
+from REF, from its strategy's reference kept beside it by this script's --keep (`strategy`), or from its own
+compute (the communication model alone), on links calibrated now (root) or taken from an earlier --json of this
+script (--fits). `--link-order` is passed to every prediction (default auto: batches on these TCP links).
 """
 
 from __future__ import annotations
