@@ -23,8 +23,8 @@ from dataclasses import asdict, replace
 from llmpy.core.config import preset
 from llmpy.predict.measured import MeasuredRun, measured_components, rank_row, read_run
 from llmpy.predict.network import ALGORITHM_CHOICES, LINK_PRESETS, Cluster, Link, link_preset
-from llmpy.predict.step import (LINK_ORDERS, STRATEGY_NAMES, ComputeProfile, StepPrediction, Target, calibrate_overlap,
-                                predict_step, profile_from_run, strategy_plan)
+from llmpy.predict.step import (LINK_ORDERS, STRATEGY_NAMES, ComputeProfile, StepPrediction, Target,
+                                calibrate_overlap, predict_step, profile_from_run, strategy_plan)
 
 DEFAULT_SWEEP_LINKS = "1gbe,10gbe,ib100"
 

@@ -20,9 +20,10 @@ reduces and for broadcasts came within 9%; by whole collectives, -67% and +231%)
 batches instead (`Target.link_order`, _BatchedLink): UCX's rendezvous protocol completes collectives posted
 together at about the same time, so the rounds started when the link falls idle (and within HANDSHAKE_S after)
 move and complete together, and what starts later waits for the next batch. While the rank computes, the link
-moves `overlap` of what it could (1: the structural limit, every bucket hides behind the backward of the layers still to run and the updates
-of the buckets before it; 0: MPI moves data only inside the waits, which is what MPICH over TCP does with no
-progress thread: the hidden shares measured here are ~0%); while the rank waits it moves everything it can.
+moves `overlap` of what it could (1: the structural limit, every bucket hides behind the backward of the layers
+still to run and the updates of the buckets before it; 0: MPI moves data only inside the waits, which is what
+MPICH over TCP does with no progress thread: the hidden shares measured here are ~0%); while the rank waits it
+moves everything it can.
 `calibrate_overlap` finds the value that reproduces a measured run's hidden gradient bytes. Moving data costs
 the rank CPU (the progress thread's tests, the kernel's TCP stack: the link's `cpu_gbs`, GB/s of bytes sent +
 received per CPU second); where its host has no spare core (`Cluster.network_cpu_per_byte`), each byte moved
@@ -337,6 +338,8 @@ class _BatchedLink(_Link):
                 cursor = begin
             left = sum(entry.seconds for entry in self.batch)
             moved = min(left, (end - cursor) * rate)
+            if moved <= 0 < left:  # the time left is below the clock's resolution
+                break
             for entry in self.batch:  # shared: each moves the same share of what it has left
                 part = entry.seconds * moved / left if left > 0 else 0.0
                 moved_bytes += part * entry.job.bytes_per_second
@@ -438,11 +441,12 @@ def predict_step(profile: ComputeProfile, target: Target) -> StepPrediction:
     if cluster.ranks == 1:  # nothing to communicate: no collective rows, nothing hidden
         components = {k: v for k, v in components.items() if k.split(" ")[0] not in link_ms}
         return StepPrediction(step, components, 0.0, None, {})
-    timeline = _timeline(grad_jobs, plan, profile.config, update_start)
-    return StepPrediction(step, components, grad_hidden, param_hidden, link_ms, 1e3 * state["cpu"], timeline)
+    return StepPrediction(step, components, grad_hidden, param_hidden, link_ms, 1e3 * state["cpu"],
+                          _timeline(grad_jobs, plan, profile.config, update_start))
 
 
 def _timeline(jobs: list, plan: StrategyPlan, config: GPT2Config, update_start: float) -> dict:
+    """The measured run's `gradient_timeline`, predicted: ms from the first bucket's start."""
     first = jobs[0].released
     parts = [b.part for b in gradient_buckets(config)]
     return {"update_start_ms": 1e3 * (update_start - first),
