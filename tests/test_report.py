@@ -27,7 +27,12 @@ TRAIN = ["train", "--model", "tiny", "-B", "2", "-T", "32", "--steps", "3", "--v
 PREDICTION = {"target": {"ranks": 2, "strategy": "allreduce", "link": {"gbits": 1.0}}, "step_ms": 30.0,
               "measured_step_ms": 25.0,
               "components": [{"name": "allreduce", "predicted_ms": 9.0, "measured_ms": 10.0},
-                             {"name": "<script>alert(1)</script>", "predicted_ms": 1.0, "measured_ms": None}]}
+                             {"name": "<script>alert(1)</script>", "predicted_ms": 1.0, "measured_ms": None}],
+              "gradient_timeline": {
+                  "predicted": {"update_start_ms": 20.0, "buckets": [{"part": 0, "bytes": 4e6, "start_ms": 0.0,
+                                                                      "done_ms": 12.5}]},
+                  "measured": {"update_start_ms": 21.0, "buckets": [{"part": 0, "bytes": 4e6, "start_ms": 0.0,
+                                                                     "done_ms": 17.25}]}}}
 
 needs_two_ranks = pytest.mark.skipif(not MPIEXEC.exists() or available_cores() < 2,
                                      reason=f"needs {MPIEXEC} (pip install mpich) and 2 cores for 2 ranks")
@@ -81,6 +86,7 @@ def test_every_section_is_filled_from_a_real_run(report_page):
     assert len(images) >= 5  # roofline, timeline, three scaling plots
     assert "MPI_Iallreduce" in text and "allreduce" in text  # per-rank communication by collective
     assert "+20.0%" in text and "-10.0%" in text  # the step and allreduce errors of the prediction
+    assert "Gradient timeline" in text and ">12<" in text and ">17<" in text  # its buckets, predicted and measured
     assert "&lt;script&gt;" in text and "<script>" not in text  # text is escaped
 
 

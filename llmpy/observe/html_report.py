@@ -498,7 +498,23 @@ def prediction_section(inputs: ReportInputs) -> str:
                      _relative_error(c.get("predicted_ms"), c.get("measured_ms"))])
     return ("<h3>Target</h3>" + (_key_values(pairs) if pairs else _note("no target recorded")) +
             _table(["component", "predicted ms", "measured ms", "error (predicted - measured) / measured"], rows) +
-            _note("'-': no measurement of that component"))
+            _note("'-': no measurement of that component") + _timeline_table(prediction.get("gradient_timeline")))
+
+
+def _timeline_table(timeline: dict | None) -> str:
+    """Per bucket, predicted and measured: when its gradient collectives started and completed (rank 0)."""
+    predicted, measured = (timeline or {}).get("predicted"), (timeline or {}).get("measured")
+    if not predicted or not measured or len(predicted["buckets"]) != len(measured["buckets"]):
+        return ""
+    rows = [[str(p["part"]), fmt(p["bytes"] / 1e6, 1), fmt(p["start_ms"], 0), fmt(m["start_ms"], 0),
+             fmt(p["done_ms"], 0), fmt(m["done_ms"], 0)] for p, m in zip(predicted["buckets"], measured["buckets"])]
+    rows.append(["update started", "", fmt(predicted["update_start_ms"], 0), fmt(measured["update_start_ms"], 0),
+                 "", ""])
+    return ("<h3>Gradient timeline</h3>" +
+            _table(["bucket (part)", "MB", "started, predicted", "started, measured", "completed, predicted",
+                    "completed, measured"], rows) +
+            _note("ms from the first bucket's collectives; parts in backward's order: the final layernorm (the "
+                  "highest), the blocks from the last, the encoder (-1)"))
 
 
 # ---------------------------------------------------------------------------------------------------------
