@@ -29,10 +29,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import multihost  # noqa: E402
 
+from llmpy.core.config import PRESETS  # noqa: E402
+from llmpy.execution.mpi.strategies import gradient_buckets  # noqa: E402
+
 netns_hosts = multihost.netns_hosts
-C, VOCAB = 768, 50304
-BLOCK = (C, C, 3 * C * C, 3 * C, C * C, C, C, C, 4 * C * C, 4 * C, 4 * C * C, C)
-GROUPS = [("A", BLOCK), ("wte", (VOCAB * C,))] + [(f"B{i}", BLOCK) for i in range(6)]
+_BUCKETS = gradient_buckets(PRESETS["d12"])  # the final layernorm, the blocks from the last, the encoder
+BLOCK = tuple(segment.size for segment in _BUCKETS[1].segments)
+WTE = max(segment.size for segment in _BUCKETS[-1].segments)
+GROUPS = [("A", BLOCK), ("wte", (WTE,))] + [(f"B{i}", BLOCK) for i in range(6)]
 PATTERNS = ("p2p-one-way", "p2p-both-ways", "reduce-scatter", "reduce-scatter-then-allgather")
 
 

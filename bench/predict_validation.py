@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import multihost
 
 from llmpy.execution.threads import available_cores
+from llmpy.predict.step import LINK_ORDERS
 
 netns_hosts = multihost.netns_hosts
 STEP_TARGET, COMMUNICATION_TARGET = 0.15, 0.25
@@ -397,7 +398,7 @@ def main(argv=None) -> None:
                         help="--overlap of the predictions: 'calibrated' (default: the share of the link a computing "
                              "rank's progress thread got in the calibration, 1 in fits without it), a share, or "
                              "'measured' (fitted to each validated run: not a prediction)")
-    parser.add_argument("--link-order", default="auto", choices=("auto", "fifo", "batches"),
+    parser.add_argument("--link-order", default="auto", choices=LINK_ORDERS,
                         help="--link-order of the predictions (llmpy predict --help)")
     parser.add_argument("--reference", help="with --runs: the 1-rank run to predict from, or 'strategy' (each run from "
                                             "its strategy's reference-STRATEGY-0 beside it; default: each run itself)")
@@ -435,7 +436,7 @@ def measure_and_predict(args, work: Path, rates: list[str]) -> list[dict]:
             print(link_line(rate, fits), flush=True)
         for strategy in args.strategies.split(","):
             # (no rate in its folders' names: --runs skips them)
-            reference = reference_run(hosts, args, work, f"reference-{strategy}-")
+            reference = reference_run(hosts, args, work, reference_prefix(strategy))
             phases = json.loads((reference / "metrics.json").read_text())["summary"]["phases_ms"]
             print(f"reference for {strategy} (1 rank per host, both at once): "
                   + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), flush=True)
@@ -452,13 +453,18 @@ def measure_and_predict(args, work: Path, rates: list[str]) -> list[dict]:
     return results
 
 
+def reference_prefix(strategy: str) -> str:
+    """The folders of a strategy's reference run in --keep, before the host's index."""
+    return f"reference-{strategy}-"
+
+
 def kept_reference(choice: str | None, run: Path) -> Path:
     """The run `run` is predicted from: itself (None), the reference its strategy's runs had ('strategy': the
     folder reference-STRATEGY-0 beside it), or the folder `choice`."""
     if choice is None:
         return run
     if choice == "strategy":
-        reference = run.parent / f"reference-{run.name.split('-')[0]}-0"
+        reference = run.parent / f"{reference_prefix(run.name.split('-')[0])}0"
         if not (reference / "metrics.json").is_file():
             raise SystemExit(f"bench/predict_validation.py: --reference strategy: {reference} has no metrics.json")
         return reference
