@@ -25,7 +25,7 @@ from llmpy.core.config import PRESETS
 from llmpy.data.loader import DataLoader
 from llmpy.execution.threads import available_cores
 from llmpy.execution.mpi.strategies import BLOCK_ELEMENTS, gradient_buckets, owner_blocks, split_evenly
-from llmpy.execution.mpi.transport import describe_transport
+from llmpy.execution.mpi.transport import apply_network_defaults, describe_transport
 from llmpy.io.formats import read_model, write_shard
 from test_cli import train_losses
 
@@ -116,6 +116,17 @@ MPICH_VERSION = ("MPICH Version:      5.0.2\nMPICH Release date: Fri Sep 25 20:4
 ])
 def test_the_transport_line_names_the_network_module_and_the_variables_that_chose_it(environ, line):
     assert describe_transport(MPICH_VERSION, environ) == line
+
+
+def test_llmpy_sets_ucx_rendezvous_threshold_only_where_the_user_did_not_and_says_so():
+    unset = {"UCX_TLS": "tcp,self"}
+    assert apply_network_defaults(unset) == {"UCX_RNDV_THRESH": "64k"}
+    assert unset == {"UCX_TLS": "tcp,self", "UCX_RNDV_THRESH": "64k"}
+    assert describe_transport(MPICH_VERSION, unset, defaults={"UCX_RNDV_THRESH": "64k"}) == \
+        "MPICH 5.0.2 ch4:ucx (UCX_TLS=tcp,self, UCX_RNDV_THRESH=64k (llmpy's default))"
+    chosen = {"UCX_RNDV_THRESH": "inf"}
+    assert apply_network_defaults(chosen) == {}
+    assert chosen == {"UCX_RNDV_THRESH": "inf"}
 
 
 @pytest.mark.parametrize("model", ["tiny", "d12"])

@@ -15,8 +15,8 @@ from llmpy.io.checkpoints import complete_sharded_checkpoint, model_path, save_s
 from llmpy.io.formats import write_model
 from llmpy.execution.base import ExecutionModel
 from llmpy.execution.mpi.report import rank_summary
-from llmpy.execution.mpi.strategies import (ROOT, STRATEGY_CLASSES, DataParallelStrategy, _mpi, allreduce_sum,
-                                             injected_failure)
+from llmpy.execution.mpi.strategies import (NETWORK_DEFAULTS, ROOT, STRATEGY_CLASSES, DataParallelStrategy, _mpi,
+                                             allreduce_sum, injected_failure)
 from llmpy.execution.mpi.transport import describe_transport
 from llmpy.execution.mpi.watchdog import Watchdog
 from llmpy.execution.options import MpiOptions
@@ -179,7 +179,8 @@ class DataParallel(ExecutionModel):
         self.hosts = world.allgather(socket.gethostname())
         group.watchdog = Watchdog(group.rank, self.pids, self.hosts, options.timeout_s)
         self.where = world.allgather((self.threads, self.local_ranks,
-                                      describe_transport(group.MPI.Get_library_version())))
+                                      describe_transport(group.MPI.Get_library_version(),
+                                                                         defaults=NETWORK_DEFAULTS)))
 
     @property
     def cores(self) -> int:

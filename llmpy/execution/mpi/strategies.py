@@ -84,12 +84,16 @@ from llmpy.core.optim import AdamWConfig, AdamWRule
 from llmpy.execution.deferred import Completion
 from llmpy.execution.mpi.graph_tasks import GraphTasks
 from llmpy.execution.mpi.progress import ProgressThread
+from llmpy.execution.mpi.transport import apply_network_defaults
 
 BLOCK_ELEMENTS = 1 << 20  # owners: largest parameter block (4 MiB of float32)
 # Failure-handling tests: "RANK:STEP" makes that rank raise at that step's update, "RANK:STEP:kill" kills it (SIGKILL),
 # "RANK:STEP:kill-checkpoint" kills it in the checkpoint of that step, after its shard is written.
 FAIL_ENV = "LLMPY_FAIL_RANK"
 ROOT = 0
+
+
+NETWORK_DEFAULTS: dict = {}  # the transport variables llmpy set before MPI_Init (transport.DEFAULTS)
 
 
 def _mpi(thread_level: str = "funneled"):
@@ -101,6 +105,7 @@ def _mpi(thread_level: str = "funneled"):
         except ImportError:
             raise ExecutionError("mpi mode needs mpi4py (pip install mpi4py mpich)") from None
         mpi4py.rc.thread_level = thread_level
+        NETWORK_DEFAULTS.update(apply_network_defaults())
     from mpi4py import MPI
 
     return MPI

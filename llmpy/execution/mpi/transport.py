@@ -12,18 +12,35 @@ from __future__ import annotations
 import os
 import re
 
-# UCX_RNDV_*: over TCP, UCX's rendezvous protocol (large messages, by default) completes collectives posted
-# together at about the same time, its eager one (UCX_RNDV_THRESH=inf) in the order they were posted
-# (bench/completion_order.py), which moves how a strategy's waits split between its collectives
+# UCX_RNDV_*: over TCP, UCX's rendezvous protocol completes collectives posted together at about the same time,
+# its eager one (UCX_RNDV_THRESH=inf) in the order they were posted (bench/completion_order.py), which moves how a
+# strategy's waits split between its collectives
 NETWORK_VARIABLES = ("MPIR_CVAR_CH4_NETMOD", "UCX_TLS", "UCX_NET_DEVICES", "UCX_RNDV_THRESH", "UCX_RNDV_SCHEME",
                      "FI_PROVIDER", "MPIR_CVAR_CH4_SHM", "MPIR_CVAR_NOLOCAL", "OMPI_MCA_pml", "OMPI_MCA_btl",
                      "OMPI_MCA_btl_tcp_if_include", "I_MPI_FABRICS", "I_MPI_OFI_PROVIDER")
 
 
-def describe_transport(library_version: str, environ=os.environ) -> str:
-    """One line: library and version, the network module in effect, and the variables that chose it."""
+# Where UCX_RNDV_THRESH is unset, llmpy sets it: UCX over TCP (the mpich wheel's) otherwise sends messages below
+# ~4 MiB eagerly, copied in fragments that each MPI test pushes a few of, so collectives waited for as llmpy waits
+# (tests 0.1 ms apart) moved ~2 Gbit/s on any link; rendezvous hands the whole buffer to the kernel (8-11 Gbit/s
+# between two namespace hosts). bench/README.md: "UCX's rendezvous threshold".
+RENDEZVOUS_THRESHOLD = "64k"
+DEFAULTS = {"UCX_RNDV_THRESH": RENDEZVOUS_THRESHOLD}
+
+
+def apply_network_defaults(environ=os.environ) -> dict:
+    """Set DEFAULTS where `environ` has none (before MPI_Init: UCX reads them then); returns those set."""
+    applied = {name: value for name, value in DEFAULTS.items() if name not in environ}
+    environ.update(applied)
+    return applied
+
+
+def describe_transport(library_version: str, environ=os.environ, defaults=()) -> str:
+    """One line: library and version, the network module in effect, and the variables that chose it (those in
+    `defaults` marked as llmpy's)."""
     first = library_version.strip().splitlines()[0].strip() if library_version.strip() else "unknown MPI"
-    chosen = [f"{name}={environ[name]}" for name in NETWORK_VARIABLES if name in environ]
+    chosen = [f"{name}={environ[name]}" + (" (llmpy's default)" if name in defaults else "")
+              for name in NETWORK_VARIABLES if name in environ]
     device = re.search(r"MPICH Device:\s*(\S+)(.*)", library_version)
     if device:
         version = re.search(r"MPICH Version:\s*(\S+)", library_version)
