@@ -4,6 +4,9 @@
     sudo .venv/bin/python bench/completion_order.py [--rate 2gbit] [--repeats 3] [--json FILE]
     sudo UCX_RNDV_THRESH=inf .venv/bin/python bench/completion_order.py ...   (UCX's eager protocol only)
 
+UCX is set up as `llmpy train --mode mpi` sets it (UCX_RNDV_THRESH=64k where unset: llmpy.execution.mpi.transport);
+the tables of 2026-12-03 in bench/README.md were measured before llmpy set it, with UCX's own threshold (~4 MiB).
+
 Each pattern posts, at one moment, the groups of zero1's update in its order: a d12 block's 12 slices (A), the
 encoder's wte (one slice), then six more blocks (B0..B5), each slice one request. Rank 0 polls every request
 (MPI_Testsome, sleeping 0.1 ms between tests, as llmpy's progress thread does) and notes when each group has
@@ -84,6 +87,9 @@ def _completions(MPI, comms, pattern: str) -> dict:
 
 def worker(repeats: int, out: Path) -> None:
     """Run by mpiexec on the two hosts; rank 0 writes every pattern's completions to `out`, a dict per repeat."""
+    from llmpy.execution.mpi.transport import apply_network_defaults
+
+    apply_network_defaults()  # as `llmpy train --mode mpi` sets UCX up before MPI_Init
     from mpi4py import MPI
 
     comms = [MPI.COMM_WORLD, MPI.COMM_WORLD.Dup()]

@@ -35,9 +35,12 @@ def machine_cpu_s() -> dict[str, float]:
 
 def worker() -> None:
     import numpy as np
-    from mpi4py import MPI
 
+    from llmpy.execution.mpi.transport import apply_network_defaults
     from llmpy.execution.mpi.watchdog import Watchdog
+
+    apply_network_defaults()  # as `llmpy train --mode mpi` sets UCX up before MPI_Init
+    from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     watchdog = Watchdog(comm.rank, [0] * comm.size, [""] * comm.size, 600.0)

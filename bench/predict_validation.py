@@ -82,11 +82,14 @@ def exchange_worker() -> None:
     gets of it: MPI moves data only inside MPI calls, so several collectives in flight between sleeps move at a
     rate of their own, whatever the link."""
     import numpy as np
-    from mpi4py import MPI
 
     from llmpy.execution.deferred import Completion
     from llmpy.execution.mpi.progress import ProgressThread
+    from llmpy.execution.mpi.transport import apply_network_defaults
     from llmpy.execution.mpi.watchdog import Watchdog
+
+    apply_network_defaults()  # the link as `llmpy train --mode mpi` sets it up before MPI_Init
+    from mpi4py import MPI
 
     def _progressed(MPI, comm, progress, parts):
         """CONCURRENT reduces in flight, roots alternating (owners' pattern), moved by llmpy's progress thread
