@@ -185,6 +185,7 @@ def calibrate(hosts, rate: str, timeout: float) -> dict:
     fits["progressed_cap"] = progressed_cap(network_fit(fits), float(found["progressed"][str(PROGRESSED_BYTES)]),
                                             PROGRESSED_BYTES)
     fits["overlap"] = found["computing"]  # its times; the predictions' share is calibrated_overlap
+    fits["seconds"] = {name: found[name] for name in ("exchange", "polled", "progressed")}  # per size, for refits
     return fits
 
 
