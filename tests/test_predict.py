@@ -278,12 +278,35 @@ def test_no_network_cpu_cost_with_a_spare_core_or_for_bytes_moved_during_waits()
     free = predict_step(long, Target("allreduce", cluster(2), overlap=1.0)).step_ms
     assert predict_step(long, Target("allreduce", cpu_cluster(cores=2), overlap=1.0)).step_ms == pytest.approx(free)
     assert predict_step(long, Target("allreduce", cpu_cluster(cores=1), overlap=1.0)).step_ms > free
-    # overlap 0: every byte moves while the rank waits, which costs nothing
+    # overlap 0: every byte moves while the rank waits, which costs nothing (a CPU rate of 4 GB/s sent + received
+    # is above the link's 2: 8 Gbit/s each way)
     waits = predict_step(profile(), Target("allreduce", cluster(2), overlap=0.0))
-    charged = predict_step(profile(), Target("allreduce", cpu_cluster(cores=1), overlap=0.0))
+    charged = predict_step(profile(), Target("allreduce", cpu_cluster(cores=1, gbs=4.0), overlap=0.0))
     assert charged.step_ms == pytest.approx(waits.step_ms) and charged.network_cpu_ms == 0.0
     with pytest.raises(ValueError, match="network_cpu_gbs"):
         Link("x", 1.0, 1.0, cpu_gbs=0.0)
+
+
+def test_the_link_moves_no_more_than_the_cores_cpu_rate_allows_and_its_share_of_it_while_computing():
+    # a job of 2 s at the link's full rate moving 4 GB sent + received (2 GB per second of link) on a core that
+    # moves 1 GB/s: waited for, it takes 4 s; while the rank computes with its network on a quarter of the core,
+    # 0.25 GB/s, the link moves 1/8 of its rate (an overlap of 1 allows more)
+    link = _Link(cpu_bytes_s=1e9)
+    job = link.start("MPI_Iallreduce", 2.0, 0.0, nbytes=4e9)
+    moved, busy = link.advance(0.0, 1.0, 1.0, share=0.25)
+    assert (moved, busy, job.seconds) == (pytest.approx(0.25e9), pytest.approx(1.0), pytest.approx(2.0 - 0.125))
+    assert link.wait(job, 1.0) == pytest.approx(1.0 + (2.0 - 0.125) * 2)
+    # without a share (no progress thread measured) or without a CPU rate, only the link and the overlap bound it
+    unbounded = _Link()
+    job = unbounded.start("MPI_Iallreduce", 2.0, 0.0, nbytes=4e9)
+    assert unbounded.advance(0.0, 1.0, 0.5, share=0.25) == (pytest.approx(1e9), pytest.approx(1.0))
+    assert unbounded.wait(job, 1.0) == pytest.approx(2.5)
+    # a batch is bounded by its mix: 1 s moving 4 GB/s of link beside 1 s moving none is 2 GB/s, twice the CPU's
+    # rate, so its 2 s of link take 4 s (2 s unbounded)
+    batched = _BatchedLink(cpu_bytes_s=1e9)
+    first = batched.start("MPI_Iallreduce", 1.0, 0.0, nbytes=4e9)
+    batched.start("MPI_Iallreduce", 1.0, 0.0, nbytes=0.0)
+    assert batched.wait(first, 0.0) == pytest.approx(4.0)
 
 
 def test_the_progress_threads_tests_take_their_share_of_the_core_while_data_moves():

@@ -30,7 +30,11 @@ received per CPU second); where its host has no spare core (`Cluster.network_cpu
 while the rank computes stretches that compute by 1 / cpu_gbs, and so does each second the link moves data
 meanwhile by the link's `poll_share` (the progress thread's tests wake every 0.1 ms on the rank's core: a fifth
 to a quarter of it here), the link moving on meanwhile, while what moves during a wait costs nothing (the rank
-is idle then). Parameters are waited for before the step ends: no strategy lets the next forward start on
+is idle then). That CPU work also bounds the link (_Link): while the rank waits, the link moves at most cpu_gbs
+of bytes sent + received per second; while it computes, at most poll_share of that (the data moves inside the
+progress thread's tests). On d12 runs between two namespace hosts (bench/README.md) the blocks' collectives
+completed behind backward at that rate: 1.9-2.1 Gbit/s of a 9.7 Gbit/s link, allreduce (n each way) slower than
+server's root (n in, n/2 out) as the bound has it. Parameters are waited for before the step ends: no strategy lets the next forward start on
 blocks whose parameters arrived (`params_behind_forward` is that what-if, ignoring that forward needs the
 encoder's parameters, updated last).
 
@@ -214,10 +218,22 @@ class _Round:
 
 class _Link:
     """The collectives a rank has in flight, moved first come first served by rounds: a collective's next round
-    joins the queue when its round before is done (MPI posts a round's messages then), behind what came before."""
+    joins the queue when its round before is done (MPI posts a round's messages then), behind what came before.
+    `cpu_bytes_s`: where moving data takes the rank's core (Cluster.network_cpu_per_byte), the bytes sent +
+    received per second of that core: the link moves no more than that while the rank waits, and no more than
+    `share` of it while the rank computes (the progress thread's tests, inside which the data moves, get that
+    share of the core)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cpu_bytes_s: float | None = None) -> None:
         self.queue: list[_Round] = []
+        self.cpu_bytes_s = cpu_bytes_s
+
+    def _rate(self, rate: float, bytes_per_second: float, share: float) -> float:
+        """`rate` of the link, no more than `share` of the core's CPU rate allows for a job moving
+        `bytes_per_second` (sent + received) at the link's full rate."""
+        if not self.cpu_bytes_s or share <= 0 or bytes_per_second <= 0:
+            return rate
+        return min(rate, share * self.cpu_bytes_s / bytes_per_second)
 
     def start(self, kind: str, seconds: float, now: float, nbytes: float = 0.0, shares=(1.0,)) -> _Job:
         rounds = [seconds * share for share in shares]
@@ -236,9 +252,10 @@ class _Link:
             else:
                 entry.job.seconds, entry.job.done_at = 0.0, now
 
-    def advance(self, start: float, end: float, rate: float) -> tuple[float, float]:
-        """Move what `rate` of the link moves between `start` and `end`: (the rank's bytes moved, the seconds
-        the link was moving them)."""
+    def advance(self, start: float, end: float, rate: float, share: float = 0.0) -> tuple[float, float]:
+        """Move what `rate` of the link moves between `start` and `end` (the rank computing, its network getting
+        `share` of its core: see the class docstring): (the rank's bytes moved, the seconds the link was moving
+        them)."""
         cursor, moved_bytes, busy, index = start, 0.0, 0.0, 0
         while index < len(self.queue):  # (rounds queued meanwhile are appended: reached in turn)
             entry = self.queue[index]
@@ -246,12 +263,13 @@ class _Link:
             if entry.seconds <= 0:
                 continue
             begin = max(cursor, entry.released)
-            if rate <= 0 or begin >= end:
+            entry_rate = self._rate(rate, entry.job.bytes_per_second, share)
+            if entry_rate <= 0 or begin >= end:
                 break
-            moved = min(entry.seconds, (end - begin) * rate)
-            cursor = begin + moved / rate
+            moved = min(entry.seconds, (end - begin) * entry_rate)
+            cursor = begin + moved / entry_rate
             moved_bytes += moved * entry.job.bytes_per_second
-            busy += moved / rate
+            busy += moved / entry_rate
             self._move(entry, moved, cursor)
         self.queue = [entry for entry in self.queue if entry.seconds > 0]
         return moved_bytes, busy
@@ -264,12 +282,12 @@ class _Link:
         stretches the compute; the link moves on during the stretch too (what moves during waits costs
         nothing: the rank is idle)."""
         end = start + seconds
-        (moved, busy), added = self.advance(start, end, rate), 0.0
+        (moved, busy), added = self.advance(start, end, rate, poll_share), 0.0
         for _ in range(10_000):  # ends when the link runs out of data or the stretch is negligible
             stretch = moved * cpu_per_byte + busy * poll_share
             if stretch < 1e-9:
                 break
-            moved, busy = self.advance(end, end + stretch, rate)
+            moved, busy = self.advance(end, end + stretch, rate, poll_share)
             end, added = end + stretch, added + stretch
         return added
 
@@ -280,7 +298,7 @@ class _Link:
             entry = self.queue[index]
             index += 1
             if entry.seconds > 0:
-                cursor = max(cursor, entry.released) + entry.seconds
+                cursor = max(cursor, entry.released) + entry.seconds / self._rate(1.0, entry.job.bytes_per_second, 1.0)
                 self._move(entry, entry.seconds, cursor)
         self.queue = [entry for entry in self.queue if entry.seconds > 0]
         return max(cursor, now)
@@ -301,10 +319,16 @@ class _BatchedLink(_Link):
     collectives) form the next batch (bench/completion_order.py: collectives posted together, both ways,
     complete together)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, cpu_bytes_s: float | None = None) -> None:
+        super().__init__(cpu_bytes_s)
         self.batch: list[_Round] = []
         self.open_until = -1.0
+
+    def _batch_rate(self, rate: float, share: float) -> float:
+        """_Link._rate for the batch's mix of jobs (their bytes per second weighted by what each has left)."""
+        left = sum(entry.seconds for entry in self.batch)
+        mixed = sum(entry.seconds * entry.job.bytes_per_second for entry in self.batch) / left if left > 0 else 0.0
+        return self._rate(rate, mixed, share)
 
     def _next_batch(self, cursor: float) -> float | None:
         """With the batch done: the rounds queued by `cursor` (or, if none, at the next release) and within
@@ -328,7 +352,7 @@ class _BatchedLink(_Link):
         for entry in batch:
             self._move(entry, entry.seconds, now)  # each job's next round joins the queue
 
-    def advance(self, start: float, end: float, rate: float) -> tuple[float, float]:
+    def advance(self, start: float, end: float, rate: float, share: float = 0.0) -> tuple[float, float]:
         cursor, moved_bytes, busy = start, 0.0, 0.0
         while rate > 0 and cursor < end:
             if not self.batch:
@@ -336,8 +360,8 @@ class _BatchedLink(_Link):
                 if begin is None or begin >= end:
                     break
                 cursor = begin
-            left = sum(entry.seconds for entry in self.batch)
-            moved = min(left, (end - cursor) * rate)
+            left, batch_rate = sum(entry.seconds for entry in self.batch), self._batch_rate(rate, share)
+            moved = min(left, (end - cursor) * batch_rate)
             if moved <= 0 < left:  # the time left is below the clock's resolution
                 break
             for entry in self.batch:  # shared: each moves the same share of what it has left
@@ -345,7 +369,7 @@ class _BatchedLink(_Link):
                 moved_bytes += part * entry.job.bytes_per_second
                 entry.seconds -= part
                 entry.job.seconds -= part
-            cursor, busy = cursor + moved / rate, busy + moved / rate
+            cursor, busy = cursor + moved / batch_rate, busy + moved / batch_rate
             if left - moved <= 1e-12:
                 self._finish_batch(cursor)
         return moved_bytes, busy
@@ -358,7 +382,7 @@ class _BatchedLink(_Link):
                 if begin is None:
                     break
                 cursor = begin
-            cursor += sum(entry.seconds for entry in self.batch)
+            cursor += sum(entry.seconds for entry in self.batch) / self._batch_rate(1.0, 1.0)
             self._finish_batch(cursor)
         return max(cursor, now)
 
@@ -459,7 +483,9 @@ def _link_for(target: Target) -> _Link:
     order = target.link_order
     if order == "auto":
         order = "batches" if target.cluster.link.tcp else "fifo"
-    return _BatchedLink() if order == "batches" else _Link()
+    per_byte = target.cluster.network_cpu_per_byte
+    cpu_bytes_s = 1.0 / per_byte if per_byte > 0 else None
+    return _BatchedLink(cpu_bytes_s) if order == "batches" else _Link(cpu_bytes_s)
 
 
 def _backward(profile: ComputeProfile, plan: StrategyPlan, compute, start) -> list:
