@@ -440,3 +440,30 @@ def test_a_folder_without_metrics_is_named(tmp_path, capsys):
     code, _, err = predict([tmp_path], capsys)
     assert code == 2 and "metrics.json" in err and len(err.strip().splitlines()) == 1
     os.remove(tmp_path / "metrics.json")
+
+
+# ------------------------------------------------------------------ the validation's references
+def test_a_reference_far_from_the_ones_before_it_is_measured_again_once(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import predict_validation
+
+    steps = iter([2300.0, 3300.0, 2350.0, 3400.0, 3500.0])  # the second is a slow minute; so are the last two
+
+    def reference_run(hosts, args, work, name):
+        folder = work / f"{name}0"
+        folder.mkdir(exist_ok=True)
+        step = next(steps)
+        (folder / "metrics.json").write_text(json.dumps({"summary": {"phases_ms": {"forward": step / 3,
+                                                                                   "step": step}}}))
+        return folder
+
+    monkeypatch.setattr(predict_validation, "reference_run", reference_run)
+    earlier: list = []
+    predict_validation.steady_reference(None, None, tmp_path, "allreduce", earlier)
+    assert earlier == [2300.0]
+    predict_validation.steady_reference(None, None, tmp_path, "zero1", earlier)
+    assert earlier == [2300.0, 2350.0]  # 3300 is 43% off 2300: run again, the second kept
+    assert "zero1: step 3300.0 ms is more than 15% off the median of the references before it (2300.0 ms)" \
+        in capsys.readouterr().out
+    predict_validation.steady_reference(None, None, tmp_path, "server", earlier)
+    assert earlier == [2300.0, 2350.0, 3500.0]  # measured again once only: the second is kept whatever it is
