@@ -34,9 +34,9 @@ is idle then). That CPU work also bounds the link (_Link): while the rank waits,
 of bytes sent + received per second; while it computes, at most poll_share of that (the data moves inside the
 progress thread's tests). On d12 runs between two namespace hosts (bench/README.md) the blocks' collectives
 completed behind backward at that rate: 1.9-2.1 Gbit/s of a 9.7 Gbit/s link, allreduce (n each way) slower than
-server's root (n in, n/2 out) as the bound has it. Parameters are waited for before the step ends: no strategy lets the next forward start on
-blocks whose parameters arrived (`params_behind_forward` is that what-if, ignoring that forward needs the
-encoder's parameters, updated last).
+server's root (n in, n/2 out) as the bound has it. Parameters are waited for before the step ends: no strategy
+lets the next forward start on blocks whose parameters arrived (`params_behind_forward` is that what-if,
+ignoring that forward needs the encoder's parameters, updated last).
 
 Model size and batch may differ from the measured run: forward and backward scale by llm.c's training FLOPs per
 step (flops_per_token(T) * B * T) at the measured rate, AdamW and the norm by the parameter count (they stream

@@ -179,8 +179,7 @@ class DataParallel(ExecutionModel):
         self.hosts = world.allgather(socket.gethostname())
         group.watchdog = Watchdog(group.rank, self.pids, self.hosts, options.timeout_s)
         self.where = world.allgather((self.threads, self.local_ranks,
-                                      describe_transport(group.MPI.Get_library_version(),
-                                                                         defaults=NETWORK_DEFAULTS)))
+                                      describe_transport(group.MPI.Get_library_version(), defaults=NETWORK_DEFAULTS)))
 
     @property
     def cores(self) -> int:
