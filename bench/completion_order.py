@@ -25,7 +25,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +34,6 @@ import multihost  # noqa: E402
 from llmpy.core.config import PRESETS  # noqa: E402
 from llmpy.execution.mpi.strategies import gradient_buckets  # noqa: E402
 
-netns_hosts = multihost.netns_hosts
 _BUCKETS = gradient_buckets(PRESETS["d12"])  # the final layernorm, the blocks from the last, the encoder
 BLOCK = tuple(segment.size for segment in _BUCKETS[1].segments)
 WTE = max(segment.size for segment in _BUCKETS[-1].segments)
@@ -100,22 +98,11 @@ def worker(repeats: int, out: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", default="2gbit", choices=tuple(multihost.RATES))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--timeout", type=float, default=600.0)
-    parser.add_argument("--json", help="write the completions here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # the file rank 0 writes
+    multihost.add_probe_arguments(parser, rate="2gbit", repeats=3, saved="completions")
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args.repeats, Path(args.worker))
-    reason = netns_hosts.skip_reason()
-    if reason:
-        parser.exit(2, f"bench/completion_order.py: {reason}\n")
-    with tempfile.TemporaryDirectory(prefix="llmpy-order-") as scratch, netns_hosts.NetnsHosts(2) as hosts:
-        out = Path(scratch) / "completions.json"
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", out, "--repeats", args.repeats]
-        multihost.run_shaped(hosts, args.rate, command, args.timeout, "the completion-order probe")
-        found = json.loads(out.read_text())
+    found = multihost.run_probe(__file__, parser, args, "the completion-order probe")
     names = [name for name, _ in GROUPS]
     print(f"ms from the post until each group completed, rank 0, link {args.rate} (median of {args.repeats}; "
           f"every repeat in brackets)")

@@ -20,14 +20,12 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import multihost  # noqa: E402
 
-netns_hosts = multihost.netns_hosts
 PIECES_KIB = (256, 512, 1024, 2048, 3072, 4096, 6144, 8192, 16384)
 IN_FLIGHT = 8
 SENT_SHARE = {"allreduce": 1.0, "reduce": 0.75, "bcast": 0.5, "p2p": 0.5}  # of a piece, per rank and direction
@@ -89,22 +87,11 @@ def format_table(found: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", default="unshaped", choices=tuple(multihost.RATES))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--timeout", type=float, default=600.0)
-    parser.add_argument("--json", help="write the medians here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # the file rank 0 writes
+    multihost.add_probe_arguments(parser, rate="unshaped", repeats=5, saved="medians")
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args.repeats, Path(args.worker))
-    reason = netns_hosts.skip_reason()
-    if reason:
-        parser.exit(2, f"bench/message_sizes.py: {reason}\n")
-    with tempfile.TemporaryDirectory(prefix="llmpy-sizes-") as scratch, netns_hosts.NetnsHosts(2) as hosts:
-        out = Path(scratch) / "sizes.json"
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", out, "--repeats", args.repeats]
-        multihost.run_shaped(hosts, args.rate, command, args.timeout, "the message-size probe")
-        found = json.loads(out.read_text())
+    found = multihost.run_probe(__file__, parser, args, "the message-size probe")
     print(f"{IN_FLIGHT} collectives in flight, waited for as llmpy waits; link {args.rate}; median of {args.repeats}")
     print(format_table(found))
     if args.json:

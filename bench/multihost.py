@@ -49,6 +49,28 @@ def run_shaped(hosts, rate: str, command: list, timeout: float, what: str, env: 
     return sent
 
 
+def add_probe_arguments(parser: argparse.ArgumentParser, rate: str, repeats: int, saved: str) -> None:
+    """The options of a probe script run by `run_probe` (`saved`: what its --json holds)."""
+    parser.add_argument("--rate", default=rate, choices=tuple(RATES))
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--json", help=f"write the {saved} here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # the file rank 0 writes
+
+
+def run_probe(script: str, parser: argparse.ArgumentParser, args, what: str):
+    """`script --worker FILE --repeats N` as one rank per host over the link shaped to args.rate; returns what
+    its rank 0 wrote to FILE (JSON). Exits with the reason where the hosts cannot be made (not root)."""
+    reason = netns_hosts.skip_reason()
+    if reason:
+        parser.exit(2, f"bench/{Path(script).name}: {reason}\n")
+    with tempfile.TemporaryDirectory(prefix="llmpy-probe-") as scratch, netns_hosts.NetnsHosts(2) as hosts:
+        out = Path(scratch) / "found.json"
+        command = [sys.executable, str(Path(script).resolve()), "--worker", out, "--repeats", args.repeats]
+        run_shaped(hosts, args.rate, command, args.timeout, what)
+        return json.loads(out.read_text())
+
+
 def run_one(hosts, strategy: str, rate: str, args, work: Path, round_index: int) -> dict:
     progress = getattr(args, "mpi_progress", "thread")
     revision, source = getattr(args, "revision", ("", None))
