@@ -463,17 +463,19 @@ def steady_reference(hosts, args, work: Path, strategy: str, earlier: list) -> P
     """`strategy`'s reference run (folders without a rate in their names: --runs skips them), run once more where
     its step is more than REFERENCE_SPREAD off the median of the `earlier` ones (the second is kept); its step is
     appended to `earlier`."""
-    for attempt in range(2):
+    def measure() -> tuple[Path, dict]:
         reference = reference_run(hosts, args, work, reference_prefix(strategy))
         phases = json.loads((reference / "metrics.json").read_text())["summary"]["phases_ms"]
         print(f"reference for {strategy} (1 rank per host, both at once): "
               + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), flush=True)
-        typical = statistics.median(earlier) if earlier else phases["step"]
-        if attempt == 0 and abs(phases["step"] / typical - 1) > REFERENCE_SPREAD:
-            print(f"reference for {strategy}: step {phases['step']:.1f} ms is more than {REFERENCE_SPREAD:.0%} off "
-                  f"the median of the references before it ({typical:.1f} ms): measured again", flush=True)
-            continue
-        break
+        return reference, phases
+
+    reference, phases = measure()
+    typical = statistics.median(earlier) if earlier else phases["step"]
+    if abs(phases["step"] / typical - 1) > REFERENCE_SPREAD:
+        print(f"reference for {strategy}: step {phases['step']:.1f} ms is more than {REFERENCE_SPREAD:.0%} off "
+              f"the median of the references before it ({typical:.1f} ms): measured again", flush=True)
+        reference, phases = measure()
     earlier.append(phases["step"])
     return reference
 
